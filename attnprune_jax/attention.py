@@ -1,0 +1,50 @@
+"""Softmax attention matrices, computed stably.
+
+f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
+and masked entries are set to -inf before the exponential, so it never overflows: logits of order
+1e4 give finite, exact attention in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attnprune_jax import validation
+
+
+def masked_softmax(scores: Float[Array, "... n n"], *, causal: bool) -> Float[Array, "... n n"]:
+  """Row softmax of square score matrices; with `causal`, entries above the diagonal are 0."""
+  if causal:
+    n = scores.shape[-1]
+    allowed = jnp.tril(jnp.ones((n, n), dtype=bool))
+    scores = jnp.where(allowed, scores, -jnp.inf)
+  # The diagonal is always allowed, so every row max is finite.
+  shifted = scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+  weights = jnp.exp(shifted)
+  return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Float[Array, "... n n"]:
+  """S = X W Xᵀ for each leading index of x."""
+  return jnp.einsum("...ne,...me->...nm", x @ w, x)
+
+
+def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
+                     causal: bool = True) -> Float[Array, "... n n"]:
+  """The attention matrix Softmax(X W Xᵀ) (causal by default), batched over leading axes of x.
+
+  Args:
+    x: hidden states, rows are tokens: (n, d) or (..., n, d).
+    w: merged query-key weight (d, d).
+    causal: restrict token i to attend to j <= i.
+  Returns:
+    (..., n, n) row-stochastic matrices.
+  """
+  x = validation.check_array("x", x)
+  if x.ndim < 2:
+    raise ValueError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
+  w = validation.check_array("w", w, ndim=2)
+  d = x.shape[-1]
+  if w.shape != (d, d):
+    raise ValueError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
+  return masked_softmax(attention_scores(x, w), causal=causal)

@@ -1,0 +1,105 @@
+"""The `attnprune` command. Subcommands are registered in `COMMANDS`, nowhere else."""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from attnprune_jax import __version__
+from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import provenance, result_document, write_json_atomic
+
+
+class Command(NamedTuple):
+  """A subcommand: its name, one-line help, its options, and what it runs.
+
+  `run(args, reporter)` returns (results dict, seed) and reports to people through `reporter`.
+  """
+  name: str
+  help: str
+  add_arguments: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace, Reporter], tuple[dict, int | None]]
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+  from experiments.demo import DemoConfig
+  defaults = DemoConfig()
+  parser.add_argument("--n", type=int, default=defaults.n, help="tokens per sequence")
+  parser.add_argument("--d", type=int, default=defaults.d, help="model width")
+  parser.add_argument("--batch", type=int, default=defaults.batch, help="calibration sequences")
+  parser.add_argument("--rank", type=int, default=defaults.rank, help="rank of W (head dim)")
+  parser.add_argument("--lam", type=float, default=defaults.lam, help="λ of the L2 term")
+  parser.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps T")
+  parser.add_argument("--step-fraction", type=float, default=defaults.step_fraction,
+                      help="step size as a fraction of 1/L_s (L_s measured at M0)")
+  parser.add_argument("--sparsities", type=float, nargs="+", default=list(defaults.sparsities),
+                      help="target sparsities of the binary masks")
+  parser.add_argument("--no-causal", dest="causal", action="store_false",
+                      help="full (non-causal) attention")
+  parser.add_argument("--seed", type=int, default=defaults.seed, help="PRNG seed")
+
+
+def _demo_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, int]:
+  from experiments import demo
+  config = demo.DemoConfig(n=args.n, d=args.d, batch=args.batch, rank=args.rank, lam=args.lam,
+                           steps=args.steps, step_fraction=args.step_fraction,
+                           sparsities=tuple(args.sparsities), causal=args.causal,
+                           seed=args.seed)
+  results = demo.run(config, reporter)
+  demo.report(results, reporter)
+  return results, config.seed
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("demo", "Algorithm 1 on a small synthetic head; prints loss and attention error.",
+            _demo_arguments, _demo_run),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser with every registered subcommand."""
+  parser = argparse.ArgumentParser(
+      prog="attnprune", description="Attention-matrix-aware pruning (arXiv 2410.11261).")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--quiet", action="store_true",
+                      help="no progress bars, tables or messages (for scripts)")
+  common.add_argument("--json", metavar="FILE",
+                      help="write the results as JSON to FILE ('-' for stdout)")
+  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for command in COMMANDS:
+    sub = subparsers.add_parser(command.name, help=command.help, description=command.help,
+                                parents=[common])
+    command.add_arguments(sub)
+    sub.set_defaults(command_spec=command)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of `attnprune`; returns the exit status."""
+  args = build_parser().parse_args(argv)
+  reporter = Reporter(quiet=args.quiet)
+  command: Command = args.command_spec
+  start = time.perf_counter()
+  try:
+    results, seed = command.run(args, reporter)
+  except (ValueError, TypeError, FileNotFoundError) as err:
+    print(f"attnprune {command.name}: error: {err}", file=sys.stderr)
+    return 2
+  settings = {k: v for k, v in vars(args).items() if k not in ("command_spec", "json", "quiet")}
+  document = result_document(command.name, results,
+                             provenance(seed=seed, settings=settings,
+                                        wall_time_s=time.perf_counter() - start))
+  if args.json == "-":
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+  elif args.json:
+    write_json_atomic(args.json, document)
+    reporter.info(f"results written to {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,78 @@
+"""From a score to a binary mask with an exact count of kept entries.
+
+Layout convention (the whole project): weight matrices are (out, in) like the checkpoints, so a
+"row" is an output channel (axis -2 indexes rows, axis -1 runs along a row) and N:M groups run
+along the input (last) axis. Leading axes, if any, index independent matrices (e.g. heads).
+
+Counts: a group of size g keeps round_half_up((1 − s)·g) entries. Ties are broken
+deterministically: among equal scores the lower index is kept first.
+"""
+
+import math
+import numbers
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Real
+
+from attnprune_jax import validation
+
+GROUPS = ("row", "matrix")
+
+
+def kept_count(size: int, sparsity: float) -> int:
+  """Entries kept in a group of `size` at `sparsity`: round_half_up((1 − sparsity)·size)."""
+  return math.floor((1.0 - sparsity) * size + 0.5)
+
+
+def _keep_top(score: Real[Array, "... g"], keep: int) -> Bool[Array, "... g"]:
+  """True for the `keep` largest entries along the last axis; ties keep the lower index."""
+  order = jnp.argsort(score, axis=-1, descending=True, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return rank < keep
+
+
+def _check_n_m(n_m, sparsity: float, cols: int) -> tuple[int, int]:
+  if (not isinstance(n_m, (tuple, list)) or len(n_m) != 2
+      or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in n_m)):
+    raise TypeError(f"n_m must be a pair of integers (n, m), got {n_m!r}")
+  n, m = int(n_m[0]), int(n_m[1])
+  if not 0 <= n < m:
+    raise ValueError(f"n_m=(n, m) must satisfy 0 <= n < m, got {n_m!r}")
+  if cols % m:
+    raise ValueError(f"n_m=({n}, {m}) needs the last axis to be a multiple of {m}, got {cols}")
+  if not math.isclose(sparsity, n / m, abs_tol=1e-9):
+    raise ValueError(
+        f"sparsity={sparsity} contradicts n_m=({n}, {m}), which prunes {n / m}; "
+        f"pass sparsity={n / m}")
+  return n, m
+
+
+def binarize(score, sparsity: float, *, group: str = "row",
+             n_m: tuple[int, int] | None = None) -> Bool[Array, "*batch rows cols"]:
+  """Keeps the highest scores: a boolean mask (True = kept) with an exact count.
+
+  Args:
+    score: (..., rows, cols) real scores, larger is more important (e.g. |W|, |M∘W|·‖X_j‖).
+    sparsity: fraction s in [0, 1) of entries to remove (static under jit).
+    group: "row" keeps round((1 − s)·cols) per row; "matrix" keeps round((1 − s)·rows·cols)
+      per matrix (the last two axes).
+    n_m: (n, m) removes the n lowest of every m consecutive entries along the last axis; then
+      `sparsity` must equal n/m and `group` must be "row".
+  Returns:
+    bool array of score's shape.
+  """
+  score = validation.check_array("score", score, ndim=range(2, 33), floating=False)
+  sparsity = validation.check_sparsity(sparsity)
+  if group not in GROUPS:
+    raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+  rows, cols = score.shape[-2:]
+  if n_m is not None:
+    if group != "row":
+      raise ValueError(f"n_m groups run along rows; group must be 'row', got {group!r}")
+    n, m = _check_n_m(n_m, sparsity, cols)
+    grouped = score.reshape(score.shape[:-1] + (cols // m, m))
+    return _keep_top(grouped, m - n).reshape(score.shape)
+  if group == "row":
+    return _keep_top(score, kept_count(cols, sparsity))
+  flat = score.reshape(score.shape[:-2] + (rows * cols,))
+  return _keep_top(flat, kept_count(rows * cols, sparsity)).reshape(score.shape)

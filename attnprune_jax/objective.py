@@ -1,0 +1,93 @@
+"""The paper's pruning objective (merged form) and its closed-form gradient.
+
+L(M) = ½ Σ_b ‖f_b(M∘W) − f_b(W)‖²_F + (λ/2)‖M‖²_F, with f_b(W) = Softmax(X_b W X_bᵀ), summed over
+calibration sequences b. The gradient (derived here, checked against autodiff and finite
+differences in the tests): with f = f_b(M∘W), c = f − f_b(W), r = (c∘f)1 and G = f∘(c − r1ᵀ),
+
+  ∇L(M) = W ∘ Σ_b X_bᵀ G_b X_b + λM.
+
+Cost O(n²d + nd²) per sequence; no n×n×d×d tensor is formed. The dense reference f_b(W) is an
+argument of the internal functions so that a solver computes it once, not at every step.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attnprune_jax import validation
+from attnprune_jax.attention import attention_scores, masked_softmax
+
+
+def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates (mask, w, x) of the merged problem; returns them as arrays, x as (b, n, d)."""
+  w = validation.check_array("w", w, ndim=2)
+  if w.shape[0] != w.shape[1]:
+    raise ValueError(f"w must be square (d, d), got shape {tuple(w.shape)}")
+  mask = validation.check_array("mask", mask, ndim=2)
+  if mask.shape != w.shape:
+    raise ValueError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+  x = validation.check_array("x", x, ndim=(2, 3))
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(
+        f"x must have last axis {w.shape[0]} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
+  return mask, w, x.reshape((-1,) + x.shape[-2:])
+
+
+def loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
+                  target: Float[Array, "b n n"], lam, causal: bool):
+  """L(M) and the closed-form ∇L(M), given the dense attention `target` = f(W). No checks."""
+  f = masked_softmax(attention_scores(x, mask * w), causal=causal)
+  gap = f - target
+  loss = 0.5 * jnp.sum(gap**2) + 0.5 * lam * jnp.sum(mask**2)
+  row_dot = jnp.sum(gap * f, axis=-1, keepdims=True)
+  g = f * (gap - row_dot)
+  xt_g_x = jnp.einsum("bnd,bne->de", x, g @ x)
+  return loss, w * xt_g_x + lam * mask
+
+
+def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
+                causal: bool) -> jax.Array:
+  """Σ_b ‖f_b(M∘W) − f_b(W)‖²_F without input checks."""
+  pruned = masked_softmax(attention_scores(x, mask * w), causal=causal)
+  dense = masked_softmax(attention_scores(x, w), causal=causal)
+  return jnp.sum((pruned - dense)**2)
+
+
+def attention_error(mask, w, x, *, causal: bool = True) -> jax.Array:
+  """Σ_b ‖f_b(M∘W) − f_b(W)‖²_F: how far the pruned attention is from the dense one.
+
+  Args:
+    mask: (d, d) mask, binary or continuous.
+    w: (d, d) merged weight.
+    x: (n, d) or (b, n, d) hidden states.
+    causal: causal attention.
+  Returns:
+    scalar; twice the attention term of `pruning_loss`.
+  """
+  mask, w, x = check_problem(mask, w, x)
+  return squared_gap(mask, w, x, causal)
+
+
+def pruning_loss(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
+  """The paper's loss L(M) = ½ Σ_b ‖f_b(M∘W) − f_b(W)‖²_F + (λ/2)‖M‖²_F.
+
+  Args:
+    mask: (d, d) continuous mask M.
+    w: (d, d) merged query-key weight W.
+    x: (n, d) one sequence or (b, n, d) calibration sequences (the loss sums over b).
+    lam: λ >= 0, weight of the L2 term.
+    causal: causal attention.
+  Returns:
+    scalar loss.
+  """
+  mask, w, x = check_problem(mask, w, x)
+  validation.check_scalar("lam", lam, minimum=0.0)
+  return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+
+
+def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
+  """Closed-form ∇L(M) = W ∘ Σ_b X_bᵀ G_b X_b + λM (see module docstring); shape of `mask`."""
+  mask, w, x = check_problem(mask, w, x)
+  validation.check_scalar("lam", lam, minimum=0.0)
+  target = masked_softmax(attention_scores(x, w), causal=causal)
+  return loss_and_grad(mask, w, x, target, lam, causal)[1]

@@ -1,0 +1,1 @@
+"""Experiments: one module per job or paper section, each `run(config, reporter) -> results`."""
