@@ -1,0 +1,106 @@
+"""pruning_loss and the closed-form pruning_grad: numpy reference, autodiff, finite differences."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnprune_jax as ap
+from conftest import random_problem
+import reference_numpy
+
+CASES = [(causal, batch) for causal in (True, False) for batch in (None, 3)]
+
+
+@pytest.mark.parametrize("causal,batch", CASES)
+def test_loss_matches_numpy_reference(causal, batch):
+  mask, w, x = random_problem(10, batch=batch, scale=2.0)
+  got = ap.pruning_loss(mask, w, x, lam=0.07, causal=causal)
+  want = reference_numpy.pruning_loss(mask, w, x, 0.07, causal)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal,batch", CASES)
+def test_closed_form_gradient_matches_autodiff(causal, batch):
+  mask, w, x = random_problem(11, batch=batch, scale=2.0)
+  loss = functools.partial(ap.pruning_loss, w=w, x=x, lam=0.05, causal=causal)
+  np.testing.assert_allclose(ap.pruning_grad(mask, w, x, lam=0.05, causal=causal),
+                             jax.grad(loss)(mask), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal,batch", CASES)
+def test_closed_form_gradient_matches_finite_differences(causal, batch):
+  mask, w, x = random_problem(12, batch=batch, scale=2.0)
+  lam, step = 0.05, 1e-6
+  grad = np.asarray(ap.pruning_grad(mask, w, x, lam=lam, causal=causal))
+  rng = np.random.default_rng(0)
+  for i, j in rng.integers(0, mask.shape[0], size=(8, 2)):
+    bump = np.zeros_like(mask)
+    bump[i, j] = step
+    plus = reference_numpy.pruning_loss(mask + bump, w, x, lam, causal)
+    minus = reference_numpy.pruning_loss(mask - bump, w, x, lam, causal)
+    np.testing.assert_allclose(grad[i, j], (plus - minus) / (2 * step), rtol=1e-6, atol=1e-9)
+
+
+def test_directional_derivative_matches_finite_differences():
+  mask, w, x = random_problem(13, batch=2, scale=2.0)
+  direction = np.random.default_rng(1).normal(size=mask.shape)
+  step = 1e-6
+  grad = ap.pruning_grad(mask, w, x, lam=0.1)
+  plus = reference_numpy.pruning_loss(mask + step * direction, w, x, 0.1, True)
+  minus = reference_numpy.pruning_loss(mask - step * direction, w, x, 0.1, True)
+  np.testing.assert_allclose(np.vdot(grad, direction), (plus - minus) / (2 * step), rtol=1e-7)
+
+
+def test_gradient_at_all_ones_is_only_the_l2_term():
+  # At M = 1 the pruned attention equals the dense one, so the attention term is stationary.
+  _, w, x = random_problem(14, batch=2, scale=2.0)
+  ones = np.ones_like(w)
+  np.testing.assert_allclose(ap.pruning_grad(ones, w, x, lam=0.3), 0.3 * ones, atol=1e-13)
+  np.testing.assert_allclose(ap.pruning_loss(ones, w, x, lam=0.3), 0.15 * w.size, rtol=1e-14)
+
+
+def test_loss_and_gradient_sum_over_sequences():
+  mask, w, x = random_problem(15, batch=3, scale=2.0)
+  lam, b = 0.2, 3
+  l2_loss, l2_grad = 0.5 * lam * np.sum(mask**2), lam * mask
+  losses = [ap.pruning_loss(mask, w, x[i], lam=lam) for i in range(b)]
+  grads = [ap.pruning_grad(mask, w, x[i], lam=lam) for i in range(b)]
+  np.testing.assert_allclose(ap.pruning_loss(mask, w, x, lam=lam),
+                             sum(losses) - (b - 1) * l2_loss, rtol=1e-12)
+  np.testing.assert_allclose(ap.pruning_grad(mask, w, x, lam=lam),
+                             sum(grads) - (b - 1) * l2_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_attention_error_is_twice_the_attention_term():
+  mask, w, x = random_problem(16, batch=2, scale=2.0)
+  np.testing.assert_allclose(ap.attention_error(mask, w, x),
+                             2 * ap.pruning_loss(mask, w, x, lam=0.0), rtol=1e-13)
+  assert ap.attention_error(np.ones_like(w), w, x) == 0.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_huge_logits_give_finite_float32_loss_and_gradient(causal):
+  mask, w, x = random_problem(17, n=16, d=8, batch=2, dtype=np.float32)
+  x = x * 40
+  assert np.abs(np.einsum("bnd,de,bme->bnm", x, w, x)).max() > 1e4
+  loss = ap.pruning_loss(mask, w, x, lam=0.01, causal=causal)
+  grad = ap.pruning_grad(mask, w, x, lam=0.01, causal=causal)
+  assert loss.dtype == jnp.float32 and grad.dtype == jnp.float32
+  assert np.isfinite(loss) and np.isfinite(grad).all()
+
+
+def test_jit_agrees_with_eager():
+  mask, w, x = random_problem(18, batch=2, scale=2.0)
+  for fn in (ap.pruning_loss, ap.pruning_grad):
+    jitted = jax.jit(fn, static_argnames="causal")
+    np.testing.assert_allclose(jitted(mask, w, x, lam=0.1), fn(mask, w, x, lam=0.1), rtol=1e-13)
+
+
+def test_dtypes_are_preserved():
+  mask, w, x = random_problem(19, batch=2, dtype=np.float32)
+  assert ap.pruning_loss(mask, w, x, lam=0.1).dtype == jnp.float32
+  assert ap.pruning_grad(mask, w, x, lam=0.1).dtype == jnp.float32
+  assert ap.attention_error(mask, w, x).dtype == jnp.float32

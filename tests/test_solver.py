@@ -1,0 +1,110 @@
+"""solve_mask (Algorithm 1): a plain reference loop, heads, monotone descent, optax, no recompile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import attnprune_jax as ap
+from attnprune_jax import solver
+from attnprune_jax.theory import smoothness_measured
+from conftest import random_problem
+
+
+def gradient_descent_reference(w, x, *, lam, steps, lr, causal=True):
+  """Algorithm 1 as a Python loop over the public loss and gradient, step by step."""
+  mask = np.ones_like(w)
+  losses, norms = [], []
+  for _ in range(steps):
+    grad = np.asarray(ap.pruning_grad(mask, w, x, lam=lam, causal=causal))
+    losses.append(float(ap.pruning_loss(mask, w, x, lam=lam, causal=causal)))
+    norms.append(float(np.linalg.norm(grad)))
+    mask = mask - lr * grad
+  return mask, np.array(losses), np.array(norms)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_python_gradient_descent(causal):
+  _, w, x = random_problem(20, n=8, d=5, batch=2, scale=3.0)
+  result = ap.solve_mask(w, x, lam=0.1, steps=25, lr=0.05, causal=causal)
+  mask, losses, norms = gradient_descent_reference(w, x, lam=0.1, steps=25, lr=0.05,
+                                                   causal=causal)
+  np.testing.assert_allclose(result.mask, mask, rtol=1e-12)
+  np.testing.assert_allclose(result.loss, losses, rtol=1e-12)
+  np.testing.assert_allclose(result.grad_norm, norms, rtol=1e-10)
+  # Not a uniform shrinkage (1 − ηλ)^t: the attention term moved the entries apart.
+  assert np.ptp(mask) > 1e-3
+
+
+def test_heads_are_solved_independently():
+  _, _, x = random_problem(21, n=8, d=5, batch=2)
+  ws = np.stack([random_problem(s, d=5, scale=3.0)[1] for s in (1, 2, 3)])
+  stacked = ap.solve_mask(ws, x, lam=0.05, steps=15, lr=0.1)
+  assert stacked.mask.shape == (3, 5, 5)
+  assert stacked.loss.shape == stacked.grad_norm.shape == (3, 15)
+  for h in range(3):
+    alone = ap.solve_mask(ws[h], x, lam=0.05, steps=15, lr=0.1)
+    np.testing.assert_allclose(stacked.mask[h], alone.mask, rtol=1e-12)
+    np.testing.assert_allclose(stacked.loss[h], alone.loss, rtol=1e-12)
+    np.testing.assert_allclose(stacked.grad_norm[h], alone.grad_norm, rtol=1e-12)
+
+
+def test_loss_decreases_monotonically_below_one_over_smoothness():
+  _, w, x = random_problem(22, n=12, d=6, batch=2, scale=3.0)
+  lam, steps = 0.05, 200
+  key = jax.random.key(0)
+  # Estimate L_s as the largest Hessian norm seen at M0 and along a pilot trajectory.
+  pilot = ap.solve_mask(w, x, lam=lam, steps=steps, lr=1e-3)
+  points = [np.ones_like(w), np.asarray(pilot.mask), 0.5 * np.ones_like(w)]
+  smoothness = max(float(smoothness_measured(p, w, x, lam=lam, key=key)) for p in points)
+  result = ap.solve_mask(w, x, lam=lam, steps=steps, lr=1.0 / smoothness)
+  decrease = -np.diff(np.asarray(result.loss))
+  assert (decrease >= -1e-12).all(), decrease.min()
+  assert result.loss[-1] < 0.9 * result.loss[0]
+
+
+def test_runs_unjitted_and_agrees():
+  _, w, x = random_problem(23, n=6, d=4, batch=2, scale=3.0)
+  jitted = ap.solve_mask(w, x, lam=0.1, steps=6, lr=0.1)
+  with jax.disable_jit():
+    eager = ap.solve_mask(w, x, lam=0.1, steps=6, lr=0.1)
+  for a, b in zip(jitted, eager):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_works_inside_jit_with_traced_hyperparameters():
+  _, w, x = random_problem(24, n=6, d=4, batch=2, scale=3.0)
+  run = jax.jit(lambda w, x, lam, lr: ap.solve_mask(w, x, lam=lam, steps=5, lr=lr))
+  for a, b in zip(run(w, x, 0.1, 0.2), ap.solve_mask(w, x, lam=0.1, steps=5, lr=0.2)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_any_optax_optimizer_is_accepted():
+  _, w, x = random_problem(25, n=6, d=4, batch=2, scale=3.0)
+  adam = optax.adam(0.01)
+  result = ap.solve_mask(w, x, lam=0.1, steps=10, optimizer=adam)
+  mask, state = np.ones_like(w), adam.init(np.ones_like(w))
+  for _ in range(10):
+    updates, state = adam.update(ap.pruning_grad(mask, w, x, lam=0.1), state, mask)
+    mask = optax.apply_updates(mask, updates)
+  np.testing.assert_allclose(result.mask, mask, rtol=1e-10)
+  plain = ap.solve_mask(w, x, lam=0.1, steps=10, lr=0.01)
+  assert not np.allclose(result.mask, plain.mask)
+
+
+def test_same_shapes_do_not_recompile():
+  _, w, x = random_problem(26, n=6, d=4, batch=2, scale=3.0)
+  ap.solve_mask(w, x, lam=0.1, steps=7, lr=0.1)
+  compiled = solver._solve._cache_size()
+  ap.solve_mask(w, x, lam=0.3, steps=7, lr=0.05)
+  ap.solve_mask(2 * w, x + 1, lam=0.0, steps=7, lr=1)
+  assert solver._solve._cache_size() == compiled
+  ap.solve_mask(w, x, lam=0.1, steps=8, lr=0.1)
+  assert solver._solve._cache_size() == compiled + 1
+
+
+def test_float32_stays_float32():
+  _, w, x = random_problem(27, n=6, d=4, batch=2, dtype=np.float32)
+  result = ap.solve_mask(w, x, lam=0.1, steps=3, lr=0.1)
+  assert all(field.dtype == jnp.float32 for field in result)
