@@ -8,9 +8,11 @@ Counts: a group of size g keeps round_half_up((1 − s)·g) entries. Ties are br
 deterministically: among equal scores the lower index is kept first.
 """
 
+import functools
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Real
 
@@ -24,14 +26,18 @@ def kept_count(size: int, sparsity: float) -> int:
   return math.floor((1.0 - sparsity) * size + 0.5)
 
 
+@functools.partial(jax.jit, static_argnames="keep")
 def _keep_top(score: Real[Array, "... g"], keep: int) -> Bool[Array, "... g"]:
   """True for the `keep` largest entries along the last axis; ties keep the lower index."""
-  order = jnp.argsort(score, axis=-1, descending=True, stable=True)
-  rank = jnp.argsort(order, axis=-1)
-  return rank < keep
+  if keep == 0:
+    return jnp.zeros(score.shape, bool)
+  # lax.top_k is documented to put the lower index first among equal values.
+  _, kept = jax.lax.top_k(score, keep)
+  return jnp.put_along_axis(jnp.zeros(score.shape, bool), kept, True, axis=-1, inplace=False)
 
 
-def _check_n_m(n_m, sparsity: float, cols: int) -> tuple[int, int]:
+def check_n_m(n_m, sparsity: float, cols: int) -> tuple[int, int]:
+  """Validates an (n, m) structure for rows of `cols` entries at `sparsity`; returns (n, m)."""
   if (not isinstance(n_m, (tuple, list)) or len(n_m) != 2
       or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in n_m)):
     raise TypeError(f"n_m must be a pair of integers (n, m), got {n_m!r}")
@@ -69,7 +75,7 @@ def binarize(score, sparsity: float, *, group: str = "row",
   if n_m is not None:
     if group != "row":
       raise ValueError(f"n_m groups run along rows; group must be 'row', got {group!r}")
-    n, m = _check_n_m(n_m, sparsity, cols)
+    n, m = check_n_m(n_m, sparsity, cols)
     grouped = score.reshape(score.shape[:-1] + (cols // m, m))
     return _keep_top(grouped, m - n).reshape(score.shape)
   if group == "row":

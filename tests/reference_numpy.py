@@ -34,3 +34,61 @@ def binarize_rows(score: np.ndarray, keep: int) -> np.ndarray:
     order = sorted(range(len(row)), key=lambda j: (-row[j], j))
     out[i, order[:keep]] = True
   return out
+
+
+def keep_top_flat(score: np.ndarray, keep: int) -> np.ndarray:
+  """Keeps the `keep` largest entries of the whole array, lower flat index first among ties."""
+  order = np.argsort(-score.ravel(), kind="stable")
+  out = np.zeros(score.size, bool)
+  out[order[:keep]] = True
+  return out.reshape(score.shape)
+
+
+def sparsegpt(w, x, sparsity, *, n_m=None, blocksize=128, percdamp=0.01, dtype=np.float64):
+  """A line-by-line numpy transcription of SparseGPT's published `fasterprune` loop.
+
+  One change, the project's documented deviation: a block keeps exactly
+  round_half_up((1 − s)·rows·count) entries (the reference prunes every entry at or below the
+  value of rank int(s·rows·count)). Returns (new_w, keep) in `dtype`.
+  """
+  W = np.array(w, dtype)
+  x = np.asarray(x, dtype).reshape(-1, W.shape[1])
+  rows, columns = W.shape
+  H = 2.0 / x.shape[0] * x.T @ x
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[:, dead] = 0
+  H[np.diag_indices(columns)] += percdamp * np.mean(np.diag(H))
+  Hinv = np.linalg.cholesky(np.linalg.inv(H)).T.astype(dtype)
+  pruned = np.zeros(W.shape, bool)
+  for i1 in range(0, columns, blocksize):
+    i2 = min(i1 + blocksize, columns)
+    count = i2 - i1
+    W1 = W[:, i1:i2].copy()
+    Q1 = np.zeros_like(W1)
+    Err1 = np.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    if n_m is None:
+      tmp = W1**2 / np.diag(Hinv1).reshape(1, -1) ** 2
+      keep = int(np.floor((1 - sparsity) * tmp.size + 0.5))
+      mask1 = ~keep_top_flat(tmp, keep)
+    else:
+      prunen, prunem = n_m
+      mask1 = np.zeros_like(W1, bool)
+    for i in range(count):
+      w_col = W1[:, i]
+      d = Hinv1[i, i]
+      if n_m is not None and i % prunem == 0:
+        tmp = W1[:, i:i + prunem] ** 2 / np.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
+        for r in range(rows):
+          mask1[r, i:i + prunem] = ~keep_top_flat(tmp[r], prunem - prunen)
+      q = w_col.copy()
+      q[mask1[:, i]] = 0
+      Q1[:, i] = q
+      err1 = (w_col - q) / d
+      W1[:, i:] -= np.outer(err1, Hinv1[i, i:])
+      Err1[:, i] = err1
+    W[:, i1:i2] = Q1
+    W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    pruned[:, i1:i2] = mask1
+  return W, ~pruned

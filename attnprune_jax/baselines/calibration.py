@@ -1,0 +1,65 @@
+"""Running statistics of a layer's calibration inputs, accumulated batch by batch.
+
+A pipeline never has to hold all calibration tokens: it folds each batch into `InputStats`.
+Wanda needs Σ_t x_tj² per input feature j; SparseGPT needs the Gram matrix Σ_t x_t x_tᵀ (its
+Hessian is H = (2/N)·Gram). Both are sums, so the order and size of the batches does not matter.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attnprune_jax import validation
+
+
+class InputStats(NamedTuple):
+  """Sums over calibration tokens of one layer's inputs (in = input features).
+
+  Attributes:
+    sq_norms: (in,) Σ_t x_tj², the squared norm of each input feature.
+    gram: (in, in) Σ_t x_t x_tᵀ, or None when not tracked.
+    count: number of tokens folded in.
+  """
+  sq_norms: Float[Array, "in"]
+  gram: Float[Array, "in in"] | None
+  count: int
+
+
+def empty_stats(features: int, *, gram: bool = True, dtype=jnp.float32) -> InputStats:
+  """Statistics of no tokens yet; `gram=False` skips the (in, in) matrix (Wanda only)."""
+  return InputStats(jnp.zeros((features,), dtype),
+                    jnp.zeros((features, features), dtype) if gram else None, 0)
+
+
+@jax.jit
+def _sums(x: Float[Array, "t in"], gram: Float[Array, "in in"] | None):
+  return jnp.sum(x * x, axis=0), None if gram is None else gram + x.T @ x
+
+
+def accumulate(stats: InputStats, x) -> InputStats:
+  """Folds a batch of inputs x (..., in) into `stats` (leading axes are tokens)."""
+  x = validation.check_array("x", x)
+  features = stats.sq_norms.shape[0]
+  if x.ndim < 1 or x.shape[-1] != features:
+    raise ValueError(f"x must have shape (..., {features}), got {tuple(x.shape)}")
+  tokens = x.reshape(-1, features).astype(stats.sq_norms.dtype)
+  sq_norms, gram = _sums(tokens, stats.gram)
+  return InputStats(stats.sq_norms + sq_norms, gram, stats.count + tokens.shape[0])
+
+
+def input_stats(x, *, gram: bool = True) -> InputStats:
+  """Statistics of all tokens of x (..., in) at once."""
+  x = validation.check_array("x", x)
+  return accumulate(empty_stats(x.shape[-1], gram=gram, dtype=x.dtype), x)
+
+
+def as_stats(x_or_stats, *, gram: bool) -> InputStats:
+  """Accepts calibration inputs (tokens, in) or ready `InputStats`; checks the Gram is there."""
+  stats = x_or_stats if isinstance(x_or_stats, InputStats) else input_stats(x_or_stats, gram=gram)
+  if gram and stats.gram is None:
+    raise ValueError("x must carry a Gram matrix: accumulate InputStats with gram=True")
+  if stats.count <= 0:
+    raise ValueError("x must hold at least one calibration token, got InputStats of 0 tokens")
+  return stats

@@ -1,0 +1,30 @@
+"""Wanda (Sun, Liu, Bair, Kolter 2023): score |W_ij|·‖X_j‖₂, compared within each output row."""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool
+
+from attnprune_jax import validation
+from attnprune_jax.baselines.calibration import InputStats, as_stats
+from attnprune_jax.masks import binarize
+
+
+def wanda_score(w, stats: InputStats):
+  """|W_ij|·‖X_j‖₂ for w (out, in), with ‖X_j‖₂² = Σ_t x_tj² from the calibration tokens."""
+  return jnp.abs(w) * jnp.sqrt(stats.sq_norms)[None, :]
+
+
+def wanda(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None) -> Bool[Array, "out in"]:
+  """Wanda's mask (True = kept): every output row keeps its top scores; no weight update.
+
+  Args:
+    w: (out, in) weight.
+    x: calibration inputs (tokens, in), or their `InputStats`.
+    sparsity: fraction removed per row, in [0, 1).
+    n_m: (n, m): each row drops its n lowest scores in every m consecutive input columns.
+  """
+  w = validation.check_array("w", w, ndim=2)
+  stats = as_stats(x, gram=False)
+  if stats.sq_norms.shape != (w.shape[1],):
+    raise ValueError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
+                     f"got {stats.sq_norms.shape[0]}")
+  return binarize(wanda_score(w, stats), sparsity, group="row", n_m=n_m)
