@@ -1,4 +1,4 @@
-"""Softmax attention matrices, computed stably.
+"""Softmax attention matrices, computed stably, and rotary position embeddings.
 
 f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
 and masked entries are set to -inf before the exponential, so it never overflows: logits of order
@@ -48,3 +48,25 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
   if w.shape != (d, d):
     raise ValueError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
   return masked_softmax(attention_scores(x, w), causal=causal)
+
+
+def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
+                     base: float) -> Float[Array, "... t heads hd"]:
+  """RoPE in the rotate-half convention (Hugging Face Llama order of q/k rows).
+
+  Channel i of the first half and channel i of the second half form a pair rotated by the angle
+  position·base^(−2i/hd).
+
+  Args:
+    x: queries or keys, (..., t, heads, head_dim).
+    positions: (t,) token positions.
+    base: the RoPE base θ.
+  """
+  half = x.shape[-1] // 2
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  inv_freq = base ** (-jnp.arange(half, dtype=dtype) / half)
+  angles = positions.astype(dtype)[:, None] * inv_freq[None, :]
+  cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
+  first, second = x[..., :half], x[..., half:]
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

@@ -52,9 +52,39 @@ def _demo_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, int]:
   return results, config.seed
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", default="smollm2",
+                      help="a known model name (smollm2) or a path to a Llama GGUF file")
+  parser.add_argument("--tokens", type=int, default=32768,
+                      help="evaluation budget: tokens // ctx windows of Pride and Prejudice")
+  parser.add_argument("--ctx", type=int, default=512, help="window length (start token + text)")
+  parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+
+
+def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from attnprune_jax import data, evaluate, models
+  if args.tokens < args.ctx:
+    raise ValueError(f"tokens must be at least ctx={args.ctx} (one window), got {args.tokens}")
+  start = time.perf_counter()
+  model = models.load(args.model)
+  load_s = time.perf_counter() - start
+  windows = data.evaluation_windows(model.tokenizer, count=args.tokens // args.ctx, ctx=args.ctx)
+  start = time.perf_counter()
+  results = evaluate.perplexity(model, windows, batch_size=args.batch, reporter=reporter)
+  eval_s = time.perf_counter() - start
+  results |= {"model": args.model, "text": data.EVALUATION_TEXT, "load_s": load_s,
+              "eval_s": eval_s, "tokens_per_s": results["tokens"] / eval_s}
+  reporter.info(f"{args.model}: perplexity {results['perplexity']:.3f} on {results['tokens']} "
+                f"tokens of Pride and Prejudice ({results['windows']} windows x {args.ctx}); "
+                f"{results['tokens_per_s']:.0f} tokens/s incl. compile")
+  return results, None
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("demo", "Algorithm 1 on a small synthetic head; prints loss and attention error.",
             _demo_arguments, _demo_run),
+    Command("eval", "Perplexity of a real model on the evaluation text (Pride and Prejudice).",
+            _eval_arguments, _eval_run),
 )
 
 

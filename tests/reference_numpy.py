@@ -92,3 +92,59 @@ def sparsegpt(w, x, sparsity, *, n_m=None, blocksize=128, percdamp=0.01, dtype=n
     W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     pruned[:, i1:i2] = mask1
   return W, ~pruned
+
+
+def _rms_norm(x, weight, eps):
+  return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * weight
+
+
+def _rope(x, base):
+  """Rotate-half RoPE of x (t, hd): pair channel i with channel i + hd/2, written with loops."""
+  t, hd = x.shape
+  half = hd // 2
+  out = np.empty_like(x)
+  for pos in range(t):
+    for i in range(half):
+      angle = pos * base ** (-i / half)
+      c, s = np.cos(angle), np.sin(angle)
+      out[pos, i] = x[pos, i] * c - x[pos, i + half] * s
+      out[pos, i + half] = x[pos, i + half] * c + x[pos, i] * s
+  return out
+
+
+def llama_forward(weights: dict, tokens: np.ndarray, config) -> tuple[np.ndarray, list, list]:
+  """Logits (t, vocab) of one sequence, with each layer's attention input and attention
+  matrices, in float64, head by head with explicit GQA indexing (head j reads KV head
+  j // (heads / kv_heads))."""
+  w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+  hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
+  h = w["embed_tokens"][np.asarray(tokens)]
+  t = h.shape[0]
+  inputs, attentions = [], []
+  for layer in range(config.num_layers):
+    x = _rms_norm(h, w["input_layernorm"][layer], config.rms_eps)
+    inputs.append(x)
+    q_all = x @ w["q_proj"][layer].T
+    k_all = x @ w["k_proj"][layer].T
+    v_all = x @ w["v_proj"][layer].T
+    outs, probs = [], []
+    for j in range(heads):
+      g = j // (heads // kv)
+      q = _rope(q_all[:, j * hd:(j + 1) * hd], config.rope_base)
+      k = _rope(k_all[:, g * hd:(g + 1) * hd], config.rope_base)
+      v = v_all[:, g * hd:(g + 1) * hd]
+      scores = q @ k.T / np.sqrt(hd)
+      a = np.zeros((t, t))
+      for i in range(t):
+        row = scores[i, :i + 1]
+        e = np.exp(row - row.max())
+        a[i, :i + 1] = e / e.sum()
+      probs.append(a)
+      outs.append(a @ v)
+    attentions.append(np.stack(probs))
+    h = h + np.concatenate(outs, axis=-1) @ w["o_proj"][layer].T
+    m = _rms_norm(h, w["post_attention_layernorm"][layer], config.rms_eps)
+    gate = m @ w["gate_proj"][layer].T
+    h = h + ((gate / (1 + np.exp(-gate))) * (m @ w["up_proj"][layer].T)) @ w["down_proj"][layer].T
+  head = w["embed_tokens"] if config.tie_embeddings else w["lm_head"]
+  return _rms_norm(h, w["norm"], config.rms_eps) @ head.T, inputs, attentions

@@ -1,0 +1,172 @@
+"""A Llama-architecture causal LM as a Flax NNX module (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings).
+
+Weights are stacked over layers, (layers, out, in) like the checkpoints, and the forward pass
+is one jitted `lax.scan` over them: 30 layers compile as one. q/k rows are in the Hugging Face
+order and RoPE uses the rotate-half convention (`attention.rotary_embedding`). Query head j reads
+KV head j // (heads / kv_heads): contiguous groups.
+
+The module holds its weights as `nnx.Param`s; `forward` is the pure function behind `__call__`,
+so weights can be replaced (for pruning) by passing arrays of the same shapes: no re-tracing.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from attnprune_jax.attention import masked_softmax, rotary_embedding
+
+LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture numbers of a Llama model."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_base: float
+  rms_eps: float
+  tie_embeddings: bool = True
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+  def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Shape of every weight, layer weights stacked on a leading layer axis."""
+    d, f, n = self.hidden_size, self.intermediate_size, self.num_layers
+    q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    shapes = {
+        "embed_tokens": (self.vocab_size, d), "norm": (d,),
+        "input_layernorm": (n, d), "q_proj": (n, q, d), "k_proj": (n, kv, d),
+        "v_proj": (n, kv, d), "o_proj": (n, d, q), "post_attention_layernorm": (n, d),
+        "gate_proj": (n, f, d), "up_proj": (n, f, d), "down_proj": (n, d, f),
+    }
+    if not self.tie_embeddings:
+      shapes["lm_head"] = (self.vocab_size, d)
+    return shapes
+
+
+def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float):
+  """x / rms(x) · weight (the weight multiplies; no +1)."""
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def _decoder_layer(hidden, layer: dict, config: LlamaConfig, positions):
+  """One block; returns the new hidden state, the attention input and attention matrices."""
+  b, t, _ = hidden.shape
+  h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  attn_input = rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
+  q = (attn_input @ layer["q_proj"].T).reshape(b, t, h, hd)
+  k = (attn_input @ layer["k_proj"].T).reshape(b, t, kv, hd)
+  v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
+  q = rotary_embedding(q, positions, base=config.rope_base)
+  k = rotary_embedding(k, positions, base=config.rope_base)
+  group = h // kv
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
+  probs = masked_softmax(scores, causal=True)
+  mixed = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+  hidden = hidden + mixed @ layer["o_proj"].T
+  mlp_input = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
+  gated = jax.nn.silu(mlp_input @ layer["gate_proj"].T) * (mlp_input @ layer["up_proj"].T)
+  return hidden + gated @ layer["down_proj"].T, attn_input, probs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_attention_inputs",
+                                             "return_attention"))
+def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
+            return_attention_inputs: bool = False, return_attention: bool = False):
+  """Logits (b, t, vocab) and a dict with the requested per-layer captures.
+
+  Captures: "attention_inputs" (layers, b, t, d), the post-RMSNorm input of each attention;
+  "attention" (layers, b, heads, t, t), each layer's attention matrices.
+  """
+  positions = jnp.arange(tokens.shape[1])
+  hidden = weights["embed_tokens"][tokens]
+
+  def body(hidden, layer):
+    hidden, attn_input, probs = _decoder_layer(hidden, layer, config, positions)
+    captured = {}
+    if return_attention_inputs:
+      captured["attention_inputs"] = attn_input
+    if return_attention:
+      captured["attention"] = probs
+    return hidden, captured
+
+  hidden, captures = jax.lax.scan(body, hidden, {name: weights[name] for name in LAYER_WEIGHTS})
+  head = weights["embed_tokens"] if config.tie_embeddings else weights["lm_head"]
+  return rms_norm(hidden, weights["norm"], config.rms_eps) @ head.T, captures
+
+
+class Llama(nnx.Module):
+  """A Llama causal LM: `model(tokens (b, t) int32) -> logits (b, t, vocab) float32`.
+
+  Attributes:
+    config: its `LlamaConfig`.
+    tokenizer: the tokenizer it came with (None for random test models).
+  """
+
+  def __init__(self, config: LlamaConfig, weights: dict, tokenizer=None):
+    shapes = config.weight_shapes()
+    if set(weights) != set(shapes):
+      raise ValueError(f"weights must have the keys {sorted(shapes)}, got {sorted(weights)}")
+    for name, shape in shapes.items():
+      if tuple(weights[name].shape) != shape:
+        raise ValueError(f"weights[{name!r}] must have shape {shape}, "
+                         f"got {tuple(weights[name].shape)}")
+    self.config = config
+    self.tokenizer = tokenizer
+    self.params = nnx.Dict({name: nnx.Param(jnp.asarray(weights[name])) for name in shapes})
+
+  @classmethod
+  def random(cls, config: LlamaConfig, key: jax.Array, *, scale: float = 0.2,
+             dtype=jnp.float32) -> "Llama":
+    """A model with normal random weights (norm weights near 1), for tests."""
+    shapes = config.weight_shapes()
+    keys = jax.random.split(key, len(shapes))
+    weights = {}
+    for (name, shape), k in zip(shapes.items(), keys):
+      noise = jax.random.normal(k, shape, dtype)
+      weights[name] = 1.0 + 0.1 * noise if name.endswith("norm") else scale * noise
+    return cls(config, weights)
+
+  def weights(self) -> dict[str, jax.Array]:
+    """The current weights as plain arrays, by name."""
+    return {name: param[...] for name, param in self.params.items()}
+
+  def __call__(self, tokens, *, weights: dict | None = None,
+               return_attention_inputs: bool = False, return_attention: bool = False):
+    """Logits for int tokens (b, t); with captures requested, (logits, captures dict).
+
+    Args:
+      tokens: (b, t) token ids.
+      weights: replacements for some weights by name (same shapes: no re-tracing), e.g.
+        {"q_proj": (layers, heads·hd, d)}; the module's own weights are unchanged.
+      return_attention_inputs / return_attention: per-layer captures, see `forward`.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an integer array (batch, time), got "
+                       f"{tokens.dtype} {tuple(tokens.shape)}")
+    current = self.weights()
+    for name, value in (weights or {}).items():
+      if name not in current or tuple(value.shape) != tuple(current[name].shape):
+        raise ValueError(f"weights[{name!r}] must replace an existing weight of the same shape")
+      current[name] = value
+    logits, captures = forward(current, tokens, self.config,
+                               return_attention_inputs=return_attention_inputs,
+                               return_attention=return_attention)
+    return (logits, captures) if (return_attention_inputs or return_attention) else logits

@@ -1,0 +1,59 @@
+"""Byte-level BPE tokenizer built with Hugging Face `tokenizers` from a GGUF file's fields.
+
+Recipe (gpt2-style GGUF tokenizers such as SmolLM2's): a BPE model from `tokenizer.ggml.tokens`
+and `.merges`; pre-tokenizer = individual digits, then ByteLevel (no prefix space, GPT-2 regex);
+ByteLevel decoder; control tokens (token type 3) as special tokens. Text round-trips exactly.
+"""
+
+from collections.abc import Sequence
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+CONTROL_TOKEN_TYPE = 3
+
+
+class Tokenizer:
+  """`encode(str) -> list[int]` and `decode(list[int]) -> str`, no tokens added implicitly."""
+
+  def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]):
+    if len(tokens) != len(token_types):
+      raise ValueError(f"token_types must have one entry per token ({len(tokens)}), "
+                       f"got {len(token_types)}")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    try:
+      bpe = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as err:  # tokenizers raises a bare Exception
+      raise ValueError(f"tokenizer fields are inconsistent: {err}") from err
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    self.special_tokens = [token for token, kind in zip(tokens, token_types)
+                           if kind == CONTROL_TOKEN_TYPE]
+    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                            for token in self.special_tokens])
+    self._tokenizer = bpe
+    self.vocab_size = len(tokens)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`; special-token strings in the text map to their ids."""
+    if not isinstance(text, str):
+      raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each text, in parallel."""
+    return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of `ids`, special tokens included."""
+    return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+  def token_id(self, token: str) -> int:
+    """The id of one token string (e.g. '<|endoftext|>')."""
+    index = self._tokenizer.token_to_id(token)
+    if index is None:
+      raise ValueError(f"token {token!r} is not in the vocabulary")
+    return index
