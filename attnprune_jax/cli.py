@@ -80,11 +80,37 @@ def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]
   return results, None
 
 
+def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out", required=True, help="output folder (results.json, runs/, PNGs)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a small grid that finishes in well under 3 minutes on 2 cores")
+
+
+def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from pathlib import Path
+  from experiments import synthetic_convergence as experiment
+  from attnprune_jax.results import provenance as provenance_record
+  config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
+  start = time.perf_counter()
+  results = experiment.run(config, Path(args.out), reporter)
+  figures = experiment.plot(results, Path(args.out))
+  document = result_document("synthetic", results, provenance_record(
+      seed=None, settings={"quick": args.quick, "out": args.out},
+      wall_time_s=time.perf_counter() - start))
+  write_json_atomic(Path(args.out) / "results.json", document)
+  experiment.report(results, reporter)
+  reporter.info(f"results and figures in {args.out}: results.json, "
+                + ", ".join(path.name for path in figures))
+  return {"summary": results["summary"], "out": args.out}, None
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("demo", "Algorithm 1 on a small synthetic head; prints loss and attention error.",
             _demo_arguments, _demo_run),
     Command("eval", "Perplexity of a real model on the evaluation text (Pride and Prejudice).",
             _eval_arguments, _eval_run),
+    Command("synthetic", "Convergence experiments and sparsity sweep on synthetic problems "
+            "(paper section 6.1).", _synthetic_arguments, _synthetic_run),
 )
 
 

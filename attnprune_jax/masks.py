@@ -82,3 +82,15 @@ def binarize(score, sparsity: float, *, group: str = "row",
     return _keep_top(score, kept_count(cols, sparsity))
   flat = score.reshape(score.shape[:-2] + (rows * cols,))
   return _keep_top(flat, kept_count(rows * cols, sparsity)).reshape(score.shape)
+
+
+def merged_activation_score(w, x) -> Real[Array, "d d"]:
+  """|W_ij|·‖X_i‖·‖X_j‖: the merged-form analogue of Wanda's score (W acts on X from both sides).
+
+  Args:
+    w: (d, d) merged weight, or a masked one M∘W.
+    x: (..., d) calibration inputs; ‖X_j‖ is the norm of feature j over all tokens.
+  """
+  x = validation.check_array("x", x)
+  norms = jnp.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
+  return jnp.abs(w) * norms[:, None] * norms[None, :]

@@ -70,6 +70,7 @@ def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
       handle.write("\n")
       handle.flush()
       os.fsync(handle.fileno())
+      os.chmod(handle.name, 0o644)
     except BaseException:
       handle.close()
       os.unlink(handle.name)

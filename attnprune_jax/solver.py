@@ -1,7 +1,8 @@
 """Algorithm 1 of the paper: gradient descent on the pruning mask.
 
 M₀ = 1 (all ones), M_{t+1} = M_t − η∇L(M_t) for t < T, with the closed-form gradient of
-`objective`. Plain gradient descent is `optax.sgd(lr)`; any optax `GradientTransformation` may
+`objective`. `solve_mask_progressive` is our extension to binary masks: gradient-descent rounds
+between prune steps on a cubic schedule. Plain gradient descent is `optax.sgd(lr)`; any optax `GradientTransformation` may
 replace it. The whole loop is one jitted `lax.scan`; a stack of heads (h, d, d) is solved with
 `jax.vmap` against the shared calibration inputs. The dense reference attention is computed once
 per head, before the loop.
@@ -17,6 +18,7 @@ import optax
 
 from attnprune_jax import validation
 from attnprune_jax.attention import attention_scores, masked_softmax
+from attnprune_jax.masks import binarize, merged_activation_score
 from attnprune_jax.objective import check_problem, loss_and_grad
 
 
@@ -34,8 +36,9 @@ class MaskSolution(NamedTuple):
 
 
 def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
-               optimizer: optax.GradientTransformation | None = None) -> MaskSolution:
-  """Runs Algorithm 1 from M₀ = 1 for `steps` steps.
+               optimizer: optax.GradientTransformation | None = None,
+               init=None) -> MaskSolution:
+  """Runs Algorithm 1 from M₀ = 1 (or `init`) for `steps` steps.
 
   Args:
     w: merged weight (d, d), or a stack of heads (h, d, d) sharing x.
@@ -46,6 +49,8 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     causal: causal attention.
     optimizer: an optax transformation replacing plain gradient descent. It is a static
       argument: reuse the same object to avoid recompiling.
+    init: the starting mask, w's shape; None is the paper's M₀ = 1. Plain gradient descent
+      keeps no state, so solving in segments continued from `init` equals one long solve.
   Returns:
     a `MaskSolution` (mask, loss, grad_norm).
   """
@@ -64,23 +69,29 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
                     f"got {type(optimizer).__name__}")
   head = w[0] if w.ndim == 3 else w
   _, _, x = check_problem(jnp.ones_like(head), head, x)
+  if init is None:
+    init = jnp.ones_like(w)
+  else:
+    init = validation.check_array("init", init)
+    if init.shape != w.shape:
+      raise ValueError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
   lr = jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype)
-  return _solve(w, x, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps, causal=causal,
-                optimizer=optimizer)
+  return _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
+                causal=causal, optimizer=optimizer)
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer"))
-def _solve(w, x, lam, lr, *, steps, causal, optimizer):
+def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
   if optimizer is None:
     optimizer = optax.sgd(lr)
   else:
     del lr
   solve_head = functools.partial(_solve_head, x=x, lam=lam, steps=steps, causal=causal,
                                  optimizer=optimizer)
-  return jax.vmap(solve_head)(w) if w.ndim == 3 else solve_head(w)
+  return jax.vmap(solve_head)(w, init) if w.ndim == 3 else solve_head(w, init)
 
 
-def _solve_head(w, *, x, lam, steps, causal, optimizer) -> MaskSolution:
+def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
   target = masked_softmax(attention_scores(x, w), causal=causal)
 
   def step(carry, _):
@@ -89,6 +100,71 @@ def _solve_head(w, *, x, lam, steps, causal, optimizer) -> MaskSolution:
     updates, opt_state = optimizer.update(grad, opt_state, mask)
     return (optax.apply_updates(mask, updates), opt_state), (loss, jnp.sqrt(jnp.sum(grad**2)))
 
-  mask = jnp.ones_like(w)
   (mask, _), (loss, grad_norm) = jax.lax.scan(step, (mask, optimizer.init(mask)), length=steps)
   return MaskSolution(mask, loss, grad_norm)
+
+
+class ProgressiveSolution(NamedTuple):
+  """Result of `solve_mask_progressive`.
+
+  Attributes:
+    keep: the binary mask at the target sparsity, (d, d) bool.
+    mask: the continuous mask at the end, zero outside `keep` (keeping these values re-weights
+      the kept weights: report that as its own method, never as a pure mask).
+    loss: L(M) at every gradient step of every round, (rounds·steps_per_round,).
+  """
+  keep: Array
+  mask: Float[Array, "d d"]
+  loss: Float[Array, "steps"]
+
+
+def cubic_schedule(sparsity: float, rounds: int) -> tuple[float, ...]:
+  """Sparsity after each prune step r = 1..R: s·(1 − (1 − r/R)³), ending at s."""
+  return tuple(sparsity * (1.0 - (1.0 - r / rounds)**3) for r in range(1, rounds + 1))
+
+
+def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
+                           steps_per_round: int = 30, causal: bool = True
+                           ) -> ProgressiveSolution:
+  """Gradient descent on M from M₀ = 1, pruning to a cubic sparsity schedule (our extension).
+
+  Each round runs `steps_per_round` steps of plain gradient descent with the gradient masked to
+  the current support, then keeps, per row, the top entries of |M∘W|·‖X_i‖·‖X_j‖ among the
+  support at the round's sparsity (entries outside the support are set to 0 and stay out).
+
+  Args:
+    w: (d, d) merged weight.
+    x: (n, d) or (b, n, d) calibration inputs.
+    sparsity: final fraction removed per row, in [0, 1).
+    lam: λ >= 0; lr: step size > 0.
+    rounds: prune steps R; steps_per_round: gradient steps before each prune step.
+    causal: causal attention.
+  Returns:
+    a `ProgressiveSolution` (keep, mask, loss).
+  """
+  mask, w, x = check_problem(jnp.ones_like(jnp.asarray(w)), w, x)
+  sparsity = validation.check_sparsity(sparsity)
+  validation.check_scalar("lam", lam, minimum=0.0)
+  validation.check_scalar("lr", lr, minimum=0.0, strict=True)
+  rounds = validation.check_positive_int("rounds", rounds)
+  steps = validation.check_positive_int("steps_per_round", steps_per_round)
+  return _solve_progressive(w, x, jnp.asarray(lam, w.dtype), jnp.asarray(lr, w.dtype),
+                            schedule=cubic_schedule(sparsity, rounds), steps=steps,
+                            causal=causal)
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "steps", "causal"))
+def _solve_progressive(w, x, lam, lr, *, schedule, steps, causal) -> ProgressiveSolution:
+  target = masked_softmax(attention_scores(x, w), causal=causal)
+  activation = merged_activation_score(jnp.ones_like(w), x)
+  mask, keep, losses = jnp.ones_like(w), jnp.ones(w.shape, bool), []
+  for round_sparsity in schedule:
+    def step(mask, _, keep=keep):
+      loss, grad = loss_and_grad(mask, w, x, target, lam, causal)
+      return mask - lr * jnp.where(keep, grad, 0), loss
+
+    mask, loss = jax.lax.scan(step, mask, length=steps)
+    # Scores are >= 0, so entries already pruned (score −1) are never chosen again.
+    keep = binarize(jnp.where(keep, jnp.abs(mask * w) * activation, -1.0), round_sparsity)
+    mask, losses = jnp.where(keep, mask, 0), losses + [loss]
+  return ProgressiveSolution(keep, mask, jnp.concatenate(losses))

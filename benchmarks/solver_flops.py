@@ -62,8 +62,8 @@ def main() -> None:
   reference_once = h * (2 * b * n * d * d + 2 * b * n * n * d)
   flops = args.steps * per_step + reference_once
   xla_flops = solver._solve.lower(
-      w, x, jnp.float32(1e-3), jnp.float32(1e-3), steps=args.steps, causal=True,
-      optimizer=None).compile().cost_analysis().get("flops")
+      w, x, jnp.ones_like(w), jnp.float32(1e-3), jnp.float32(1e-3), steps=args.steps,
+      causal=True, optimizer=None).compile().cost_analysis().get("flops")
   solver_rate = flops / seconds
   operand_rate = matmul_rate(b * n, d, h * d, args.repeats)
   square_rate = matmul_rate(2048, 2048, 2048, args.repeats)

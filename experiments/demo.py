@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import attnprune_jax as ap
+from attnprune_jax.masks import merged_activation_score
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.synthetic import synthetic_problem
 from attnprune_jax.theory import smoothness_measured
@@ -37,13 +38,11 @@ def mask_scores(w, x, mask) -> dict[str, jax.Array]:
   With ‖X_i‖ the norm of input channel i over all tokens, "wanda" is the merged-form analogue of
   Wanda's score, |W_ij|·‖X_i‖·‖X_j‖ (W acts on X from both sides).
   """
-  channel_norm = jnp.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
-  activation = channel_norm[:, None] * channel_norm[None, :]
   return {
       "magnitude": jnp.abs(w),
-      "wanda": jnp.abs(w) * activation,
+      "wanda": merged_activation_score(w, x),
       "attn |M|": jnp.abs(mask),
-      "attn |M∘W|·‖x‖‖x‖": jnp.abs(mask * w) * activation,
+      "attn |M∘W|·‖x‖‖x‖": merged_activation_score(mask * w, x),
   }
 
 
