@@ -84,6 +84,9 @@ def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="output folder (results.json, runs/, PNGs)")
   parser.add_argument("--quick", action="store_true",
                       help="a small grid that finishes in well under 3 minutes on 2 cores")
+  parser.add_argument("--figures", metavar="DIR",
+                      help="also copy the PNGs and a summary.json (summary + provenance) to DIR, "
+                           "e.g. figures/synthetic")
 
 
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
@@ -95,9 +98,17 @@ def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   results = experiment.run(config, Path(args.out), reporter)
   figures = experiment.plot(results, Path(args.out))
   document = result_document("synthetic", results, provenance_record(
-      seed=None, settings={"quick": args.quick, "out": args.out},
+      seed=None, settings={"quick": args.quick, "out": args.out, "figures": args.figures},
       wall_time_s=time.perf_counter() - start))
   write_json_atomic(Path(args.out) / "results.json", document)
+  if args.figures:
+    import shutil
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    for path in figures:
+      shutil.copyfile(path, Path(args.figures) / path.name)
+    write_json_atomic(Path(args.figures) / "summary.json", result_document(
+        "synthetic-summary", {"config": results["config"], "summary": results["summary"]},
+        document["provenance"]))
   experiment.report(results, reporter)
   reporter.info(f"results and figures in {args.out}: results.json, "
                 + ", ".join(path.name for path in figures))

@@ -2,10 +2,10 @@
 
 M₀ = 1 (all ones), M_{t+1} = M_t − η∇L(M_t) for t < T, with the closed-form gradient of
 `objective`. `solve_mask_progressive` is our extension to binary masks: gradient-descent rounds
-between prune steps on a cubic schedule. Plain gradient descent is `optax.sgd(lr)`; any optax `GradientTransformation` may
-replace it. The whole loop is one jitted `lax.scan`; a stack of heads (h, d, d) is solved with
-`jax.vmap` against the shared calibration inputs. The dense reference attention is computed once
-per head, before the loop.
+between prune steps on a cubic schedule. Plain gradient descent is `optax.sgd(lr)`; any optax
+`GradientTransformation` may replace it. The whole loop is one jitted `lax.scan`; a stack of
+heads (h, d, d) is solved with `jax.vmap` against the shared calibration inputs. The dense
+reference attention is computed once per head, before the loop.
 """
 
 import functools

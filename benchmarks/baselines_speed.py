@@ -11,26 +11,16 @@ Prints seconds and the ratio numpy / ours.
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from attnprune_jax.baselines import input_stats, magnitude, sparsegpt, wanda
+from timing import best_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference_numpy  # noqa: E402  (the tests' independent transcription)
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def main() -> None:
@@ -54,9 +44,10 @@ def main() -> None:
       "sparsegpt 2:4": best_time(lambda: sparsegpt(w, stats, 0.5, n_m=(2, 4)), args.repeats),
   }
   numpy_unstructured = best_time(
-      lambda: reference_numpy.sparsegpt(w, x, 0.5, dtype=np.float32), 1)
+      lambda: reference_numpy.sparsegpt(w, x, 0.5, dtype=np.float32), 1, warmup=False)
   numpy_nm = best_time(
-      lambda: reference_numpy.sparsegpt(w, x, 0.5, n_m=(2, 4), dtype=np.float32), 1)
+      lambda: reference_numpy.sparsegpt(w, x, 0.5, n_m=(2, 4), dtype=np.float32), 1,
+      warmup=False)
 
   print(f"weight ({args.rows}, {args.cols}) float32, {args.tokens} tokens, "
         f"devices {jax.devices()}, jax {jax.__version__}")

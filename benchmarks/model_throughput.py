@@ -16,15 +16,7 @@ import jax.numpy as jnp
 
 from attnprune_jax import data, models
 from attnprune_jax.evaluate import next_token_nll
-
-
-def best_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
+from timing import best_time
 
 
 def main() -> None:
@@ -43,7 +35,7 @@ def main() -> None:
   start = time.perf_counter()
   jax.block_until_ready(run())
   compile_s = time.perf_counter() - start
-  seconds = best_time(run, args.repeats)
+  seconds = best_time(run, args.repeats, warmup=False)
   tokens = args.batch * args.ctx
 
   d, hd = c.hidden_size, c.head_dim
@@ -55,8 +47,8 @@ def main() -> None:
   a = jnp.ones((args.ctx * args.batch, d), jnp.float32)
   b = jnp.ones((d, c.intermediate_size), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  matmul_rate = 2 * a.shape[0] * d * b.shape[1] / best_time(lambda: matmul(a, b), args.repeats)
+  matmul_seconds = best_time(lambda: matmul(a, b), args.repeats)
+  matmul_rate = 2 * a.shape[0] * d * b.shape[1] / matmul_seconds
 
   print(f"SmolLM2-135M, {args.batch} windows x {args.ctx} tokens, devices {jax.devices()}")
   print(f"  load {load_s:.1f} s, first call (compile + run) {compile_s:.1f} s")

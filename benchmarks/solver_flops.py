@@ -18,16 +18,7 @@ import jax.numpy as jnp
 import attnprune_jax as ap
 from attnprune_jax import solver
 from attnprune_jax.synthetic import synthetic_problem
-
-
-def best_time(fn, repeats: int) -> float:
-  """Minimum wall time of `fn()` (which must block until done) over `repeats` calls."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+from timing import best_time
 
 
 def matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
@@ -36,8 +27,7 @@ def matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
   a = jax.random.normal(key_a, (m, k), jnp.float32)
   b = jax.random.normal(key_b, (k, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  return 2 * m * k * n / best_time(lambda: matmul(a, b).block_until_ready(), repeats)
+  return 2 * m * k * n / best_time(lambda: matmul(a, b), repeats)
 
 
 def main() -> None:
@@ -52,11 +42,11 @@ def main() -> None:
   h, b, n, d = args.heads, args.batch, args.n, args.d
 
   w, x = synthetic_problem(jax.random.key(0), n=n, d=d, batch=b, rank=64, heads=h)
-  run = lambda: jax.block_until_ready(ap.solve_mask(w, x, lam=1e-3, steps=args.steps, lr=1e-3))
+  run = lambda: ap.solve_mask(w, x, lam=1e-3, steps=args.steps, lr=1e-3)
   compile_start = time.perf_counter()
-  run()
+  jax.block_until_ready(run())
   compile_s = time.perf_counter() - compile_start
-  seconds = best_time(run, args.repeats)
+  seconds = best_time(run, args.repeats, warmup=False)
 
   per_step = h * (4 * b * n * d * d + 4 * b * n * n * d)
   reference_once = h * (2 * b * n * d * d + 2 * b * n * n * d)

@@ -231,6 +231,13 @@ def summarize(runs: list[dict], sweep: list[dict]) -> dict:
 FIGURES = ("loss_gap.png", "rates.png", "constants.png", "sparsity.png")
 
 
+def _save(fig, path: Path) -> None:
+  from matplotlib import pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot(results: dict, out: Path) -> list[Path]:
   """The four figures of section 6.1, as PNG files in `out`."""
   matplotlib.use("Agg")
@@ -257,9 +264,7 @@ def plot(results: dict, out: Path) -> list[Path]:
   ax.set(xlabel="step t", ylabel="L(M_t) − L* (L* extrapolated)",
          title=f"Algorithm 1, n={n}, d={d}, causal (dashed: slope of (1−ηλ/2)^t)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(paths[0], dpi=120)
-  plt.close(fig)
+  _save(fig, paths[0])
 
   # 2. Measured vs predicted rate, as 1 − r on log axes.
   fig, ax = plt.subplots(figsize=(5.2, 4.8))
@@ -274,9 +279,7 @@ def plot(results: dict, out: Path) -> list[Path]:
   ax.set(xlabel="1 − predicted rate (1 − ηλ/2)", ylabel="1 − measured rate",
          title="Linear rate: above the line is faster than derived")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(paths[1], dpi=120)
-  plt.close(fig)
+  _save(fig, paths[1])
 
   # 3. L_s measured vs bound; measured PL ratio vs μ = λ/2.
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
@@ -294,9 +297,7 @@ def plot(results: dict, out: Path) -> list[Path]:
   right.set(xlabel="derived μ = λ/2", ylabel="min_t ½‖∇L‖² / (L − min L)",
             title="PL constant along the trajectory")
   right.legend()
-  fig.tight_layout()
-  fig.savefig(paths[2], dpi=120)
-  plt.close(fig)
+  _save(fig, paths[2])
 
   # 4. Attention error vs sparsity per method (mean over seeds, min-max bars).
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -312,9 +313,7 @@ def plot(results: dict, out: Path) -> list[Path]:
   ax.set(xlabel="sparsity (per row)", ylabel="attention error Σ_b ‖f(B∘W) − f(W)‖²_F",
          title=f"Binary masks on synthetic problems, n={n}, d={d}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(paths[3], dpi=120)
-  plt.close(fig)
+  _save(fig, paths[3])
   return paths
 
 

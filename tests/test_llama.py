@@ -21,8 +21,8 @@ def tiny_config(heads, kv_heads, *, tie=True, layers=2):
                      rms_eps=1e-5, tie_embeddings=tie)
 
 
-CONFIGS = {"mha": tiny_config(3, 3), "gqa": tiny_config(4, 2), "mqa-untied": tiny_config(4, 1,
-                                                                                          tie=False)}
+CONFIGS = {"mha": tiny_config(3, 3), "gqa": tiny_config(4, 2),
+           "mqa-untied": tiny_config(4, 1, tie=False)}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -1,4 +1,5 @@
-"""solve_mask (Algorithm 1): a plain reference loop, heads, monotone descent, optax, no recompile."""
+"""solve_mask (Algorithm 1) against a plain reference loop: heads, monotone descent, optax, no
+recompiles; progressive sparsification."""
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +109,41 @@ def test_float32_stays_float32():
   _, w, x = random_problem(27, n=6, d=4, batch=2, dtype=np.float32)
   result = ap.solve_mask(w, x, lam=0.1, steps=3, lr=0.1)
   assert all(field.dtype == jnp.float32 for field in result)
+
+
+def test_segments_continued_from_init_equal_one_solve():
+  _, w, x = random_problem(28, n=6, d=4, batch=2, scale=3.0)
+  whole = ap.solve_mask(w, x, lam=0.1, steps=12, lr=0.1)
+  first = ap.solve_mask(w, x, lam=0.1, steps=6, lr=0.1)
+  second = ap.solve_mask(w, x, lam=0.1, steps=6, lr=0.1, init=first.mask)
+  np.testing.assert_allclose(second.mask, whole.mask, rtol=1e-12)
+  np.testing.assert_allclose(np.concatenate([first.loss, second.loss]), whole.loss, rtol=1e-12)
+  with pytest.raises(ValueError, match="init must have w's shape"):
+    ap.solve_mask(w, x, lam=0.1, steps=2, lr=0.1, init=first.mask[:2])
+
+
+def test_cubic_schedule():
+  schedule = solver.cubic_schedule(0.8, 4)
+  np.testing.assert_allclose(schedule, [0.8 * (1 - (1 - r / 4)**3) for r in range(1, 5)])
+  assert schedule[-1] == 0.8 and list(schedule) == sorted(schedule)
+
+
+def test_progressive_matches_a_python_reference_and_keeps_exact_counts():
+  _, w, x = random_problem(29, n=8, d=8, batch=2, scale=3.0)
+  lam, lr, sparsity, rounds, steps = 0.01, 0.05, 0.5, 3, 4
+  result = solver.solve_mask_progressive(w, x, sparsity=sparsity, lam=lam, lr=lr,
+                                         rounds=rounds, steps_per_round=steps)
+  norms = np.linalg.norm(x.reshape(-1, 8), axis=0)
+  mask, keep, losses = np.ones_like(w), np.ones(w.shape, bool), []
+  for round_sparsity in solver.cubic_schedule(sparsity, rounds):
+    for _ in range(steps):
+      losses.append(float(ap.pruning_loss(mask, w, x, lam=lam)))
+      mask = mask - lr * np.where(keep, ap.pruning_grad(mask, w, x, lam=lam), 0)
+    score = np.where(keep, np.abs(mask * w) * np.outer(norms, norms), -1.0)
+    keep = np.asarray(ap.binarize(score, round_sparsity))
+    mask = np.where(keep, mask, 0)
+  np.testing.assert_array_equal(result.keep, keep)
+  np.testing.assert_allclose(result.mask, mask, rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(result.loss, losses, rtol=1e-10)
+  assert (np.asarray(result.keep).sum(-1) == 4).all()
+  assert (np.asarray(result.mask)[~np.asarray(result.keep)] == 0).all()

@@ -78,8 +78,7 @@ class RReader:
       head, tail = self.item(), self.item()
       return ("pairlist", tag, head, tail, attr)
     if kind == ALTREP:
-      info, state, attr = self.item(), self.item(), self.item()
-      del info, attr
+      _info, state, _attributes = self.item(), self.item(), self.item()
       return state
     if kind == CHARSXP:
       n = self.int()

@@ -1,4 +1,6 @@
-"""A Llama-architecture causal LM as a Flax NNX module (RMSNorm, RoPE, GQA, SwiGLU, tied embeddings).
+"""A Llama-architecture causal LM as a Flax NNX module.
+
+RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
 
 Weights are stacked over layers, (layers, out, in) like the checkpoints, and the forward pass
 is one jitted `lax.scan` over them: 30 layers compile as one. q/k rows are in the Hugging Face
