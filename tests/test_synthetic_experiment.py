@@ -43,6 +43,8 @@ def test_runs_have_the_documented_fields_and_the_theory_holds(tiny_results):
   summary = results["summary"]
   assert summary["smoothness_bound_holds"] == summary["pl_holds"] == 8
   assert summary["monotone_when_lr_within_bound"] == summary["runs_with_lr_within_bound"] > 0
+  assert (summary["rate_measured_le_predicted_when_lr_within_bound"]
+          == summary["rate_fitted_when_lr_within_bound"])
 
 
 def test_sparsity_sweep_covers_every_method_with_exact_sparsity(tiny_results):
