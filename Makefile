@@ -28,6 +28,8 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/solver_flops.py
+	$(PY) benchmarks/baselines_speed.py
+	$(PY) benchmarks/model_throughput.py
 
 clean:
 	rm -rf $(VENV)
