@@ -29,6 +29,12 @@ def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Floa
   return jnp.einsum("...ne,...me->...nm", x @ w, x)
 
 
+def softmax_attention(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
+                      causal: bool) -> Float[Array, "... n n"]:
+  """Softmax(X W Xᵀ) without input checks (for use inside jitted code)."""
+  return softmax_attention(x, w, causal=causal)
+
+
 def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
                      causal: bool = True) -> Float[Array, "... n n"]:
   """The attention matrix Softmax(X W Xᵀ) (causal by default), batched over leading axes of x.
@@ -47,7 +53,7 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
   d = x.shape[-1]
   if w.shape != (d, d):
     raise ValueError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
-  return masked_softmax(attention_scores(x, w), causal=causal)
+  return softmax_attention(x, w, causal=causal)
 
 
 def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,

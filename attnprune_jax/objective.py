@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.attention import attention_scores, masked_softmax
+from attnprune_jax.attention import softmax_attention
 
 
 def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -36,7 +36,7 @@ def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
 def loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
                   target: Float[Array, "b n n"], lam, causal: bool):
   """L(M) and the closed-form ∇L(M), given the dense attention `target` = f(W). No checks."""
-  f = masked_softmax(attention_scores(x, mask * w), causal=causal)
+  f = softmax_attention(x, mask * w, causal=causal)
   gap = f - target
   loss = 0.5 * jnp.sum(gap**2) + 0.5 * lam * jnp.sum(mask**2)
   row_dot = jnp.sum(gap * f, axis=-1, keepdims=True)
@@ -48,8 +48,8 @@ def loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Ar
 def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
                 causal: bool) -> jax.Array:
   """Σ_b ‖f_b(M∘W) − f_b(W)‖²_F without input checks."""
-  pruned = masked_softmax(attention_scores(x, mask * w), causal=causal)
-  dense = masked_softmax(attention_scores(x, w), causal=causal)
+  pruned = softmax_attention(x, mask * w, causal=causal)
+  dense = softmax_attention(x, w, causal=causal)
   return jnp.sum((pruned - dense)**2)
 
 
@@ -89,5 +89,5 @@ def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """Closed-form ∇L(M) = W ∘ Σ_b X_bᵀ G_b X_b + λM (see module docstring); shape of `mask`."""
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
-  target = masked_softmax(attention_scores(x, w), causal=causal)
+  target = softmax_attention(x, w, causal=causal)
   return loss_and_grad(mask, w, x, target, lam, causal)[1]

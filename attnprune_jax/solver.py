@@ -17,7 +17,7 @@ from jaxtyping import Array, Float
 import optax
 
 from attnprune_jax import validation
-from attnprune_jax.attention import attention_scores, masked_softmax
+from attnprune_jax.attention import softmax_attention
 from attnprune_jax.masks import binarize, merged_activation_score
 from attnprune_jax.objective import check_problem, loss_and_grad
 
@@ -92,7 +92,7 @@ def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
 
 
 def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
-  target = masked_softmax(attention_scores(x, w), causal=causal)
+  target = softmax_attention(x, w, causal=causal)
 
   def step(carry, _):
     mask, opt_state = carry
@@ -155,7 +155,7 @@ def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
 
 @functools.partial(jax.jit, static_argnames=("schedule", "steps", "causal"))
 def _solve_progressive(w, x, lam, lr, *, schedule, steps, causal) -> ProgressiveSolution:
-  target = masked_softmax(attention_scores(x, w), causal=causal)
+  target = softmax_attention(x, w, causal=causal)
   activation = merged_activation_score(jnp.ones_like(w), x)
   mask, keep, losses = jnp.ones_like(w), jnp.ones(w.shape, bool), []
   for round_sparsity in schedule:

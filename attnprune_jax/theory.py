@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax import validation
-from attnprune_jax.attention import attention_scores, masked_softmax
+from attnprune_jax.attention import softmax_attention
 from attnprune_jax.objective import check_problem, loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -136,7 +136,7 @@ def smoothness_measured(mask, w, x, *, lam, key: jax.Array, causal: bool = True,
 
 @functools.partial(jax.jit, static_argnames=("causal", "iters"))
 def _power_iteration(mask, w, x, lam, key, *, causal, iters):
-  target = masked_softmax(attention_scores(x, w), causal=causal)
+  target = softmax_attention(x, w, causal=causal)
 
   def hvp(v):
     grad = lambda m: loss_and_grad(m, w, x, target, lam, causal)[1]
