@@ -32,7 +32,7 @@ def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Floa
 def softmax_attention(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
                       causal: bool) -> Float[Array, "... n n"]:
   """Softmax(X W Xᵀ) without input checks (for use inside jitted code)."""
-  return softmax_attention(x, w, causal=causal)
+  return masked_softmax(attention_scores(x, w), causal=causal)
 
 
 def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
