@@ -47,7 +47,13 @@ def model_path(name: str) -> Path:
 def load(name_or_path: str | os.PathLike) -> Llama:
   """A known model by name, or any Llama-architecture GGUF file by path, as a `Llama`."""
   text = os.fspath(name_or_path)
-  path = model_path(text) if text in KNOWN_MODELS or not text.endswith(".gguf") else Path(text)
+  if text in KNOWN_MODELS:
+    path = model_path(text)
+  elif os.path.isfile(text) or text.endswith(".gguf"):
+    path = Path(text)
+  else:
+    raise ValueError(f"model must be one of {sorted(KNOWN_MODELS)} or a path to a GGUF file, "
+                     f"got {text!r}")
   config, weights, tokenizer = read_gguf(path)
   return Llama(config, weights, tokenizer)
 

@@ -43,10 +43,6 @@ class Tokenizer:
       raise TypeError(f"text must be a str, got {type(text).__name__}")
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """`encode` of each text, in parallel."""
-    return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
   def decode(self, ids: Sequence[int]) -> str:
     """The text of `ids`, special tokens included."""
     return self._tokenizer.decode(list(ids), skip_special_tokens=False)
