@@ -1,7 +1,8 @@
 """The fixed corpus and its token windows.
 
 Two public-domain Jane Austen novels ship as package data (extracted from Debian's
-r-cran-janeaustenr by `tools/extract_austen.py`, one normalized paragraph per line):
+r-cran-janeaustenr by `tools/extract_austen.py`, one normalized paragraph per line; `read_text`
+separates paragraphs by a blank line):
 calibration windows come from *Emma*, evaluation windows from *Pride and Prejudice*, so the two
 never share text (like the paper's C4 train/validation split).
 
@@ -21,11 +22,12 @@ START_TOKEN = "<|endoftext|>"
 
 
 def read_text(name: str) -> str:
-  """The normalized text of a shipped novel ('emma' or 'prideprejudice')."""
+  """The normalized text of a shipped novel ('emma' or 'prideprejudice'), paragraphs separated
+  by a blank line as in the printed source."""
   if name not in (CALIBRATION_TEXT, EVALUATION_TEXT):
     raise ValueError(f"name must be {CALIBRATION_TEXT!r} or {EVALUATION_TEXT!r}, got {name!r}")
   data = resources.files(__name__).joinpath(f"{name}.txt.gz").read_bytes()
-  return gzip.decompress(data).decode("utf-8")
+  return "\n\n".join(gzip.decompress(data).decode("utf-8").splitlines())
 
 
 @functools.lru_cache(maxsize=4)
