@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 from attnprune_jax import __version__
@@ -90,19 +92,16 @@ def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from pathlib import Path
   from experiments import synthetic_convergence as experiment
-  from attnprune_jax.results import provenance as provenance_record
   config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
   start = time.perf_counter()
   results = experiment.run(config, Path(args.out), reporter)
   figures = experiment.plot(results, Path(args.out))
-  document = result_document("synthetic", results, provenance_record(
+  document = result_document("synthetic", results, provenance(
       seed=None, settings={"quick": args.quick, "out": args.out, "figures": args.figures},
       wall_time_s=time.perf_counter() - start))
   write_json_atomic(Path(args.out) / "results.json", document)
   if args.figures:
-    import shutil
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     for path in figures:
       shutil.copyfile(path, Path(args.figures) / path.name)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnprune_jax import validation
 from attnprune_jax.models.llama import Llama, LlamaConfig, forward
 from attnprune_jax.reporting import Reporter
 
@@ -40,9 +41,8 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
   if windows.ndim != 2 or windows.shape[1] < 2 or not np.issubdtype(windows.dtype, np.integer):
     raise ValueError(f"windows must be an integer array (count, ctx >= 2), got "
                      f"{windows.dtype} {windows.shape}")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  current = model.weights() | (weights or {})
+  batch_size = validation.check_positive_int("batch_size", batch_size)
+  current = model.weights(weights)
   total, scored = 0.0, 0
   starts = range(0, len(windows), batch_size)
   for start in reporter.progress(starts, total=len(starts), desc="perplexity"):

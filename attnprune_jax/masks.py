@@ -67,7 +67,7 @@ def binarize(score, sparsity: float, *, group: str = "row",
   Returns:
     bool array of score's shape.
   """
-  score = validation.check_array("score", score, ndim=range(2, 33), floating=False)
+  score = validation.check_array("score", score, min_ndim=2, floating=False)
   sparsity = validation.check_sparsity(sparsity)
   if group not in GROUPS:
     raise ValueError(f"group must be one of {GROUPS}, got {group!r}")

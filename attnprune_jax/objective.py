@@ -18,19 +18,26 @@ from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 
 
+def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array, jax.Array]:
+  """Validates the merged weight w ((d, d), or (h, d, d) if `w_ndim` allows) and the inputs x;
+  returns them as arrays, x as (b, n, d)."""
+  w = validation.check_array("w", w, ndim=w_ndim)
+  if w.shape[-2] != w.shape[-1]:
+    raise ValueError(f"w must be square (d, d), got shape {tuple(w.shape)}")
+  x = validation.check_array("x", x, ndim=(2, 3))
+  if x.shape[-1] != w.shape[-1]:
+    raise ValueError(
+        f"x must have last axis {w.shape[-1]} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
+  return w, x.reshape((-1,) + x.shape[-2:])
+
+
 def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Validates (mask, w, x) of the merged problem; returns them as arrays, x as (b, n, d)."""
-  w = validation.check_array("w", w, ndim=2)
-  if w.shape[0] != w.shape[1]:
-    raise ValueError(f"w must be square (d, d), got shape {tuple(w.shape)}")
+  w, x = check_inputs(w, x)
   mask = validation.check_array("mask", mask, ndim=2)
   if mask.shape != w.shape:
     raise ValueError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
-  x = validation.check_array("x", x, ndim=(2, 3))
-  if x.shape[-1] != w.shape[0]:
-    raise ValueError(
-        f"x must have last axis {w.shape[0]} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
-  return mask, w, x.reshape((-1,) + x.shape[-2:])
+  return mask, w, x
 
 
 def loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],

@@ -19,7 +19,7 @@ import optax
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_problem, loss_and_grad
+from attnprune_jax.objective import check_inputs, loss_and_grad
 
 
 class MaskSolution(NamedTuple):
@@ -54,7 +54,7 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   Returns:
     a `MaskSolution` (mask, loss, grad_norm).
   """
-  w = validation.check_array("w", w, ndim=(2, 3))
+  w, x = check_inputs(w, x, w_ndim=(2, 3))
   steps = validation.check_positive_int("steps", steps)
   validation.check_scalar("lam", lam, minimum=0.0)
   if optimizer is None:
@@ -67,8 +67,6 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   elif not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError("optimizer must be an optax.GradientTransformation, "
                     f"got {type(optimizer).__name__}")
-  head = w[0] if w.ndim == 3 else w
-  _, _, x = check_problem(jnp.ones_like(head), head, x)
   if init is None:
     init = jnp.ones_like(w)
   else:
@@ -142,7 +140,7 @@ def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
   Returns:
     a `ProgressiveSolution` (keep, mask, loss).
   """
-  mask, w, x = check_problem(jnp.ones_like(jnp.asarray(w)), w, x)
+  w, x = check_inputs(w, x)
   sparsity = validation.check_sparsity(sparsity)
   validation.check_scalar("lam", lam, minimum=0.0)
   validation.check_scalar("lr", lr, minimum=0.0, strict=True)

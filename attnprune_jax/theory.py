@@ -25,7 +25,7 @@ import numpy as np
 
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
-from attnprune_jax.objective import check_problem, loss_and_grad
+from attnprune_jax.objective import check_inputs, check_problem, loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
 SOFTMAX_ROW_GRADIENT = math.sqrt(2) / 2  # bound on ‖∇_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -47,14 +47,14 @@ def _score_map_norms(w, x) -> np.ndarray:
 
 def smoothness_bound(w, x, *, lam) -> float:
   """Upper bound on the smoothness constant of ∇L: λ + (11/4) Σ_b ‖W‖²_max ‖X_b‖₂⁴."""
-  _, w, x = check_problem(np.ones(np.shape(w)), w, x)
+  w, x = check_inputs(w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
   return float(lam) + SOFTMAX_ROW_CURVATURE * float(np.sum(_score_map_norms(w, x)**2))
 
 
 def gradient_bound(w, x) -> float:
   """B ≥ ‖∇g(M)‖_F for every M: √(n/2) Σ_b ‖W‖_max ‖X_b‖₂²."""
-  _, w, x = check_problem(np.ones(np.shape(w)), w, x)
+  w, x = check_inputs(w, x)
   n = x.shape[-2]
   return SOFTMAX_ROW_GRADIENT * math.sqrt(n) * float(np.sum(_score_map_norms(w, x)))
 

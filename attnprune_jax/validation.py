@@ -19,20 +19,15 @@ def is_traced(value) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def _describe_ndim(ndim: int | Sequence[int]) -> str:
-  if isinstance(ndim, int):
-    return f"{ndim}-d"
-  return " or ".join(f"{k}-d" for k in ndim) if len(ndim) < 4 else f"at least {min(ndim)}-d"
-
-
 def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
-                floating: bool = True) -> jax.Array:
+                min_ndim: int | None = None, floating: bool = True) -> jax.Array:
   """Converts `value` to an array and checks its rank, dtype and (if concrete) finiteness.
 
   Args:
     name: the argument's name, for the error message.
     value: array-like input.
     ndim: accepted rank(s); None accepts any rank.
+    min_ndim: smallest accepted rank, if given.
     floating: require a floating dtype; otherwise any real numeric dtype (not bool/complex).
   Returns:
     `value` as a jax array (tracers are returned as they are).
@@ -52,8 +47,10 @@ def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
   if ndim is not None:
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if array.ndim not in allowed:
-      raise ValueError(
-          f"{name} must be {_describe_ndim(ndim)}, got shape {tuple(array.shape)}")
+      expected = " or ".join(f"{k}-d" for k in allowed)
+      raise ValueError(f"{name} must be {expected}, got shape {tuple(array.shape)}")
+  if min_ndim is not None and array.ndim < min_ndim:
+    raise ValueError(f"{name} must be at least {min_ndim}-d, got shape {tuple(array.shape)}")
   if not is_traced(array) and jnp.issubdtype(dtype, jnp.floating):
     if not bool(jnp.isfinite(array).all()):
       raise ValueError(f"{name} contains NaN or Inf")

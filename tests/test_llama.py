@@ -128,7 +128,7 @@ def write_tiny_gguf(path, model: Llama, *, arch="llama"):
 
 @pytest.mark.parametrize("name", ["gqa", "mqa-untied"])
 def test_any_llama_gguf_round_trips(tmp_path, name):
-  config = LlamaConfig(**{**CONFIGS[name].__dict__, "vocab_size": len(BYTE_TOKENS) + 4})
+  config = dataclasses.replace(CONFIGS[name], vocab_size=len(BYTE_TOKENS) + 4)
   model = Llama.random(config, jax.random.key(6))
   path = tmp_path / "tiny.gguf"
   write_tiny_gguf(path, model)
@@ -141,8 +141,7 @@ def test_any_llama_gguf_round_trips(tmp_path, name):
 
 
 def test_unsupported_architecture_and_corrupt_or_missing_files(tmp_path, monkeypatch):
-  model = Llama.random(LlamaConfig(**{**CONFIGS["mha"].__dict__, "vocab_size": 100}),
-                       jax.random.key(7))
+  model = Llama.random(dataclasses.replace(CONFIGS["mha"], vocab_size=100), jax.random.key(7))
   write_tiny_gguf(tmp_path / "other.gguf", model, arch="gpt2")
   with pytest.raises(ValueError, match="architecture 'gpt2'"):
     models.load(tmp_path / "other.gguf")

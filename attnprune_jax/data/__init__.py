@@ -16,6 +16,8 @@ from importlib import resources
 
 import numpy as np
 
+from attnprune_jax import validation
+
 CALIBRATION_TEXT = "emma"
 EVALUATION_TEXT = "prideprejudice"
 START_TOKEN = "<|endoftext|>"
@@ -38,8 +40,7 @@ def text_tokens(tokenizer, name: str) -> np.ndarray:
 
 def token_windows(tokenizer, name: str, *, count: int, ctx: int) -> np.ndarray:
   """`count` disjoint windows of `ctx` tokens from the start of a novel, (count, ctx) int32."""
-  if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-    raise ValueError(f"count must be a positive integer, got {count!r}")
+  count = validation.check_positive_int("count", count)
   if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
     raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
   tokens = text_tokens(tokenizer, name)

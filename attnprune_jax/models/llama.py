@@ -145,9 +145,15 @@ class Llama(nnx.Module):
       weights[name] = 1.0 + 0.1 * noise if name.endswith("norm") else scale * noise
     return cls(config, weights)
 
-  def weights(self) -> dict[str, jax.Array]:
-    """The current weights as plain arrays, by name."""
-    return {name: param[...] for name, param in self.params.items()}
+  def weights(self, replacements: dict | None = None) -> dict[str, jax.Array]:
+    """The current weights as plain arrays, by name, with `replacements` (same names and
+    shapes, so that jitted code is not re-traced) put in their place."""
+    current = {name: param[...] for name, param in self.params.items()}
+    for name, value in (replacements or {}).items():
+      if name not in current or tuple(value.shape) != tuple(current[name].shape):
+        raise ValueError(f"weights[{name!r}] must replace an existing weight of the same shape")
+      current[name] = value
+    return current
 
   def __call__(self, tokens, *, weights: dict | None = None,
                return_attention_inputs: bool = False, return_attention: bool = False):
@@ -163,12 +169,7 @@ class Llama(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer array (batch, time), got "
                        f"{tokens.dtype} {tuple(tokens.shape)}")
-    current = self.weights()
-    for name, value in (weights or {}).items():
-      if name not in current or tuple(value.shape) != tuple(current[name].shape):
-        raise ValueError(f"weights[{name!r}] must replace an existing weight of the same shape")
-      current[name] = value
-    logits, captures = forward(current, tokens, self.config,
+    logits, captures = forward(self.weights(weights), tokens, self.config,
                                return_attention_inputs=return_attention_inputs,
                                return_attention=return_attention)
     return (logits, captures) if (return_attention_inputs or return_attention) else logits
