@@ -1,4 +1,6 @@
-"""Softmax attention matrices, computed stably, and rotary position embeddings.
+"""Softmax attention matrices, computed stably; rotary position embeddings; the attention
+probabilities of one Llama layer (`layer_attention`, the single copy the model, the factored
+pruning objective and the pipeline all call).
 
 f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
 and masked entries are set to -inf before the exponential, so it never overflows: logits of order
@@ -76,3 +78,36 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
   sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
   first, second = x[..., :half], x[..., half:]
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
+                    k_proj: Float[Array, "hk d"], *, head_dim: int,
+                    rope_base: float) -> Float[Array, "... heads t t"]:
+  """Causal attention probabilities of one Llama attention layer (no V, no output projection).
+
+  q = X W_Qᵀ and k = X W_Kᵀ split into heads of `head_dim` (rows in the Hugging Face order),
+  rotated by RoPE (rotate-half, positions 0..t−1), scores q kᵀ / √head_dim, causal softmax.
+  Grouped-query attention: query head j reads key head j // (q_heads / k_heads), contiguous
+  groups. One KV group alone is the call with its query rows and its one key head.
+
+  Args:
+    x: attention inputs (post-RMSNorm hidden states), (..., t, d).
+    q_proj: (q_heads·head_dim, d) query weight, (out, in).
+    k_proj: (k_heads·head_dim, d) key weight; q_heads must be a multiple of k_heads.
+    head_dim: channels per head.
+    rope_base: the RoPE base θ.
+  Returns:
+    (..., q_heads, t, t) row-stochastic, lower-triangular matrices.
+  """
+  *lead, t, _ = x.shape
+  q = (x @ q_proj.T).reshape(*lead, t, -1, head_dim)
+  k = (x @ k_proj.T).reshape(*lead, t, -1, head_dim)
+  positions = jnp.arange(t)
+  q = rotary_embedding(q, positions, base=rope_base)
+  k = rotary_embedding(k, positions, base=rope_base)
+  group = q.shape[-2] // k.shape[-2]
+  # (..., t, k_heads·group, hd) -> (..., k_heads, group, t, hd) without materializing repeats.
+  q = jnp.moveaxis(q.reshape(*lead, t, k.shape[-2], group, head_dim), -4, -2)
+  scores = jnp.einsum("...kgqe,...ske->...kgqs", q, k) / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
+  probs = masked_softmax(scores, causal=True)
+  return probs.reshape(*lead, -1, t, t)

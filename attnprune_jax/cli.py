@@ -1,6 +1,7 @@
 """The `attnprune` command. Subcommands are registered in `COMMANDS`, nowhere else."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -114,6 +115,141 @@ def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   return {"summary": results["summary"], "out": args.out}, None
 
 
+def _parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
+  """'0-29' or '0,5,10-12' -> sorted distinct layer indices, each in [0, num_layers)."""
+  layers = set()
+  try:
+    for part in text.split(","):
+      first, _, last = part.partition("-")
+      layers.update(range(int(first), int(last or first) + 1))
+  except ValueError:
+    raise ValueError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
+  if not layers or min(layers) < 0 or max(layers) >= num_layers:
+    raise ValueError(f"layers must lie in 0-{num_layers - 1}, got {text!r}")
+  return tuple(sorted(layers))
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+  from experiments.qk_pruning import DataConfig
+  defaults = DataConfig()
+  parser.add_argument("--model", default="smollm2",
+                      help="a known model name (smollm2), a Llama GGUF file or a saved folder")
+  parser.add_argument("--calib-seqs", type=int, default=defaults.calib_seqs,
+                      help="calibration windows of Emma the methods see")
+  parser.add_argument("--calib-len", type=int, default=defaults.calib_len,
+                      help="tokens per window (calibration, held-out and evaluation)")
+  parser.add_argument("--heldout-seqs", type=int, default=defaults.heldout_seqs,
+                      help="held-out Emma windows for the attention errors")
+  parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens,
+                      help="evaluation budget on Pride and Prejudice (tokens // calib-len "
+                           "windows)")
+
+
+def _data_config(args: argparse.Namespace):
+  from experiments.qk_pruning import DataConfig
+  for name in ("calib_seqs", "calib_len", "heldout_seqs", "eval_tokens"):
+    value = getattr(args, name)
+    if value < (2 if name == "calib_len" else 1):
+      raise ValueError(f"--{name.replace('_', '-')} must be a positive integer"
+                       f"{' >= 2' if name == 'calib_len' else ''}, got {value}")
+  return DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
+                    heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
+
+
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+  from attnprune_jax.layer_masks import MaskSolverConfig, OPTIMIZERS
+  from attnprune_jax.methods import METHODS
+  parser.add_argument("--method", required=True, choices=METHODS)
+  parser.add_argument("--sparsity", type=float,
+                      help="fraction of q/k entries removed per output row (unstructured)")
+  parser.add_argument("--pattern", metavar="N:M",
+                      help="N:M structure along the input axis, e.g. 2:4 (sparsity N/M)")
+  parser.add_argument("--layers", default=None, help="layers to prune, e.g. 0-29 (default: all)")
+  _data_arguments(parser)
+  parser.add_argument("--out", required=True,
+                      help="output folder: results.json, the layer checkpoint, the saved model")
+  parser.add_argument("--save-weights", action="store_true",
+                      help="also write the pruned model as a Hugging Face folder OUT/model")
+  solver = parser.add_argument_group(
+      "attention-aware methods", "override their defaults (layer_masks.DEFAULTS, our choice)")
+  for field in dataclasses.fields(MaskSolverConfig):
+    option = "--" + field.name.replace("_", "-")
+    if field.name == "optimizer":
+      solver.add_argument(option, choices=sorted(OPTIMIZERS))
+    else:
+      solver.add_argument(option, type=field.type)
+
+
+def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from attnprune_jax import models
+  from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
+  from attnprune_jax.pipeline import PruneSettings
+  from experiments import qk_pruning
+  if (args.sparsity is None) == (args.pattern is None):
+    raise ValueError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
+  if args.pattern is not None:
+    try:
+      sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
+    except ValueError:
+      raise ValueError(f"--pattern must look like 2:4, got {args.pattern!r}") from None
+  else:
+    sparsity, n_m = args.sparsity, None
+  data_config = _data_config(args)
+  overrides = {field.name: getattr(args, field.name)
+               for field in dataclasses.fields(MaskSolverConfig)
+               if getattr(args, field.name) is not None}
+  if args.method in DEFAULTS:
+    solver = dataclasses.replace(DEFAULTS[args.method], **overrides)
+  elif overrides:
+    raise ValueError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
+                     f"attention-aware methods, not to {args.method}")
+  else:
+    solver = None
+  out = Path(args.out)
+  if args.save_weights and (out / "model").exists():
+    raise ValueError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
+                     "another --out")
+  model = models.load(args.model)
+  layers = (tuple(range(model.config.num_layers)) if args.layers is None
+            else _parse_layers(args.layers, model.config.num_layers))
+  settings = PruneSettings(args.method, sparsity, n_m, layers, solver)
+  token_windows = qk_pruning.windows(model, data_config)
+  row = qk_pruning.prune_row(model, settings, token_windows, data_config, out,
+                             save_weights=args.save_weights, reporter=reporter)
+  write_json_atomic(out / "results.json", result_document("prune", row, provenance(
+      seed=None, settings=vars(args) | {"command_spec": None},
+      wall_time_s=row["pipeline_time_s"])))
+  reporter.info(f"{args.method} {row['pattern']} {sparsity:g}: perplexity "
+                f"{row['perplexity']:.3f}, attention error (held-out, mean over layers) "
+                f"{row['attention_error_mean']:.4g}, prune time {row['prune_time_s']:.1f} s; "
+                f"{out / 'results.json'}")
+  return row, None
+
+
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
+  parser.add_argument("--results", default="results/qk_pruning.json",
+                      help="the table of rows (resumable row by row)")
+  parser.add_argument("--work", default="out/reproduce", help="layer checkpoints of the rows")
+  parser.add_argument("--methods", nargs="+", help="a subset of the methods")
+  parser.add_argument("--figures", metavar="DIR", default="figures/real",
+                      help="where the figures go")
+
+
+def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from attnprune_jax import models
+  from attnprune_jax.methods import METHODS
+  from experiments import qk_pruning
+  methods = tuple(args.methods or qk_pruning.REPRODUCE_METHODS)
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"--methods must be among {METHODS}, got {unknown}")
+  model = models.load("smollm2")
+  rows = qk_pruning.reproduce(model, Path(args.results), Path(args.work), full=args.full,
+                              methods=methods, reporter=reporter)
+  return {"rows": len(rows), "results": args.results}, None
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("demo", "Algorithm 1 on a small synthetic head; prints loss and attention error.",
             _demo_arguments, _demo_run),
@@ -121,6 +257,10 @@ COMMANDS: tuple[Command, ...] = (
             _eval_arguments, _eval_run),
     Command("synthetic", "Convergence experiments and sparsity sweep on synthetic problems "
             "(paper section 6.1).", _synthetic_arguments, _synthetic_run),
+    Command("prune", "Prune q_proj/k_proj of a real model layer by layer with one method; "
+            "perplexity and attention error.", _prune_arguments, _prune_run),
+    Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
+            "(paper sections 6.2-6.3), resumable.", _reproduce_arguments, _reproduce_run),
 )
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.attention import softmax_attention
+from attnprune_jax.attention import layer_attention, softmax_attention
 
 
 def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array, jax.Array]:
@@ -98,3 +98,47 @@ def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   validation.check_scalar("lam", lam, minimum=0.0)
   target = softmax_attention(x, w, causal=causal)
   return loss_and_grad(mask, w, x, target, lam, causal)[1]
+
+
+# Factored form: masks on a real layer's q_proj and k_proj (DESIGN.md §2, "Real models").
+#
+# With RoPE the merged W_Q W_Kᵀ is position-dependent, so the masks sit on the actual weights:
+# A_h(M) = layer_attention(X; M_Q∘W_Q, M_K∘W_K), and for one KV group (its query heads and
+# their shared key head)
+#   L(M_Q, M_K) = ½ Σ_b Σ_h ‖A_h,b(M) − A_h,b(1)‖²_F + (λ/2)(‖M_Q‖²_F + ‖M_K‖²_F).
+# Groups share no weights, so a layer is its groups' independent problems side by side.
+
+
+def kv_groups(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"], num_kv_heads: int):
+  """Splits a layer's (q_proj, k_proj) into KV groups: (kv, group·hd, d) and (kv, hd, d)."""
+  return (q_proj.reshape(num_kv_heads, -1, q_proj.shape[-1]),
+          k_proj.reshape(num_kv_heads, -1, k_proj.shape[-1]))
+
+
+def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
+                  x: Float[Array, "b t d"], target: Float[Array, "b g t t"], lam, *,
+                  head_dim: int, rope_base: float) -> jax.Array:
+  """The factored loss of one KV group, given its dense attention `target`. No checks.
+
+  Args:
+    masks: {"q_proj": (group·hd, d), "k_proj": (hd, d)} continuous masks.
+    q_proj, k_proj: the group's dense weights, (out, in).
+    x: calibration attention inputs, (b, t, d).
+    target: layer_attention(x, q_proj, k_proj), (b, group, t, t).
+    lam: λ >= 0.
+    head_dim, rope_base: from the model's config.
+  """
+  pruned = layer_attention(x, masks["q_proj"] * q_proj, masks["k_proj"] * k_proj,
+                           head_dim=head_dim, rope_base=rope_base)
+  penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
+  return 0.5 * jnp.sum((pruned - target)**2) + 0.5 * lam * penalty
+
+
+def layer_attention_error(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
+                          dense_q_proj: Float[Array, "hq d"], dense_k_proj: Float[Array, "hk d"],
+                          x: Float[Array, "b t d"], *, head_dim: int,
+                          rope_base: float) -> Float[Array, "b"]:
+  """Σ_h ‖A_h(pruned) − A_h(dense)‖²_F per sequence: a layer's attention error on inputs x."""
+  pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope_base=rope_base)
+  dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope_base=rope_base)
+  return jnp.sum((pruned - dense)**2, axis=(-3, -2, -1))

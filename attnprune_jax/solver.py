@@ -19,7 +19,8 @@ import optax
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_inputs, loss_and_grad
+from attnprune_jax.objective import check_inputs
+from attnprune_jax.objective import loss_and_grad as loss_and_grad_merged
 
 
 class MaskSolution(NamedTuple):
@@ -89,16 +90,76 @@ def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
   return jax.vmap(solve_head)(w, init) if w.ndim == 3 else solve_head(w, init)
 
 
+def minimize(loss_and_grad, params, *, optimizer: optax.GradientTransformation, steps: int,
+             keep=None, opt_state=None, first_step: int = 0):
+  """The one solver loop: `steps` optimizer steps on a mask pytree inside `lax.scan`.
+
+  For use inside jitted code (no checks). Gradients, and then parameters, are zeroed outside
+  `keep` so pruned entries stay at 0 whatever the optimizer's state.
+
+  Args:
+    loss_and_grad: (params, step) -> (loss, grads of params' structure); `step` counts from
+      `first_step` (minibatch schedules use it).
+    params: the starting masks, any pytree of arrays.
+    optimizer: an optax transformation.
+    steps: number of steps (static).
+    keep: a bool pytree like params (the support), or None for all entries.
+    opt_state: the optimizer's state to continue from; None initializes it.
+    first_step: the step counter of the first step.
+  Returns:
+    (params, opt_state, loss (steps,), grad_norm (steps,)).
+  """
+  if opt_state is None:
+    opt_state = optimizer.init(params)
+
+  def restrict(tree):
+    return tree if keep is None else jax.tree.map(lambda k, v: jnp.where(k, v, 0), keep, tree)
+
+  def step(carry, index):
+    params, opt_state = carry
+    loss, grads = loss_and_grad(params, index)
+    grads = restrict(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = restrict(optax.apply_updates(params, updates))
+    return (params, opt_state), (loss, optax.tree.norm(grads))
+
+  (params, opt_state), (loss, grad_norm) = jax.lax.scan(
+      step, (params, opt_state), first_step + jnp.arange(steps))
+  return params, opt_state, loss, grad_norm
+
+
+def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTransformation,
+                        steps: int, schedule: tuple, prune):
+  """Rounds of `minimize` on the current support, each followed by a prune step (our extension).
+
+  For use inside jitted code. After round r, `prune(params, keep, schedule[r])` returns the new
+  support (a subset of `keep`; a schedule entry of None skips pruning in that round) and pruned
+  entries are set to 0. The optimizer's state carries over from round to round.
+
+  Returns:
+    (keep, params, opt_state, loss (len(schedule)·steps,)).
+  """
+  keep = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+  opt_state, losses = optimizer.init(params), []
+  for index, target in enumerate(schedule):
+    params, opt_state, loss, _ = minimize(loss_and_grad, params, optimizer=optimizer, steps=steps,
+                                          keep=keep, opt_state=opt_state,
+                                          first_step=index * steps)
+    if target is not None:
+      keep = prune(params, keep, target)
+      params = jax.tree.map(lambda k, p: jnp.where(k, p, 0), keep, params)
+    losses.append(loss)
+  return keep, params, opt_state, jnp.concatenate(losses)
+
+
 def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
   target = softmax_attention(x, w, causal=causal)
 
-  def step(carry, _):
-    mask, opt_state = carry
-    loss, grad = loss_and_grad(mask, w, x, target, lam, causal)
-    updates, opt_state = optimizer.update(grad, opt_state, mask)
-    return (optax.apply_updates(mask, updates), opt_state), (loss, jnp.sqrt(jnp.sum(grad**2)))
+  def loss_and_grad(mask, step):
+    del step
+    return loss_and_grad_merged(mask, w, x, target, lam, causal)
 
-  (mask, _), (loss, grad_norm) = jax.lax.scan(step, (mask, optimizer.init(mask)), length=steps)
+  mask, _, loss, grad_norm = minimize(loss_and_grad, mask, optimizer=optimizer, steps=steps)
   return MaskSolution(mask, loss, grad_norm)
 
 
@@ -155,14 +216,16 @@ def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
 def _solve_progressive(w, x, lam, lr, *, schedule, steps, causal) -> ProgressiveSolution:
   target = softmax_attention(x, w, causal=causal)
   activation = merged_activation_score(jnp.ones_like(w), x)
-  mask, keep, losses = jnp.ones_like(w), jnp.ones(w.shape, bool), []
-  for round_sparsity in schedule:
-    def step(mask, _, keep=keep):
-      loss, grad = loss_and_grad(mask, w, x, target, lam, causal)
-      return mask - lr * jnp.where(keep, grad, 0), loss
 
-    mask, loss = jax.lax.scan(step, mask, length=steps)
+  def loss_and_grad(mask, step):
+    del step
+    return loss_and_grad_merged(mask, w, x, target, lam, causal)
+
+  def prune(mask, keep, sparsity):
     # Scores are >= 0, so entries already pruned (score −1) are never chosen again.
-    keep = binarize(jnp.where(keep, jnp.abs(mask * w) * activation, -1.0), round_sparsity)
-    mask, losses = jnp.where(keep, mask, 0), losses + [loss]
-  return ProgressiveSolution(keep, mask, jnp.concatenate(losses))
+    return binarize(jnp.where(keep, jnp.abs(mask * w) * activation, -1.0), sparsity)
+
+  keep, mask, _, loss = prune_progressively(loss_and_grad, jnp.ones_like(w),
+                                            optimizer=optax.sgd(lr), steps=steps,
+                                            schedule=schedule, prune=prune)
+  return ProgressiveSolution(keep, mask, loss)

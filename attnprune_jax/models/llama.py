@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from attnprune_jax.attention import masked_softmax, rotary_embedding
+from attnprune_jax.attention import layer_attention
 
 LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                  "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
@@ -66,25 +66,39 @@ def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def _decoder_layer(hidden, layer: dict, config: LlamaConfig, positions):
-  """One block; returns the new hidden state, the attention input and attention matrices."""
+def attention_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """The post-RMSNorm input of a layer's attention (what q_proj and k_proj act on)."""
+  return rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
+
+
+def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """One decoder block on its own.
+
+  Args:
+    hidden: residual stream entering the block, (b, t, d).
+    layer: this layer's weights by name (`LAYER_WEIGHTS`, no layer axis), e.g. from
+      `layer_weights(weights, i)`.
+    config: the architecture.
+  Returns:
+    (hidden leaving the block (b, t, d), attention input (b, t, d), attention (b, heads, t, t)).
+  """
   b, t, _ = hidden.shape
-  h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-  attn_input = rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
-  q = (attn_input @ layer["q_proj"].T).reshape(b, t, h, hd)
-  k = (attn_input @ layer["k_proj"].T).reshape(b, t, kv, hd)
+  kv, hd = config.num_kv_heads, config.head_dim
+  attn_input = attention_input(hidden, layer, config)
+  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
+                          rope_base=config.rope_base)
   v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
-  q = rotary_embedding(q, positions, base=config.rope_base)
-  k = rotary_embedding(k, positions, base=config.rope_base)
-  group = h // kv
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
-  probs = masked_softmax(scores, causal=True)
-  mixed = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+  grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
+  mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
   hidden = hidden + mixed @ layer["o_proj"].T
   mlp_input = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
   gated = jax.nn.silu(mlp_input @ layer["gate_proj"].T) * (mlp_input @ layer["up_proj"].T)
   return hidden + gated @ layer["down_proj"].T, attn_input, probs
+
+
+def layer_weights(weights: dict, index: int) -> dict:
+  """Layer `index`'s weights by name, without the stacked layer axis."""
+  return {name: weights[name][index] for name in LAYER_WEIGHTS}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_attention_inputs",
@@ -96,11 +110,10 @@ def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
   Captures: "attention_inputs" (layers, b, t, d), the post-RMSNorm input of each attention;
   "attention" (layers, b, heads, t, t), each layer's attention matrices.
   """
-  positions = jnp.arange(tokens.shape[1])
   hidden = weights["embed_tokens"][tokens]
 
   def body(hidden, layer):
-    hidden, attn_input, probs = _decoder_layer(hidden, layer, config, positions)
+    hidden, attn_input, probs = decoder_layer(hidden, layer, config)
     captured = {}
     if return_attention_inputs:
       captured["attention_inputs"] = attn_input

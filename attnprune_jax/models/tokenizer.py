@@ -3,6 +3,7 @@
 Recipe (gpt2-style GGUF tokenizers such as SmolLM2's): a BPE model from `tokenizer.ggml.tokens`
 and `.merges`; pre-tokenizer = individual digits, then ByteLevel (no prefix space, GPT-2 regex);
 ByteLevel decoder; control tokens (token type 3) as special tokens. Text round-trips exactly.
+`to_json_str` / `Tokenizer.from_json_str` save and restore it as Hugging Face `tokenizer.json`.
 """
 
 from collections.abc import Sequence
@@ -36,6 +37,25 @@ class Tokenizer:
                             for token in self.special_tokens])
     self._tokenizer = bpe
     self.vocab_size = len(tokens)
+
+  @classmethod
+  def from_json_str(cls, text: str) -> "Tokenizer":
+    """The tokenizer saved as `tokenizer.json` text (by `to_json_str`): special tokens are the
+    added tokens marked special, in id order."""
+    try:
+      bpe = HFTokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception
+      raise ValueError(f"text is not a valid tokenizer.json: {err}") from err
+    tokenizer = cls.__new__(cls)
+    added = bpe.get_added_tokens_decoder()
+    tokenizer.special_tokens = [added[i].content for i in sorted(added) if added[i].special]
+    tokenizer._tokenizer = bpe
+    tokenizer.vocab_size = bpe.get_vocab_size(with_added_tokens=True)
+    return tokenizer
+
+  def to_json_str(self) -> str:
+    """The Hugging Face `tokenizer.json` text of this tokenizer."""
+    return self._tokenizer.to_str()
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`; special-token strings in the text map to their ids."""

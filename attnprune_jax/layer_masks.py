@@ -1,0 +1,219 @@
+"""Attention-aware masks for a real layer's q_proj and k_proj (the factored objective).
+
+Three methods on `objective.factored_loss`, each KV group an independent problem (`jax.vmap`
+over groups), all through the one solver loop of `solver`:
+
+- "attn": the paper's Algorithm 1 (optimizer steps on (M_Q, M_K) from M = 1), then one cut to
+  the target sparsity by the score |M∘W|·‖X_j‖ per output row (or N:M); weights keep their
+  dense values. The binarization rule is our choice: the paper's is not known.
+- "attn-progressive": rounds of optimizer steps on the current support, each followed by a prune
+  step on a cubic schedule (for N:M, the number pruned per group of m rises 1, 2, … to n on the
+  same schedule); binary final mask, dense values kept (a pure mask).
+- "attn-reweight": as "attn-progressive", then `reweight_steps` more steps on the final support,
+  and the kept weights become M∘W: this changes weight values (like SparseGPT's update) and is
+  always reported as its own method.
+
+Minibatches: each step uses `windows_per_step` consecutive calibration windows, cycling through
+all of them (a full batch when it equals their count). All settings are our choice; see
+`DEFAULTS` and paper_repro.md for the sweep that chose them.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+import optax
+
+from attnprune_jax import validation
+from attnprune_jax.attention import layer_attention
+from attnprune_jax.masks import binarize, check_n_m
+from attnprune_jax.objective import factored_loss, kv_groups
+from attnprune_jax.solver import cubic_schedule, minimize, prune_progressively
+
+METHODS = ("attn", "attn-progressive", "attn-reweight")
+OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSolverConfig:
+  """Settings of the attention-aware methods (all our choice; the paper gives none).
+
+  Attributes:
+    optimizer: "adam" or "sgd" (plain gradient descent, the paper's Algorithm 1).
+    lr: step size.
+    lam: λ of the (λ/2)(‖M_Q‖² + ‖M_K‖²) term.
+    steps: optimizer steps of "attn" before its single cut.
+    rounds: prune steps of the progressive methods.
+    steps_per_round: optimizer steps before each prune step.
+    reweight_steps: extra steps on the final support ("attn-reweight" only).
+    windows_per_step: calibration windows per optimizer step (must divide their count).
+  """
+  optimizer: str = "adam"
+  lr: float = 1e-2
+  lam: float = 1e-3
+  steps: int = 100
+  rounds: int = 8
+  steps_per_round: int = 12
+  reweight_steps: int = 40
+  windows_per_step: int = 2
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+    validation.check_scalar("lr", self.lr, minimum=0.0, strict=True)
+    validation.check_scalar("lam", self.lam, minimum=0.0)
+    for name in ("steps", "rounds", "steps_per_round", "reweight_steps", "windows_per_step"):
+      validation.check_positive_int(name, getattr(self, name))
+
+
+# Chosen by `experiments/qk_sweep.py` on calibration text only (paper_repro.md has the table).
+DEFAULTS: dict[str, MaskSolverConfig] = {
+    "attn": MaskSolverConfig(),
+    "attn-progressive": MaskSolverConfig(),
+    "attn-reweight": MaskSolverConfig(),
+}
+
+
+class LayerPruning(NamedTuple):
+  """New q/k weights of one layer and their masks (True = kept); (out, in) like the inputs.
+
+  Attributes:
+    q_proj, k_proj: pruned weights (zeros where pruned; re-weighted on the support for
+      "attn-reweight").
+    keep_q, keep_k: bool masks.
+    loss: the minibatch loss at every optimizer step, summed over KV groups.
+  """
+  q_proj: Float[Array, "hq d"]
+  k_proj: Float[Array, "hk d"]
+  keep_q: Bool[Array, "hq d"]
+  keep_k: Bool[Array, "hk d"]
+  loss: Float[Array, "steps"]
+
+
+def prune_schedule(sparsity: float, n_m: tuple[int, int] | None, rounds: int) -> tuple:
+  """The prune targets of the progressive rounds: (sparsity, n_m) per round, None = no prune.
+
+  Unstructured: the cubic schedule s·(1 − (1 − r/R)³). N:M: n_r = round_half_up(n·(1 − (1 −
+  r/R)³)) pruned per group of m (rounds where n_r does not grow prune nothing; the
+  rounds after the last prune step are dropped).
+  """
+  if n_m is None:
+    return tuple((s, None) for s in cubic_schedule(sparsity, rounds))
+  n, m = n_m
+  schedule, pruned = [], 0
+  for r in range(1, rounds + 1):
+    n_r = math.floor(n * (1.0 - (1.0 - r / rounds)**3) + 0.5)
+    schedule.append((n_r / m, (n_r, m)) if n_r > pruned else None)
+    pruned = max(pruned, n_r)
+  while schedule[-1] is None:  # steps after the last prune step cannot change a binary mask
+    schedule.pop()
+  return tuple(schedule)
+
+
+def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
+                n_m: tuple[int, int] | None = None, config: MaskSolverConfig | None = None,
+                num_kv_heads: int, head_dim: int, rope_base: float) -> LayerPruning:
+  """Prunes one layer's q_proj and k_proj with an attention-aware method.
+
+  Args:
+    q_proj: (heads·hd, d) query weight; k_proj: (kv_heads·hd, d) key weight.
+    x: calibration attention inputs (post-RMSNorm), (windows, t, d).
+    method: one of `METHODS`.
+    sparsity: fraction removed per output row, in [0, 1); n/m with `n_m`.
+    n_m: (n, m) structure along the input axis, or None.
+    config: solver settings; None takes `DEFAULTS[method]`.
+    num_kv_heads, head_dim, rope_base: the model's attention layout.
+  Returns:
+    a `LayerPruning`.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  config = DEFAULTS[method] if config is None else config
+  q_proj = validation.check_array("q_proj", q_proj, ndim=2)
+  k_proj = validation.check_array("k_proj", k_proj, ndim=2)
+  x = validation.check_array("x", x, ndim=3)
+  d = q_proj.shape[1]
+  if k_proj.shape[1] != d or x.shape[-1] != d:
+    raise ValueError(f"q_proj, k_proj and x must share the input width; got {q_proj.shape}, "
+                     f"{k_proj.shape}, {x.shape}")
+  if k_proj.shape[0] != num_kv_heads * head_dim or q_proj.shape[0] % k_proj.shape[0]:
+    raise ValueError(f"k_proj must have num_kv_heads·head_dim = {num_kv_heads * head_dim} rows "
+                     f"and divide q_proj's {q_proj.shape[0]}, got {k_proj.shape[0]}")
+  sparsity = validation.check_sparsity(sparsity)
+  if n_m is not None:
+    n_m = check_n_m(n_m, sparsity, d)
+  if x.shape[0] % config.windows_per_step:
+    raise ValueError(f"windows_per_step ({config.windows_per_step}) must divide the number of "
+                     f"calibration windows ({x.shape[0]})")
+  if method == "attn":
+    schedule = ((sparsity, n_m),)
+  else:
+    schedule = prune_schedule(sparsity, n_m, config.rounds)
+  return _solve_layer(q_proj, k_proj, x, jnp.asarray(config.lam, x.dtype),
+                      jnp.asarray(config.lr, x.dtype), method=method, schedule=schedule,
+                      optimizer=config.optimizer, steps=config.steps,
+                      steps_per_round=config.steps_per_round,
+                      reweight_steps=config.reweight_steps,
+                      windows_per_step=config.windows_per_step, num_kv_heads=num_kv_heads,
+                      head_dim=head_dim, rope_base=rope_base)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "method", "schedule", "optimizer", "steps", "steps_per_round", "reweight_steps",
+    "windows_per_step", "num_kv_heads", "head_dim", "rope_base"))
+def _solve_layer(q_proj, k_proj, x, lam, lr, *, method, schedule, optimizer, steps,
+                 steps_per_round, reweight_steps, windows_per_step, num_kv_heads, head_dim,
+                 rope_base) -> LayerPruning:
+  q_groups, k_groups = kv_groups(q_proj, k_proj, num_kv_heads)
+  weights = {"q_proj": q_groups, "k_proj": k_groups}
+  attention = functools.partial(layer_attention, head_dim=head_dim, rope_base=rope_base)
+  # Dense attention of every group on every window: (kv, windows, group, t, t).
+  target = jax.vmap(attention, in_axes=(None, 0, 0))(x, q_groups, k_groups)
+  group_loss_and_grad = jax.vmap(
+      jax.value_and_grad(functools.partial(factored_loss, head_dim=head_dim,
+                                           rope_base=rope_base)),
+      in_axes=(0, 0, 0, None, 0, None))
+  batches = x.shape[0] // windows_per_step
+
+  def loss_and_grad(masks, step):
+    start = (step % batches) * windows_per_step
+    x_batch = jax.lax.dynamic_slice_in_dim(x, start, windows_per_step, axis=0)
+    target_batch = jax.lax.dynamic_slice_in_dim(target, start, windows_per_step, axis=1)
+    loss, grads = group_loss_and_grad(masks, q_groups, k_groups, x_batch, target_batch, lam)
+    return jnp.sum(loss), grads
+
+  # ‖X_j‖ over all calibration tokens: the activation factor of the score |M∘W|·‖X_j‖.
+  feature_norms = jnp.sqrt(jnp.sum(x.reshape(-1, x.shape[-1])**2, axis=0))
+
+  def prune(masks, keep, target):
+    round_sparsity, round_n_m = target
+    return jax.tree.map(
+        lambda m, w, k: binarize(jnp.where(k, jnp.abs(m * w) * feature_norms, -1.0),
+                                 round_sparsity, n_m=round_n_m),
+        masks, weights, keep)
+
+  opt = OPTIMIZERS[optimizer](lr)
+  ones = jax.tree.map(jnp.ones_like, weights)
+  if method == "attn":
+    masks, _, loss, _ = minimize(loss_and_grad, ones, optimizer=opt, steps=steps)
+    keep = prune(masks, jax.tree.map(lambda w: jnp.ones(w.shape, bool), weights), schedule[0])
+  else:
+    keep, masks, opt_state, loss = prune_progressively(
+        loss_and_grad, ones, optimizer=opt, steps=steps_per_round, schedule=schedule,
+        prune=prune)
+    if method == "attn-reweight":
+      masks, _, extra, _ = minimize(loss_and_grad, masks, optimizer=opt, steps=reweight_steps,
+                                    keep=keep, opt_state=opt_state,
+                                    first_step=len(schedule) * steps_per_round)
+      loss = jnp.concatenate([loss, extra])
+  if method == "attn-reweight":
+    new = jax.tree.map(lambda m, w: m * w, masks, weights)
+  else:
+    new = jax.tree.map(lambda k, w: jnp.where(k, w, 0), keep, weights)
+  return LayerPruning(new["q_proj"].reshape(q_proj.shape), new["k_proj"].reshape(k_proj.shape),
+                      keep["q_proj"].reshape(q_proj.shape), keep["k_proj"].reshape(k_proj.shape),
+                      loss)

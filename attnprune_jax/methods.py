@@ -1,0 +1,50 @@
+"""The q/k pruning methods of a real attention layer, by name: one uniform call for all.
+
+`prune_qk(method, q_proj, k_proj, x, ...)` prunes a layer's q_proj and k_proj from its
+calibration attention inputs x. The baselines (`baselines.BASELINES`) prune each matrix on its
+own from the statistics of x; the attention-aware methods (`layer_masks.METHODS`) solve the two
+together against the layer's attention matrices. Methods are pure functions of weights and
+inputs: they know nothing of models or pipelines.
+"""
+
+from attnprune_jax.baselines import BASELINES, input_stats
+from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
+from attnprune_jax.layer_masks import LayerPruning, MaskSolverConfig, solve_layer
+from attnprune_jax.models.llama import LlamaConfig
+
+METHODS = ("magnitude", "wanda", "sparsegpt") + ATTENTION_METHODS
+# Methods whose new weights differ from the dense ones on the support (weight updates).
+REWEIGHTING = ("sparsegpt", "attn-reweight")
+
+
+def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
+             n_m: tuple[int, int] | None, config: LlamaConfig,
+             solver: MaskSolverConfig | None = None) -> LayerPruning:
+  """Prunes one layer's q_proj and k_proj (out, in) with `method`.
+
+  Args:
+    method: one of `METHODS`.
+    q_proj: (heads·hd, d); k_proj: (kv_heads·hd, d).
+    x: the layer's calibration attention inputs (post-RMSNorm), (windows, t, d).
+    sparsity: fraction removed per output row (n/m with `n_m`).
+    n_m: (n, m) structure along the input axis, or None.
+    config: the model's architecture (head layout, RoPE base).
+    solver: settings of the attention-aware methods (None: their defaults); must be None for
+      the baselines.
+  Returns:
+    a `LayerPruning`; its loss is empty for the baselines.
+  """
+  if method in ATTENTION_METHODS:
+    return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
+                       config=solver, num_kv_heads=config.num_kv_heads,
+                       head_dim=config.head_dim, rope_base=config.rope_base)
+  if method not in BASELINES:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if solver is not None:
+    raise ValueError(f"solver settings apply to {ATTENTION_METHODS}, not to {method!r}")
+  baseline = BASELINES[method]
+  stats = input_stats(x.reshape(-1, x.shape[-1]), gram=baseline.needs_gram)
+  new_q, keep_q = baseline.prune(q_proj, stats, sparsity, n_m)
+  new_k, keep_k = baseline.prune(k_proj, stats, sparsity, n_m)
+  return LayerPruning(new_q.astype(q_proj.dtype), new_k.astype(k_proj.dtype), keep_q, keep_k,
+                      x[:0, 0, 0])

@@ -1,0 +1,189 @@
+"""Layer-sequential pruning of a model's q_proj and k_proj, resumable layer by layer.
+
+As the baselines' reference code does: for each layer in order, take its attention inputs from
+the current (already pruned) model, prune the layer's q/k with a method of `methods`, write the
+new weights back, and run the pruned layer so the next one sees pruned inputs. Along the way it
+measures, per layer, the attention error on held-out windows:
+
+- `attention_error`: Σ_h ‖A_h(pruned q/k) − A_h(dense q/k)‖²_F on the layer's held-out inputs
+  as the pruned model produces them (what the attention-aware methods optimize), mean over
+  held-out windows;
+- `attention_error_end_to_end`: the same against the dense model's attention on its own inputs
+  (upstream errors included).
+
+The model itself is never modified: the result holds replacement weights for `Llama.weights`.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnprune_jax import validation
+from attnprune_jax.layer_masks import MaskSolverConfig
+from attnprune_jax.methods import METHODS, prune_qk
+from attnprune_jax.models.llama import Llama, LlamaConfig, decoder_layer, layer_weights
+from attnprune_jax.objective import layer_attention_error
+from attnprune_jax.reporting import Reporter
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+  """What to prune and how.
+
+  Attributes:
+    method: one of `methods.METHODS`.
+    sparsity: fraction of q/k entries removed per output row, in [0, 1) (n/m for N:M).
+    n_m: (n, m) structure along the input axis, or None for unstructured.
+    layers: indices of the layers to prune (in increasing order).
+    solver: settings of the attention-aware methods; None for their defaults (baselines: None).
+  """
+  method: str
+  sparsity: float
+  n_m: tuple[int, int] | None = None
+  layers: tuple[int, ...] = ()
+  solver: MaskSolverConfig | None = None
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+    validation.check_sparsity(self.sparsity)
+    if list(self.layers) != sorted(set(self.layers)) or not self.layers:
+      raise ValueError(f"layers must be distinct indices in increasing order, got {self.layers}")
+
+  def to_json(self) -> dict:
+    return {"method": self.method, "sparsity": self.sparsity,
+            "n_m": None if self.n_m is None else list(self.n_m), "layers": list(self.layers),
+            "solver": None if self.solver is None else dataclasses.asdict(self.solver)}
+
+
+class PrunedModel(NamedTuple):
+  """Result of `prune_model`.
+
+  Attributes:
+    weights: replacements {"q_proj": (layers, ·, d), "k_proj": ...} for `Llama.weights`.
+    layers: one record per layer, in order: {"layer", "pruned", "attention_error",
+      "attention_error_end_to_end", "prune_time_s", "kept_q", "kept_k", "loss_first",
+      "loss_last"} (the last five only for pruned layers).
+  """
+  weights: dict
+  layers: list[dict]
+
+
+@jax.jit
+def _embed(weights: dict, tokens):
+  return weights["embed_tokens"][tokens]
+
+
+_run_layer = jax.jit(decoder_layer, static_argnames="config")
+
+
+_attention_error = jax.jit(layer_attention_error, static_argnames=("head_dim", "rope_base"))
+
+
+def _write_checkpoint(folder: Path, settings: PruneSettings, weights: dict, records: list):
+  """Saves the pruned q/k so far and the per-layer records in one atomic file."""
+  folder.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{CHECKPOINT}.", suffix=".tmp",
+                                   delete=False) as handle:
+    np.savez(handle, q_proj=np.asarray(weights["q_proj"]), k_proj=np.asarray(weights["k_proj"]),
+             state=np.asarray(json.dumps({"settings": settings.to_json(), "layers": records})))
+    handle.flush()
+    os.fsync(handle.fileno())
+  os.replace(handle.name, folder / CHECKPOINT)
+
+
+def _read_checkpoint(folder: Path, settings: PruneSettings, reporter: Reporter):
+  """(weights, records) of a finished prefix of layers, or None to start afresh."""
+  path = folder / CHECKPOINT
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as stored:
+      state = json.loads(str(stored["state"]))
+      weights = {"q_proj": jnp.asarray(stored["q_proj"]), "k_proj": jnp.asarray(stored["k_proj"])}
+  except (OSError, ValueError, KeyError) as err:
+    reporter.info(f"ignoring the unreadable checkpoint {path}: {err}")
+    return None
+  if state["settings"] != settings.to_json():
+    raise ValueError(f"the checkpoint {path} was made with other settings "
+                     f"({state['settings']}); use another output folder or delete it")
+  return weights, state["layers"]
+
+
+def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
+                checkpoint_dir: str | os.PathLike | None = None,
+                reporter: Reporter = Reporter(quiet=True)) -> PrunedModel:
+  """Prunes q_proj and k_proj of `settings.layers`, layer after layer, with re-propagation.
+
+  Args:
+    model: the dense model (left unchanged).
+    settings: method, sparsity, pattern, layers, solver settings.
+    calibration: (windows, t) int tokens the methods see.
+    heldout: (windows, t) int tokens for the attention errors (never given to a method).
+    checkpoint_dir: if given, the state after every layer is saved there and a rerun with the
+      same settings resumes after the last finished layer, with identical results.
+    reporter: a progress bar per layer.
+  Returns:
+    a `PrunedModel` (replacement weights and per-layer records).
+  """
+  config: LlamaConfig = model.config
+  if settings.layers[-1] >= config.num_layers or settings.layers[0] < 0:
+    raise ValueError(f"layers must be in [0, {config.num_layers}), got {settings.layers}")
+  dense = model.weights()
+  weights = {"q_proj": dense["q_proj"], "k_proj": dense["k_proj"]}
+  records: list[dict] = []
+  folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+  if folder is not None:
+    resumed = _read_checkpoint(folder, settings, reporter)
+    if resumed is not None:
+      weights, records = resumed
+      reporter.info(f"resuming after layer {len(records) - 1} from {folder / CHECKPOINT}")
+  calibration, heldout = jnp.asarray(calibration), jnp.asarray(heldout)
+  hidden = _embed(dense, calibration)
+  heldout_hidden = _embed(dense, heldout)
+  dense_hidden = heldout_hidden
+  bar = reporter.progress(range(config.num_layers), total=config.num_layers,
+                          desc=f"{settings.method} layers")
+  for index in bar:
+    layer = layer_weights(dense, index)
+    done = index < len(records)
+    record = records[index] if done else {"layer": index, "pruned": index in settings.layers}
+    if record["pruned"] and not done:
+      _, x, _ = _run_layer(hidden, layer, config)
+      start = time.perf_counter()
+      result = prune_qk(settings.method, layer["q_proj"], layer["k_proj"], x,
+                        sparsity=settings.sparsity, n_m=settings.n_m, config=config,
+                        solver=settings.solver)
+      jax.block_until_ready(result.q_proj)
+      record |= {"prune_time_s": time.perf_counter() - start,
+                 "kept_q": float(np.mean(result.keep_q)), "kept_k": float(np.mean(result.keep_k)),
+                 "loss_first": float(result.loss[0]) if result.loss.size else None,
+                 "loss_last": float(result.loss[-1]) if result.loss.size else None}
+      weights = {"q_proj": weights["q_proj"].at[index].set(result.q_proj),
+                 "k_proj": weights["k_proj"].at[index].set(result.k_proj)}
+    pruned_layer = layer | {"q_proj": weights["q_proj"][index], "k_proj": weights["k_proj"][index]}
+    hidden, _, _ = _run_layer(hidden, pruned_layer, config)
+    new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config)
+    dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config)
+    if not done:
+      local = _attention_error(pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"],
+                               layer["k_proj"], heldout_inputs, head_dim=config.head_dim,
+                               rope_base=config.rope_base)
+      record |= {"attention_error": float(jnp.mean(local)),
+                 "attention_error_end_to_end": float(jnp.mean(
+                     jnp.sum((heldout_probs - dense_probs)**2, axis=(-3, -2, -1))))}
+      records.append(record)
+      if folder is not None and record["pruned"]:
+        _write_checkpoint(folder, settings, weights, records)
+    heldout_hidden = new_heldout
+  return PrunedModel(weights, records)

@@ -1,0 +1,158 @@
+"""Paper sections 6.2–6.3 on our model: q/k pruning of the real model, every method compared.
+
+One row = one method at one sparsity/pattern: prune q_proj and k_proj of the chosen layers
+layer by layer (`pipeline.prune_model`), then measure perplexity on the evaluation text and the
+attention error per layer on held-out calibration-text windows. `reproduce` runs the grid of
+rows with one fixed calibration set and one fixed evaluation set, resumable row by row.
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attnprune_jax import data, evaluate
+from attnprune_jax.models import Llama, save
+from attnprune_jax.pipeline import PruneSettings, prune_model
+from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import provenance, result_document, write_json_atomic
+
+SPARSITIES = ("0.5", "0.7", "0.8", "2:4")
+FULL_SPARSITIES = ("0.3", "0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
+# Cheap rows first, so that an interrupted run has the baselines.
+REPRODUCE_METHODS = ("magnitude", "wanda", "sparsegpt", "attn-progressive", "attn-reweight",
+                     "attn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The fixed windows of a run (our choice; the paper used 8 C4 sentences for calibration and
+  128 C4 validation sentences for perplexity).
+
+  Attributes:
+    calib_seqs: calibration windows (Emma) the methods see.
+    calib_len: tokens per window (start token + text), for every window kind.
+    heldout_seqs: Emma windows after the calibration ones, for the attention errors.
+    eval_tokens: evaluation budget: eval_tokens // calib_len windows of Pride and Prejudice.
+    batch: windows per forward pass of the perplexity.
+  """
+  calib_seqs: int = 8
+  calib_len: int = 512
+  heldout_seqs: int = 4
+  eval_tokens: int = 16384
+  batch: int = 4
+
+
+def parse_pattern(sparsity: str) -> tuple[float, tuple[int, int] | None]:
+  """'0.7' -> (0.7, None); '2:4' -> (0.5, (2, 4))."""
+  if ":" in sparsity:
+    n, m = (int(part) for part in sparsity.split(":"))
+    return n / m, (n, m)
+  return float(sparsity), None
+
+
+def pattern_name(n_m) -> str:
+  return "unstructured" if n_m is None else f"{n_m[0]}:{n_m[1]}"
+
+
+def windows(model: Llama, config: DataConfig) -> dict[str, np.ndarray]:
+  """The calibration, held-out (both Emma, disjoint) and evaluation (Pride and Prejudice)
+  token windows."""
+  emma = data.calibration_windows(model.tokenizer, count=config.calib_seqs + config.heldout_seqs,
+                                  ctx=config.calib_len)
+  count = config.eval_tokens // config.calib_len
+  if count < 1:
+    raise ValueError(f"eval_tokens must be at least calib_len={config.calib_len}, "
+                     f"got {config.eval_tokens}")
+  return {"calibration": emma[:config.calib_seqs], "heldout": emma[config.calib_seqs:],
+          "evaluation": data.evaluation_windows(model.tokenizer, count=count,
+                                                ctx=config.calib_len)}
+
+
+def dense_row(model: Llama, token_windows: dict, config: DataConfig, reporter: Reporter) -> dict:
+  """The unpruned model's row."""
+  ppl = evaluate.perplexity(model, token_windows["evaluation"], batch_size=config.batch,
+                            reporter=reporter)
+  return {"method": "dense", "sparsity": 0.0, "pattern": "dense",
+          "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
+          "attention_error_mean": 0.0, "prune_time_s": 0.0}
+
+
+def prune_row(model: Llama, settings: PruneSettings, token_windows: dict, config: DataConfig,
+              out: Path, *, save_weights: bool = False, reporter: Reporter) -> dict:
+  """Prunes with `settings`, evaluates, and returns the row (checkpoints under `out`)."""
+  start = time.perf_counter()
+  pruned = prune_model(model, settings, token_windows["calibration"], token_windows["heldout"],
+                       checkpoint_dir=out, reporter=reporter)
+  pipeline_s = time.perf_counter() - start
+  ppl = evaluate.perplexity(model, token_windows["evaluation"], batch_size=config.batch,
+                            weights=pruned.weights, reporter=reporter)
+  layers = [record for record in pruned.layers if record["pruned"]]
+  row = {
+      "method": settings.method, "sparsity": settings.sparsity,
+      "pattern": pattern_name(settings.n_m), "perplexity": ppl["perplexity"],
+      "eval_tokens": ppl["tokens"],
+      "attention_error_mean": float(np.mean([r["attention_error"] for r in layers])),
+      "attention_error_per_layer": {str(r["layer"]): r["attention_error"] for r in layers},
+      "attention_error_end_to_end_per_layer": {
+          str(r["layer"]): r["attention_error_end_to_end"] for r in pruned.layers},
+      "prune_time_s": float(sum(r["prune_time_s"] for r in layers)),
+      "pipeline_time_s": pipeline_s,
+      "kept_fraction": float(np.mean([(r["kept_q"] + r["kept_k"]) / 2 for r in layers])),
+      "layers": pruned.layers,
+      "settings": settings.to_json() | {"data": dataclasses.asdict(config)},
+  }
+  if save_weights:
+    folder = out / "model"
+    save(model, folder, weights=pruned.weights)
+    row["saved_model"] = str(folder)
+  return row
+
+
+def reproduce(model: Llama, results_path: Path, work: Path, *, full: bool,
+              methods=REPRODUCE_METHODS,
+              config: DataConfig = DataConfig(), reporter: Reporter) -> list[dict]:
+  """Every method at every sparsity of the grid, plus the dense row, resumable row by row.
+
+  Finished rows are kept in `results_path` (rewritten atomically after every row); a row's
+  layer checkpoints live in `work/<method>-<sparsity>/`.
+  """
+  token_windows = windows(model, config)
+  rows = []
+  if results_path.is_file():
+    stored = json.loads(results_path.read_text())
+    if stored.get("data") == dataclasses.asdict(config):
+      rows = stored["rows"]
+  done = {(row["method"], row["pattern"], row["sparsity"]) for row in rows}
+  start = time.perf_counter()
+  grid = [("dense", None)] + [(method, sparsity) for method in methods
+                              for sparsity in (FULL_SPARSITIES if full else SPARSITIES)]
+  for method, sparsity in grid:
+    if method == "dense":
+      key = ("dense", "dense", 0.0)
+    else:
+      value, n_m = parse_pattern(sparsity)
+      key = (method, pattern_name(n_m), value)
+    if key in done:
+      continue
+    reporter.info(f"reproduce: {method} at {sparsity or 'no pruning'}")
+    row_start = time.perf_counter()
+    if method == "dense":
+      row = dense_row(model, token_windows, config, reporter)
+    else:
+      settings = PruneSettings(method, value, n_m, tuple(range(model.config.num_layers)))
+      row = prune_row(model, settings, token_windows, config,
+                      work / f"{method}-{sparsity.replace(':', 'of')}", reporter=reporter)
+    row["provenance"] = provenance(seed=None, settings={"row": [method, sparsity]},
+                                   wall_time_s=time.perf_counter() - row_start)
+    rows.append(row)
+    write_json_atomic(results_path, result_document("qk-pruning", {
+        "data": dataclasses.asdict(config), "rows": rows}, provenance(
+            seed=None, settings={"full": full, "methods": list(methods)},
+            wall_time_s=time.perf_counter() - start)))
+    reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
+                   [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
+                     row["attention_error_mean"], row["prune_time_s"]]])
+  return rows

@@ -1,0 +1,179 @@
+"""The factored q/k objective of a real layer against the model's own attention and a plain
+numpy Llama; its gradient against finite differences; the three attention-aware methods."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnprune_jax import layer_masks
+from attnprune_jax.attention import layer_attention
+from attnprune_jax.layer_masks import MaskSolverConfig, prune_schedule, solve_layer
+from attnprune_jax.models.llama import Llama, LlamaConfig, forward
+from attnprune_jax.objective import factored_loss, kv_groups
+import reference_numpy
+
+
+def tiny_config(heads, kv_heads):
+  return LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=2,
+                     num_heads=heads, num_kv_heads=kv_heads, head_dim=4, rope_base=10000.0,
+                     rms_eps=1e-5)
+
+
+CONFIGS = {"mha": tiny_config(2, 2), "gqa": tiny_config(4, 2)}
+
+
+def layer_problem(name, seed=0, windows=2, t=6):
+  """A tiny random model's layer-1 q/k, its captured attention inputs and the tokens."""
+  config = CONFIGS[name]
+  model = Llama.random(config, jax.random.key(seed), scale=0.5, dtype=jnp.float64)
+  tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (windows, t))
+  _, captured = model(tokens, return_attention_inputs=True, return_attention=True)
+  weights = model.weights()
+  return config, model, tokens, weights, captured
+
+
+def group_loss(config, masks, weights, x, lam):
+  """Σ over KV groups of the factored loss, as the solver computes it."""
+  q_groups, k_groups = kv_groups(weights["q_proj"][1], weights["k_proj"][1], config.num_kv_heads)
+  mq, mk = kv_groups(masks["q_proj"], masks["k_proj"], config.num_kv_heads)
+  attention = functools.partial(layer_attention, head_dim=config.head_dim,
+                                rope_base=config.rope_base)
+  total = 0.0
+  for g in range(config.num_kv_heads):
+    target = attention(x, q_groups[g], k_groups[g])
+    total += factored_loss({"q_proj": mq[g], "k_proj": mk[g]}, q_groups[g], k_groups[g], x,
+                           target, lam, head_dim=config.head_dim, rope_base=config.rope_base)
+  return total
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_layer_attention_is_the_models_own(name):
+  config, _, _, weights, captured = layer_problem(name)
+  x = captured["attention_inputs"][1]
+  probs = layer_attention(x, weights["q_proj"][1], weights["k_proj"][1],
+                          head_dim=config.head_dim, rope_base=config.rope_base)
+  np.testing.assert_allclose(probs, captured["attention"][1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_factored_loss_is_zero_at_ones_and_matches_numpy_llama(name):
+  config, _, tokens, weights, captured = layer_problem(name)
+  x = captured["attention_inputs"][1]
+  ones = {"q_proj": jnp.ones_like(weights["q_proj"][1]),
+          "k_proj": jnp.ones_like(weights["k_proj"][1])}
+  assert float(group_loss(config, ones, weights, x, 0.0)) == 0.0
+  rng = np.random.default_rng(1)
+  masks = {key: jnp.asarray(rng.uniform(0, 1.5, value.shape)) for key, value in ones.items()}
+  lam = 0.3
+  # Independent reference: the numpy Llama with masked q/k of layer 1 on the same inputs.
+  masked = {key: np.asarray(value) for key, value in weights.items()}
+  masked["q_proj"] = masked["q_proj"].copy()
+  masked["k_proj"] = masked["k_proj"].copy()
+  masked["q_proj"][1] *= np.asarray(masks["q_proj"])
+  masked["k_proj"][1] *= np.asarray(masks["k_proj"])
+  expected = 0.0
+  for window in tokens:
+    _, _, dense = reference_numpy.llama_forward(weights, window, config)
+    _, _, pruned = reference_numpy.llama_forward(masked, window, config)
+    expected += 0.5 * np.sum((pruned[1] - dense[1])**2)
+  expected += 0.5 * lam * sum(np.sum(np.asarray(m)**2) for m in masks.values())
+  np.testing.assert_allclose(group_loss(config, masks, weights, x, lam), expected, rtol=1e-10)
+
+
+def test_factored_gradient_matches_finite_differences():
+  config, _, _, weights, captured = layer_problem("gqa", seed=3)
+  x = captured["attention_inputs"][1]
+  rng = np.random.default_rng(2)
+  masks = {"q_proj": jnp.asarray(rng.uniform(0.5, 1.5, weights["q_proj"][1].shape)),
+           "k_proj": jnp.asarray(rng.uniform(0.5, 1.5, weights["k_proj"][1].shape))}
+  loss = functools.partial(group_loss, config, weights=weights, x=x, lam=0.1)
+  grads = jax.grad(lambda m: loss(m))(masks)
+  for key, index in [("q_proj", (0, 3)), ("q_proj", (9, 14)), ("k_proj", (2, 5)),
+                     ("k_proj", (7, 0))]:
+    h = 1e-6
+    plus = {k: v.at[index].add(h) if k == key else v for k, v in masks.items()}
+    minus = {k: v.at[index].add(-h) if k == key else v for k, v in masks.items()}
+    numeric = (loss(plus) - loss(minus)) / (2 * h)
+    np.testing.assert_allclose(grads[key][index], numeric, rtol=1e-6, atol=1e-12)
+
+
+def test_prune_schedule():
+  assert prune_schedule(0.5, (2, 4), 8) == ((0.25, (1, 4)), None, (0.5, (2, 4)))
+  schedule = prune_schedule(0.7, None, 4)
+  assert [n_m for _, n_m in schedule] == [None] * 4 and schedule[-1][0] == 0.7
+  assert [s for s, _ in schedule] == sorted(s for s, _ in schedule)
+
+
+SMALL = MaskSolverConfig(steps=6, rounds=3, steps_per_round=4, reweight_steps=5,
+                         windows_per_step=1)
+
+
+@pytest.mark.parametrize("method", layer_masks.METHODS)
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_methods_keep_exact_counts_and_their_kind_of_weights(method, n_m):
+  config, _, _, weights, captured = layer_problem("gqa", seed=5)
+  x = captured["attention_inputs"][1].astype(jnp.float32)
+  q, k = weights["q_proj"][1].astype(jnp.float32), weights["k_proj"][1].astype(jnp.float32)
+  result = solve_layer(q, k, x, method=method, sparsity=0.5, n_m=n_m, config=SMALL,
+                       num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  for keep, new, dense in [(result.keep_q, result.q_proj, q), (result.keep_k, result.k_proj, k)]:
+    keep = np.asarray(keep)
+    if n_m is None:
+      assert (keep.sum(-1) == dense.shape[1] // 2).all()
+    else:
+      assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all()
+    assert (np.asarray(new)[~keep] == 0).all()
+    if method == "attn-reweight":
+      assert not np.allclose(np.asarray(new)[keep], np.asarray(dense)[keep])
+    else:
+      np.testing.assert_array_equal(np.asarray(new)[keep], np.asarray(dense)[keep])
+  expected_steps = {"attn": 6, "attn-progressive": 12 if n_m is None else 8,
+                    "attn-reweight": (12 if n_m is None else 8) + 5}[method]
+  assert result.loss.shape == (expected_steps,) and np.isfinite(result.loss).all()
+
+
+def test_progressive_lowers_the_attention_error_of_its_first_cut():
+  """Rounds of optimization between prune steps beat one cut by the same score at M = 1 (which
+  is Wanda's score |W|·‖X_j‖) on the calibration loss."""
+  config, _, _, weights, captured = layer_problem("gqa", seed=7, windows=2, t=8)
+  x = captured["attention_inputs"][1]
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
+  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+
+  def error(result):
+    masks = {"q_proj": result.q_proj / jnp.where(q == 0, 1, q),
+             "k_proj": result.k_proj / jnp.where(k == 0, 1, k)}
+    return float(group_loss(config, masks, weights, x, 0.0))
+
+  cut = solve_layer(q, k, x, method="attn-progressive", sparsity=0.6,
+                    config=MaskSolverConfig(rounds=1, steps_per_round=1, windows_per_step=1),
+                    **layout)
+  progressive = solve_layer(q, k, x, method="attn-progressive", sparsity=0.6,
+                            config=MaskSolverConfig(rounds=6, steps_per_round=20, lr=3e-2,
+                                                    windows_per_step=2), **layout)
+  assert error(progressive) < 0.9 * error(cut)
+
+
+def test_bad_inputs_name_the_argument():
+  config, _, _, weights, captured = layer_problem("gqa")
+  x = captured["attention_inputs"][1]
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
+  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  with pytest.raises(ValueError, match="method must be one of"):
+    solve_layer(q, k, x, method="wanda", sparsity=0.5, **layout)
+  with pytest.raises(ValueError, match="sparsity must be in"):
+    solve_layer(q, k, x, method="attn", sparsity=1.0, **layout)
+  with pytest.raises(ValueError, match="windows_per_step"):
+    solve_layer(q, k, x, method="attn", sparsity=0.5,
+                config=MaskSolverConfig(windows_per_step=3), **layout)
+  with pytest.raises(ValueError, match="k_proj must have"):
+    solve_layer(q, k[:4], x, method="attn", sparsity=0.5, **layout)
+  with pytest.raises(ValueError, match="x contains NaN"):
+    solve_layer(q, k, x.at[0, 0, 0].set(jnp.nan), method="attn", sparsity=0.5, **layout)
+  with pytest.raises(ValueError, match="optimizer must be one of"):
+    MaskSolverConfig(optimizer="lbfgs")
+  with pytest.raises(ValueError, match="lr must be > 0"):
+    MaskSolverConfig(lr=0.0)

@@ -1,0 +1,166 @@
+"""Layer-sequential q/k pruning: exact counts, re-propagation, resume, the prune CLI and
+saving the pruned model."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnprune_jax import cli, evaluate, models, pipeline
+from attnprune_jax.baselines import input_stats, wanda
+from attnprune_jax.layer_masks import MaskSolverConfig
+from attnprune_jax.models import huggingface
+from attnprune_jax.models.gguf import read_gguf
+from attnprune_jax.models.llama import Llama, LlamaConfig
+from attnprune_jax.pipeline import PruneSettings, prune_model
+from experiments import qk_pruning
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
+                     num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0, rms_eps=1e-5)
+SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
+                         windows_per_step=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = Llama.random(CONFIG, jax.random.key(0), scale=0.5)
+  rng = np.random.default_rng(0)
+  return model, rng.integers(0, 64, (2, 12)), rng.integers(0, 64, (2, 12))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "attn-progressive"])
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_exact_counts_per_row_and_per_group(tiny, method, n_m):
+  model, calibration, heldout = tiny
+  settings = PruneSettings(method, 0.5, n_m, (0, 2), SMALL if method.startswith("attn") else None)
+  result = prune_model(model, settings, calibration, heldout)
+  dense = model.weights()
+  for name in ("q_proj", "k_proj"):
+    for layer in range(3):
+      zero = np.asarray(result.weights[name][layer]) == 0
+      if layer == 1:
+        np.testing.assert_array_equal(result.weights[name][layer], dense[name][layer])
+      elif n_m is None and method == "sparsegpt":  # its mask is joint over rows, per block
+        assert zero.sum() == zero.size // 2
+      elif n_m is None:
+        assert (zero.sum(-1) == 8).all()
+      else:
+        assert (zero.reshape(zero.shape[0], -1, 4).sum(-1) == 2).all()
+  records = result.layers
+  assert [r["pruned"] for r in records] == [True, False, True]
+  assert records[1]["attention_error"] < 1e-12 < records[0]["attention_error"]
+  assert records[2]["attention_error_end_to_end"] > 0
+
+
+def test_each_layer_sees_the_pruned_output_of_the_layers_before(tiny):
+  model, calibration, heldout = tiny
+  result = prune_model(model, PruneSettings("wanda", 0.5, None, (0, 1)), calibration, heldout)
+  first = {"q_proj": model.weights()["q_proj"].at[0].set(result.weights["q_proj"][0]),
+           "k_proj": model.weights()["k_proj"].at[0].set(result.weights["k_proj"][0])}
+  _, pruned_inputs = model(calibration, weights=first, return_attention_inputs=True)
+  _, dense_inputs = model(calibration, return_attention_inputs=True)
+  q1 = model.weights()["q_proj"][1]
+
+  def wanda_q(inputs):
+    x = inputs["attention_inputs"][1].reshape(-1, CONFIG.hidden_size)
+    return np.asarray(wanda(q1, input_stats(x, gram=False), 0.5))
+
+  expected = wanda_q(pruned_inputs)
+  assert (expected != wanda_q(dense_inputs)).any()  # the test can tell the two apart
+  np.testing.assert_array_equal(np.asarray(result.weights["q_proj"][1]) != 0, expected)
+
+
+def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, monkeypatch):
+  model, calibration, heldout = tiny
+  settings = PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL)
+  whole = prune_model(model, settings, calibration, heldout)
+  calls = []
+  real = pipeline.prune_qk
+
+  def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "prune_qk", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  monkeypatch.setattr(pipeline, "prune_qk", real)
+  resumed = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  for name in ("q_proj", "k_proj"):
+    np.testing.assert_array_equal(resumed.weights[name], whole.weights[name])
+  strip = lambda records: [{k: v for k, v in r.items() if k != "prune_time_s"} for r in records]
+  assert strip(resumed.layers) == strip(whole.layers)
+  with pytest.raises(ValueError, match="other settings"):
+    prune_model(model, PruneSettings("wanda", 0.5, None, (0, 1, 2)), calibration, heldout,
+                checkpoint_dir=tmp_path)
+
+
+def test_settings_are_checked():
+  with pytest.raises(ValueError, match="method must be one of"):
+    PruneSettings("random", 0.5, None, (0,))
+  with pytest.raises(ValueError, match="layers must be distinct"):
+    PruneSettings("wanda", 0.5, None, (2, 1))
+  with pytest.raises(ValueError, match="sparsity must be in"):
+    PruneSettings("wanda", 1.5, None, (0,))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+  """A tiny random model with the real tokenizer, saved as a Hugging Face folder."""
+  from attnprune_jax.models import model_path
+  _, _, tokenizer = read_gguf(model_path("smollm2"))
+  config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=24,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                       rope_base=10000.0, rms_eps=1e-5)
+  model = Llama.random(config, jax.random.key(1), scale=0.3)
+  folder = tmp_path_factory.mktemp("tiny") / "model"
+  huggingface.write_folder(folder, config, model.weights(), tokenizer)
+  return folder
+
+
+SMALL_DATA = ["--calib-seqs", "2", "--calib-len", "16", "--heldout-seqs", "1", "--eval-tokens",
+              "64"]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("wanda", ["--sparsity", "0.5"]),
+    ("attn-progressive", ["--pattern", "2:4", "--rounds", "2", "--steps-per-round", "2",
+                          "--windows-per-step", "1"])])
+def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, method, extra):
+  out = tmp_path / "run"
+  argv = ["prune", "--model", str(tiny_folder), "--method", method, *extra, *SMALL_DATA,
+          "--out", str(out), "--save-weights", "--quiet"]
+  assert cli.main(argv) == 0
+  row = json.loads((out / "results.json").read_text())
+  assert row["kind"] == "prune" and row["method"] == method
+  assert row["sparsity"] == 0.5 and row["pattern"] == ("2:4" if "--pattern" in extra
+                                                       else "unstructured")
+  assert set(row["attention_error_per_layer"]) == {"0", "1"}
+  assert row["attention_error_mean"] > 0 and row["kept_fraction"] == 0.5
+  assert row["provenance"]["git_commit"] is not None and row["prune_time_s"] > 0
+  saved = models.load(out / "model")
+  evaluation = qk_pruning.windows(saved, qk_pruning.DataConfig(
+      calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64))["evaluation"]
+  assert evaluate.perplexity(saved, evaluation)["perplexity"] == pytest.approx(
+      row["perplexity"], rel=1e-6)
+  dense = models.load(tiny_folder)
+  assert not jnp.allclose(saved.weights()["q_proj"], dense.weights()["q_proj"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "wanda"], "exactly one of --sparsity"),
+    (["--method", "wanda", "--sparsity", "0.5", "--pattern", "2:4"], "exactly one of"),
+    (["--method", "wanda", "--pattern", "2-4"], "--pattern must look like 2:4"),
+    (["--method", "wanda", "--sparsity", "0.5", "--lr", "0.1"], "applies only to"),
+    (["--method", "wanda", "--sparsity", "0.5", "--layers", "0-40"], "layers must lie in"),
+    (["--method", "wanda", "--sparsity", "0.5", "--calib-len", "1"], "--calib-len must be"),
+    (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
+])
+def test_prune_cli_errors(tiny_folder, tmp_path, capsys, argv, message):
+  assert cli.main(["prune", "--model", str(tiny_folder), *SMALL_DATA, *argv,
+                   "--out", str(tmp_path / "x"), "--quiet"]) == 2
+  assert message in capsys.readouterr().err
