@@ -1,6 +1,8 @@
 # make setup: create .venv and install everything pinned (idempotent; instant when done).
 # make test:  setup + the whole default test suite.
-# make demo:  setup + the main job on the embedded default.
+# make demo:  setup + the main job on the embedded default: a synthetic head, then the real
+#             model's q/k pruned in three layers by Wanda, SparseGPT and the attention-aware
+#             methods (a few minutes on 2 cores).
 # make bench: setup + the benchmark scripts.
 
 PYTHON ?= python3
@@ -25,6 +27,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/attnprune demo
+	$(VENV)/bin/attnprune reproduce --quick
 
 bench: setup
 	$(PY) benchmarks/solver_flops.py

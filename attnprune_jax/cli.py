@@ -227,27 +227,45 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
 
 
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
-  parser.add_argument("--results", default="results/qk_pruning.json",
-                      help="the table of rows (resumable row by row)")
-  parser.add_argument("--work", default="out/reproduce", help="layer checkpoints of the rows")
+  size = parser.add_mutually_exclusive_group()
+  size.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
+  size.add_argument("--quick", action="store_true",
+                    help="layers 5, 15, 25 at 0.7, four methods, 4k evaluation tokens: a few "
+                         "minutes (make demo)")
+  parser.add_argument("--results", help="the table of rows, resumable row by row (default "
+                      "results/qk_pruning.json; out/quick/qk_pruning.json with --quick)")
+  parser.add_argument("--work", help="layer checkpoints of the rows (default out/reproduce; "
+                      "out/quick with --quick)")
   parser.add_argument("--methods", nargs="+", help="a subset of the methods")
-  parser.add_argument("--figures", metavar="DIR", default="figures/real",
-                      help="where the figures go")
+  parser.add_argument("--figures", metavar="DIR",
+                      help="where the figures go (default figures/real; none with --quick)")
 
 
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import models
   from attnprune_jax.methods import METHODS
   from experiments import qk_pruning
-  methods = tuple(args.methods or qk_pruning.REPRODUCE_METHODS)
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown:
-    raise ValueError(f"--methods must be among {METHODS}, got {unknown}")
+  grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
+      qk_pruning.ReproduceConfig()
+  if args.methods:
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+      raise ValueError(f"--methods must be among {METHODS}, got {unknown}")
+    grid = dataclasses.replace(grid, methods=tuple(args.methods))
+  results = Path(args.results or ("out/quick/qk_pruning.json" if args.quick
+                                  else "results/qk_pruning.json"))
+  work = Path(args.work or ("out/quick" if args.quick else "out/reproduce"))
+  figures = args.figures or (None if args.quick else "figures/real")
   model = models.load("smollm2")
-  rows = qk_pruning.reproduce(model, Path(args.results), Path(args.work), full=args.full,
-                              methods=methods, reporter=reporter)
-  return {"rows": len(rows), "results": args.results}, None
+  rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
+  reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
+                 [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
+                   row["attention_error_mean"], row["prune_time_s"]] for row in rows])
+  paths = []
+  if figures:
+    paths = qk_pruning.plot(rows, Path(figures), model=model, work=work, config=grid.data)
+    reporter.info("figures: " + ", ".join(str(path) for path in paths))
+  return {"rows": rows, "results": str(results), "figures": [str(p) for p in paths]}, None
 
 
 COMMANDS: tuple[Command, ...] = (

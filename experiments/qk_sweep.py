@@ -33,10 +33,11 @@ def variants(method: str) -> dict:
   """The configurations tried for one method: the default and one-setting changes of it."""
   base = DEFAULTS[method]
   changes = {"default": {}, "lr 3e-2": {"lr": 3e-2}, "lam 1e-3": {"lam": 1e-3},
+             "lam 1e-2": {"lam": 1e-2}, "lam 0": {"lam": 0.0},
              "windows/step 2": {"windows_per_step": 2}, "steps/round 6": {"steps_per_round": 6},
              "rounds 4": {"rounds": 4}}
   if method == "attn":
-    changes = {"default": {}, "lam 1e-4": {"lam": 1e-4}, "lam 1e-2": {"lam": 1e-2},
+    changes = {"default": {}, "lam 1e-4": {"lam": 1e-4}, "lam 1e-3": {"lam": 1e-3},
                "lr 3e-2": {"lr": 3e-2}, "steps 50": {"steps": 50}}
   if method == "attn-reweight":
     changes = {"default": {}, "reweight steps 10": {"reweight_steps": 10},

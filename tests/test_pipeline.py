@@ -15,6 +15,7 @@ from attnprune_jax.models import huggingface
 from attnprune_jax.models.gguf import read_gguf
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
+from attnprune_jax.reporting import Reporter
 from experiments import qk_pruning
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
@@ -164,3 +165,32 @@ def test_prune_cli_errors(tiny_folder, tmp_path, capsys, argv, message):
   assert cli.main(["prune", "--model", str(tiny_folder), *SMALL_DATA, *argv,
                    "--out", str(tmp_path / "x"), "--quiet"]) == 2
   assert message in capsys.readouterr().err
+
+
+def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monkeypatch):
+  model = models.load(tiny_folder)
+  grid = qk_pruning.ReproduceConfig(
+      sparsities=("0.5", "2:4"), methods=("wanda", "magnitude"), layers=(0, 1),
+      data=qk_pruning.DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64))
+  results = tmp_path / "results.json"
+  rows = qk_pruning.reproduce(model, results, tmp_path / "work", grid, reporter=Reporter(
+      quiet=True))
+  assert [(r["method"], r["pattern"], r["sparsity"]) for r in rows] == [
+      ("dense", "dense", 0.0), ("wanda", "unstructured", 0.5),
+      ("magnitude", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("magnitude", "2:4", 0.5)]
+  assert all(r["provenance"]["git_commit"] for r in rows)
+  stored = json.loads(results.read_text())
+  assert stored["kind"] == "qk-pruning" and len(stored["rows"]) == 5
+
+  def fail(*args, **kwargs):
+    raise AssertionError("a finished row was recomputed")
+
+  monkeypatch.setattr(qk_pruning, "prune_row", fail)
+  monkeypatch.setattr(qk_pruning, "dense_row", fail)
+  again = qk_pruning.reproduce(model, results, tmp_path / "work", grid,
+                               reporter=Reporter(quiet=True))
+  assert again == rows
+  paths = qk_pruning.plot(rows, tmp_path / "figures")
+  assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
+                                     "prune_time.png"]
+  assert all(p.stat().st_size > 10_000 for p in paths)
