@@ -121,7 +121,10 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
   try:
     for part in text.split(","):
       first, _, last = part.partition("-")
-      layers.update(range(int(first), int(last or first) + 1))
+      first, last = int(first), int(last or first)
+      if last < first:
+        raise ValueError
+      layers.update(range(first, last + 1))
   except ValueError:
     raise ValueError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
   if not layers or min(layers) < 0 or max(layers) >= num_layers:
@@ -189,6 +192,8 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
     raise ValueError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
   if args.pattern is not None:
     try:
+      if ":" not in args.pattern:
+        raise ValueError
       sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
     except ValueError:
       raise ValueError(f"--pattern must look like 2:4, got {args.pattern!r}") from None
@@ -205,6 +210,9 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
                      f"attention-aware methods, not to {args.method}")
   else:
     solver = None
+  if solver is not None and data_config.calib_seqs % solver.windows_per_step:
+    raise ValueError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
+                     f"({data_config.calib_seqs})")
   out = Path(args.out)
   if args.save_weights and (out / "model").exists():
     raise ValueError(f"--save-weights: {out / 'model'} exists already; remove it or choose "

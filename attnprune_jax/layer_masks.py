@@ -20,7 +20,6 @@ all of them (a full batch when it equals their count). All settings are our choi
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -50,6 +49,8 @@ class MaskSolverConfig:
     rounds: prune steps of the progressive methods.
     steps_per_round: optimizer steps before each prune step.
     reweight_steps: extra steps on the final support ("attn-reweight" only).
+    reweight_lam: λ during those extra steps. The L2 term pulls the kept values towards 0,
+      which shrinks the attention logits: 0 by default (our choice, see paper_repro.md).
     windows_per_step: calibration windows per optimizer step (must divide their count).
   """
   optimizer: str = "adam"
@@ -59,6 +60,7 @@ class MaskSolverConfig:
   rounds: int = 8
   steps_per_round: int = 12
   reweight_steps: int = 40
+  reweight_lam: float = 0.0
   windows_per_step: int = 2
 
   def __post_init__(self):
@@ -66,6 +68,7 @@ class MaskSolverConfig:
       raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
     validation.check_scalar("lr", self.lr, minimum=0.0, strict=True)
     validation.check_scalar("lam", self.lam, minimum=0.0)
+    validation.check_scalar("reweight_lam", self.reweight_lam, minimum=0.0)
     for name in ("steps", "rounds", "steps_per_round", "reweight_steps", "windows_per_step"):
       validation.check_positive_int(name, getattr(self, name))
 
@@ -153,6 +156,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   else:
     schedule = prune_schedule(sparsity, n_m, config.rounds)
   return _solve_layer(q_proj, k_proj, x, jnp.asarray(config.lam, x.dtype),
+                      jnp.asarray(config.reweight_lam, x.dtype),
                       jnp.asarray(config.lr, x.dtype), method=method, schedule=schedule,
                       optimizer=config.optimizer, steps=config.steps,
                       steps_per_round=config.steps_per_round,
@@ -164,7 +168,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
 @functools.partial(jax.jit, static_argnames=(
     "method", "schedule", "optimizer", "steps", "steps_per_round", "reweight_steps",
     "windows_per_step", "num_kv_heads", "head_dim", "rope_base"))
-def _solve_layer(q_proj, k_proj, x, lam, lr, *, method, schedule, optimizer, steps,
+def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, optimizer, steps,
                  steps_per_round, reweight_steps, windows_per_step, num_kv_heads, head_dim,
                  rope_base) -> LayerPruning:
   q_groups, k_groups = kv_groups(q_proj, k_proj, num_kv_heads)
@@ -178,7 +182,7 @@ def _solve_layer(q_proj, k_proj, x, lam, lr, *, method, schedule, optimizer, ste
       in_axes=(0, 0, 0, None, 0, None))
   batches = x.shape[0] // windows_per_step
 
-  def loss_and_grad(masks, step):
+  def loss_and_grad(masks, step, lam=lam):
     start = (step % batches) * windows_per_step
     x_batch = jax.lax.dynamic_slice_in_dim(x, start, windows_per_step, axis=0)
     target_batch = jax.lax.dynamic_slice_in_dim(target, start, windows_per_step, axis=1)
@@ -201,12 +205,15 @@ def _solve_layer(q_proj, k_proj, x, lam, lr, *, method, schedule, optimizer, ste
     masks, _, loss, _ = minimize(loss_and_grad, ones, optimizer=opt, steps=steps)
     keep = prune(masks, jax.tree.map(lambda w: jnp.ones(w.shape, bool), weights), schedule[0])
   else:
-    keep, masks, opt_state, loss = prune_progressively(
+    keep, masks, _, loss = prune_progressively(
         loss_and_grad, ones, optimizer=opt, steps=steps_per_round, schedule=schedule,
         prune=prune)
     if method == "attn-reweight":
-      masks, _, extra, _ = minimize(loss_and_grad, masks, optimizer=opt, steps=reweight_steps,
-                                    keep=keep, opt_state=opt_state,
+      # Re-weighting starts from the binary mask (the dense values on the support), not from
+      # the progressive rounds' values, which the L2 term has shrunk.
+      start = jax.tree.map(lambda k: k.astype(x.dtype), keep)
+      masks, _, extra, _ = minimize(functools.partial(loss_and_grad, lam=reweight_lam), start,
+                                    optimizer=opt, steps=reweight_steps, keep=keep,
                                     first_step=len(schedule) * steps_per_round)
       loss = jnp.concatenate([loss, extra])
   if method == "attn-reweight":

@@ -40,8 +40,9 @@ def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
   return mask, w, x
 
 
-def loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
-                  target: Float[Array, "b n n"], lam, causal: bool):
+def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
+                         x: Float[Array, "b n d"], target: Float[Array, "b n n"], lam,
+                         causal: bool):
   """L(M) and the closed-form ∇L(M), given the dense attention `target` = f(W). No checks."""
   f = softmax_attention(x, mask * w, causal=causal)
   gap = f - target
@@ -97,7 +98,7 @@ def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
   target = softmax_attention(x, w, causal=causal)
-  return loss_and_grad(mask, w, x, target, lam, causal)[1]
+  return merged_loss_and_grad(mask, w, x, target, lam, causal)[1]
 
 
 # Factored form: masks on a real layer's q_proj and k_proj (DESIGN.md §2, "Real models").

@@ -15,6 +15,7 @@ The model itself is never modified: the result holds replacement weights for `Ll
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -27,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax import validation
-from attnprune_jax.layer_masks import MaskSolverConfig
+from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.methods import METHODS, prune_qk
-from attnprune_jax.models.llama import Llama, LlamaConfig, decoder_layer, layer_weights
+from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, decoder_layer,
+                                        layer_weights)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 
@@ -45,7 +47,8 @@ class PruneSettings:
     sparsity: fraction of q/k entries removed per output row, in [0, 1) (n/m for N:M).
     n_m: (n, m) structure along the input axis, or None for unstructured.
     layers: indices of the layers to prune (in increasing order).
-    solver: settings of the attention-aware methods; None for their defaults (baselines: None).
+    solver: settings of the attention-aware methods; None stands for `layer_masks.DEFAULTS`
+      of the method and is replaced by them (baselines: None).
   """
   method: str
   sparsity: float
@@ -56,6 +59,9 @@ class PruneSettings:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+    if self.solver is None and self.method in DEFAULTS:
+      # Record the settings actually used, so results and checkpoints say what ran.
+      object.__setattr__(self, "solver", DEFAULTS[self.method])
     validation.check_sparsity(self.sparsity)
     if list(self.layers) != sorted(set(self.layers)) or not self.layers:
       raise ValueError(f"layers must be distinct indices in increasing order, got {self.layers}")
@@ -73,7 +79,9 @@ class PrunedModel(NamedTuple):
     weights: replacements {"q_proj": (layers, ·, d), "k_proj": ...} for `Llama.weights`.
     layers: one record per layer, in order: {"layer", "pruned", "attention_error",
       "attention_error_end_to_end", "prune_time_s", "kept_q", "kept_k", "loss_first",
-      "loss_last"} (the last five only for pruned layers).
+      "loss_last"} (the last five only for pruned layers; the losses are the solver's
+      minibatch losses at its first and last optimizer step, None for the baselines;
+      prune_time_s includes compilation, which falls on the first pruned layer).
   """
   weights: dict
   layers: list[dict]
@@ -85,24 +93,35 @@ def _embed(weights: dict, tokens):
 
 
 _run_layer = jax.jit(decoder_layer, static_argnames="config")
+_attention_input = jax.jit(attention_input, static_argnames="config")
 
 
 _attention_error = jax.jit(layer_attention_error, static_argnames=("head_dim", "rope_base"))
 
 
-def _write_checkpoint(folder: Path, settings: PruneSettings, weights: dict, records: list):
+def fingerprint(*arrays) -> str:
+  """A SHA-256 of arrays' shapes, dtypes and bytes: what a checkpoint was computed from."""
+  digest = hashlib.sha256()
+  for array in arrays:
+    array = np.ascontiguousarray(np.asarray(array))
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _write_checkpoint(folder: Path, key: dict, weights: dict, records: list):
   """Saves the pruned q/k so far and the per-layer records in one atomic file."""
   folder.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{CHECKPOINT}.", suffix=".tmp",
                                    delete=False) as handle:
     np.savez(handle, q_proj=np.asarray(weights["q_proj"]), k_proj=np.asarray(weights["k_proj"]),
-             state=np.asarray(json.dumps({"settings": settings.to_json(), "layers": records})))
+             state=np.asarray(json.dumps({"key": key, "layers": records})))
     handle.flush()
     os.fsync(handle.fileno())
   os.replace(handle.name, folder / CHECKPOINT)
 
 
-def _read_checkpoint(folder: Path, settings: PruneSettings, reporter: Reporter):
+def _read_checkpoint(folder: Path, key: dict, reporter: Reporter):
   """(weights, records) of a finished prefix of layers, or None to start afresh."""
   path = folder / CHECKPOINT
   if not path.is_file():
@@ -114,9 +133,9 @@ def _read_checkpoint(folder: Path, settings: PruneSettings, reporter: Reporter):
   except (OSError, ValueError, KeyError) as err:
     reporter.info(f"ignoring the unreadable checkpoint {path}: {err}")
     return None
-  if state["settings"] != settings.to_json():
-    raise ValueError(f"the checkpoint {path} was made with other settings "
-                     f"({state['settings']}); use another output folder or delete it")
+  if state.get("key") != key:
+    raise ValueError(f"the checkpoint {path} was made with other settings, calibration data or "
+                     f"model ({state.get('key')}); use another output folder or delete it")
   return weights, state["layers"]
 
 
@@ -143,8 +162,12 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   weights = {"q_proj": dense["q_proj"], "k_proj": dense["k_proj"]}
   records: list[dict] = []
   folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+  # A checkpoint is reused only for the same settings, windows and dense model.
+  key = {"settings": settings.to_json(),
+         "data": fingerprint(calibration, heldout),
+         "model": fingerprint(*(dense[name] for name in sorted(dense)))}
   if folder is not None:
-    resumed = _read_checkpoint(folder, settings, reporter)
+    resumed = _read_checkpoint(folder, key, reporter)
     if resumed is not None:
       weights, records = resumed
       reporter.info(f"resuming after layer {len(records) - 1} from {folder / CHECKPOINT}")
@@ -159,12 +182,16 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     done = index < len(records)
     record = records[index] if done else {"layer": index, "pruned": index in settings.layers}
     if record["pruned"] and not done:
-      _, x, _ = _run_layer(hidden, layer, config)
+      x = _attention_input(hidden, layer, config)
       start = time.perf_counter()
       result = prune_qk(settings.method, layer["q_proj"], layer["k_proj"], x,
                         sparsity=settings.sparsity, n_m=settings.n_m, config=config,
                         solver=settings.solver)
       jax.block_until_ready(result.q_proj)
+      if not all(bool(jnp.isfinite(a).all()) for a in (result.q_proj, result.k_proj, result.loss)):
+        raise ValueError(f"{settings.method} produced NaN or Inf weights or losses in layer "
+                         f"{index} (a step size too large for the solver settings "
+                         f"{settings.solver}?); nothing was written for this layer")
       record |= {"prune_time_s": time.perf_counter() - start,
                  "kept_q": float(np.mean(result.keep_q)), "kept_k": float(np.mean(result.keep_k)),
                  "loss_first": float(result.loss[0]) if result.loss.size else None,
@@ -184,6 +211,6 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
                      jnp.sum((heldout_probs - dense_probs)**2, axis=(-3, -2, -1))))}
       records.append(record)
       if folder is not None and record["pruned"]:
-        _write_checkpoint(folder, settings, weights, records)
+        _write_checkpoint(folder, key, weights, records)
     heldout_hidden = new_heldout
   return PrunedModel(weights, records)

@@ -19,8 +19,7 @@ import optax
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_inputs
-from attnprune_jax.objective import loss_and_grad as loss_and_grad_merged
+from attnprune_jax.objective import check_inputs, merged_loss_and_grad
 
 
 class MaskSolution(NamedTuple):
@@ -157,7 +156,7 @@ def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
 
   def loss_and_grad(mask, step):
     del step
-    return loss_and_grad_merged(mask, w, x, target, lam, causal)
+    return merged_loss_and_grad(mask, w, x, target, lam, causal)
 
   mask, _, loss, grad_norm = minimize(loss_and_grad, mask, optimizer=optimizer, steps=steps)
   return MaskSolution(mask, loss, grad_norm)
@@ -219,7 +218,7 @@ def _solve_progressive(w, x, lam, lr, *, schedule, steps, causal) -> Progressive
 
   def loss_and_grad(mask, step):
     del step
-    return loss_and_grad_merged(mask, w, x, target, lam, causal)
+    return merged_loss_and_grad(mask, w, x, target, lam, causal)
 
   def prune(mask, keep, sparsity):
     # Scores are >= 0, so entries already pruned (score −1) are never chosen again.

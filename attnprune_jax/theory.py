@@ -25,7 +25,7 @@ import numpy as np
 
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
-from attnprune_jax.objective import check_inputs, check_problem, loss_and_grad
+from attnprune_jax.objective import check_inputs, check_problem, merged_loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
 SOFTMAX_ROW_GRADIENT = math.sqrt(2) / 2  # bound on ‖∇_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -139,7 +139,7 @@ def _power_iteration(mask, w, x, lam, key, *, causal, iters):
   target = softmax_attention(x, w, causal=causal)
 
   def hvp(v):
-    grad = lambda m: loss_and_grad(m, w, x, target, lam, causal)[1]
+    grad = lambda m: merged_loss_and_grad(m, w, x, target, lam, causal)[1]
     return jax.jvp(grad, (mask,), (v,))[1]
 
   def step(v, _):

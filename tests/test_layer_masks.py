@@ -50,12 +50,14 @@ def group_loss(config, masks, weights, x, lam):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_layer_attention_is_the_models_own(name):
-  config, _, _, weights, captured = layer_problem(name)
+def test_layer_attention_matches_a_numpy_llama_head_by_head(name):
+  config, _, tokens, weights, captured = layer_problem(name)
   x = captured["attention_inputs"][1]
   probs = layer_attention(x, weights["q_proj"][1], weights["k_proj"][1],
                           head_dim=config.head_dim, rope_base=config.rope_base)
-  np.testing.assert_allclose(probs, captured["attention"][1], rtol=1e-12, atol=1e-15)
+  for window, window_probs in zip(tokens, probs):
+    _, _, expected = reference_numpy.llama_forward(weights, window, config)
+    np.testing.assert_allclose(window_probs, expected[1], rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -178,3 +180,23 @@ def test_bad_inputs_name_the_argument():
     MaskSolverConfig(optimizer="lbfgs")
   with pytest.raises(ValueError, match="lr must be > 0"):
     MaskSolverConfig(lr=0.0)
+
+
+def test_reweighting_starts_from_the_binary_mask_not_the_shrunk_values():
+  config, _, _, weights, captured = layer_problem("gqa", seed=4)
+  x = captured["attention_inputs"][1]
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
+  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  # λ shrinks the masks during the progressive rounds; re-weighting restarts from 1 on the
+  # support, so after one Adam step (size about lr) the values are still near the dense ones.
+  solver = MaskSolverConfig(lam=0.5, lr=0.05, rounds=2, steps_per_round=5, reweight_steps=1,
+                            windows_per_step=1)
+  progressive = solve_layer(q, k, x, method="attn-progressive", sparsity=0.5, config=solver,
+                            **layout)
+  reweighted = solve_layer(q, k, x, method="attn-reweight", sparsity=0.5, config=solver,
+                           **layout)
+  np.testing.assert_array_equal(reweighted.keep_q, progressive.keep_q)
+  keep = np.asarray(reweighted.keep_q)
+  ratio = np.asarray(reweighted.q_proj)[keep] / np.asarray(q)[keep]
+  # One Adam step moves each value by at most about lr from 1.
+  assert np.all(np.abs(ratio - 1) <= 0.05 * 1.01)

@@ -95,9 +95,28 @@ def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, mo
     np.testing.assert_array_equal(resumed.weights[name], whole.weights[name])
   strip = lambda records: [{k: v for k, v in r.items() if k != "prune_time_s"} for r in records]
   assert strip(resumed.layers) == strip(whole.layers)
-  with pytest.raises(ValueError, match="other settings"):
-    prune_model(model, PruneSettings("wanda", 0.5, None, (0, 1, 2)), calibration, heldout,
-                checkpoint_dir=tmp_path)
+  for other in [dict(settings=PruneSettings("wanda", 0.5, None, (0, 1, 2))),
+                dict(calibration=calibration[:, ::-1]), dict(heldout=heldout[::-1]),
+                dict(model=Llama.random(CONFIG, jax.random.key(9), scale=0.5))]:
+    arguments = dict(model=model, settings=settings, calibration=calibration,
+                     heldout=heldout) | other
+    with pytest.raises(ValueError, match="other settings, calibration data or model"):
+      prune_model(**arguments, checkpoint_dir=tmp_path)
+
+
+def test_non_finite_solver_output_is_an_error_naming_the_layer(tiny):
+  model, calibration, heldout = tiny
+  diverging = MaskSolverConfig(optimizer="sgd", lr=1e30, rounds=2, steps_per_round=3,
+                               windows_per_step=1)
+  with pytest.raises(ValueError, match="NaN or Inf weights or losses in layer 0"):
+    prune_model(model, PruneSettings("attn-reweight", 0.5, None, (0,), diverging), calibration,
+                heldout)
+
+
+def test_default_solver_settings_are_recorded():
+  settings = PruneSettings("attn-progressive", 0.5, None, (0,))
+  assert settings.to_json()["solver"]["lam"] == 3e-3
+  assert PruneSettings("wanda", 0.5, None, (0,)).to_json()["solver"] is None
 
 
 def test_settings_are_checked():
@@ -158,6 +177,9 @@ def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, me
     (["--method", "wanda", "--pattern", "2-4"], "--pattern must look like 2:4"),
     (["--method", "wanda", "--sparsity", "0.5", "--lr", "0.1"], "applies only to"),
     (["--method", "wanda", "--sparsity", "0.5", "--layers", "0-40"], "layers must lie in"),
+    (["--method", "wanda", "--sparsity", "0.5", "--layers", "1-0"], "layers must look like"),
+    (["--method", "wanda", "--pattern", "0.5"], "--pattern must look like 2:4"),
+    (["--method", "attn", "--sparsity", "0.5", "--windows-per-step", "3"], "must divide"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-len", "1"], "--calib-len must be"),
     (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
 ])
