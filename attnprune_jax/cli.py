@@ -247,6 +247,9 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--methods", nargs="+", help="a subset of the methods")
   parser.add_argument("--figures", metavar="DIR",
                       help="where the figures go (default figures/real; none with --quick)")
+  parser.add_argument("--report-only", action="store_true",
+                      help="run no row: rewrite the Markdown tables and figures from the rows "
+                           "stored in --results")
 
 
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
@@ -265,7 +268,13 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   work = Path(args.work or ("out/quick" if args.quick else "out/reproduce"))
   figures = args.figures or (None if args.quick else "figures/real")
   model = models.load("smollm2")
-  rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
+  if args.report_only:
+    if not results.is_file():
+      raise ValueError(f"--report-only needs stored rows; {results} does not exist")
+    rows = json.loads(results.read_text())["rows"]
+    results.with_suffix(".md").write_text(qk_pruning.markdown_tables(rows))
+  else:
+    rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
   reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
                  [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
                    row["attention_error_mean"], row["prune_time_s"]] for row in rows])
