@@ -203,6 +203,9 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   assert all(r["provenance"]["git_commit"] for r in rows)
   stored = json.loads(results.read_text())
   assert stored["kind"] == "qk-pruning" and len(stored["rows"]) == 5
+  tables = results.with_suffix(".md").read_text()
+  wanda_05 = rows[1]["perplexity"]
+  assert f"| `wanda` | {wanda_05:.2f} (+{wanda_05 - rows[0]['perplexity']:.2f})" in tables
 
   def fail(*args, **kwargs):
     raise AssertionError("a finished row was recomputed")
