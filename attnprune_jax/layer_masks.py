@@ -205,7 +205,7 @@ def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, 
     masks, _, loss, _ = minimize(loss_and_grad, ones, optimizer=opt, steps=steps)
     keep = prune(masks, jax.tree.map(lambda w: jnp.ones(w.shape, bool), weights), schedule[0])
   else:
-    keep, masks, _, loss = prune_progressively(
+    keep, masks, loss = prune_progressively(
         loss_and_grad, ones, optimizer=opt, steps=steps_per_round, schedule=schedule,
         prune=prune)
     if method == "attn-reweight":

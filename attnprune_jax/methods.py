@@ -7,6 +7,8 @@ together against the layer's attention matrices. Methods are pure functions of w
 inputs: they know nothing of models or pipelines.
 """
 
+import jax.numpy as jnp
+
 from attnprune_jax.baselines import BASELINES, input_stats
 from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
 from attnprune_jax.layer_masks import LayerPruning, MaskSolverConfig, solve_layer
@@ -47,4 +49,4 @@ def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
   new_q, keep_q = baseline.prune(q_proj, stats, sparsity, n_m)
   new_k, keep_k = baseline.prune(k_proj, stats, sparsity, n_m)
   return LayerPruning(new_q.astype(q_proj.dtype), new_k.astype(k_proj.dtype), keep_q, keep_k,
-                      x[:0, 0, 0])
+                      jnp.zeros((0,), x.dtype))

@@ -203,10 +203,11 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config)
     dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config)
     if not done:
-      local = _attention_error(pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"],
-                               layer["k_proj"], heldout_inputs, head_dim=config.head_dim,
-                               rope_base=config.rope_base)
-      record |= {"attention_error": float(jnp.mean(local)),
+      # An unpruned layer keeps its dense q/k: its local error is 0 by definition.
+      local = 0.0 if not record["pruned"] else float(jnp.mean(_attention_error(
+          pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"], layer["k_proj"],
+          heldout_inputs, head_dim=config.head_dim, rope_base=config.rope_base)))
+      record |= {"attention_error": local,
                  "attention_error_end_to_end": float(jnp.mean(
                      jnp.sum((heldout_probs - dense_probs)**2, axis=(-3, -2, -1))))}
       records.append(record)

@@ -136,7 +136,7 @@ def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTrans
   entries are set to 0. The optimizer's state carries over from round to round.
 
   Returns:
-    (keep, params, opt_state, loss (len(schedule)·steps,)).
+    (keep, params, loss (len(schedule)·steps,)).
   """
   keep = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
   opt_state, losses = optimizer.init(params), []
@@ -148,7 +148,7 @@ def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTrans
       keep = prune(params, keep, target)
       params = jax.tree.map(lambda k, p: jnp.where(k, p, 0), keep, params)
     losses.append(loss)
-  return keep, params, opt_state, jnp.concatenate(losses)
+  return keep, params, jnp.concatenate(losses)
 
 
 def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
@@ -224,7 +224,7 @@ def _solve_progressive(w, x, lam, lr, *, schedule, steps, causal) -> Progressive
     # Scores are >= 0, so entries already pruned (score −1) are never chosen again.
     return binarize(jnp.where(keep, jnp.abs(mask * w) * activation, -1.0), sparsity)
 
-  keep, mask, _, loss = prune_progressively(loss_and_grad, jnp.ones_like(w),
-                                            optimizer=optax.sgd(lr), steps=steps,
-                                            schedule=schedule, prune=prune)
+  keep, mask, loss = prune_progressively(loss_and_grad, jnp.ones_like(w),
+                                         optimizer=optax.sgd(lr), steps=steps,
+                                         schedule=schedule, prune=prune)
   return ProgressiveSolution(keep, mask, loss)

@@ -17,16 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import data, models
+from attnprune_jax import models
 from attnprune_jax.baselines import BASELINES, input_stats
 from attnprune_jax.layer_masks import DEFAULTS, solve_layer
 from attnprune_jax.models.llama import forward, layer_weights
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import provenance, result_document, write_json_atomic
+from experiments import qk_pruning
 
 LAYERS = (5, 15, 25)
-CALIBRATION_WINDOWS, HELDOUT_WINDOWS, CTX = 8, 4, 512
 
 
 def variants(method: str) -> dict:
@@ -34,7 +34,7 @@ def variants(method: str) -> dict:
   base = DEFAULTS[method]
   changes = {"default": {}, "lr 3e-2": {"lr": 3e-2}, "lam 1e-3": {"lam": 1e-3},
              "lam 1e-2": {"lam": 1e-2}, "lam 0": {"lam": 0.0},
-             "windows/step 2": {"windows_per_step": 2}, "steps/round 6": {"steps_per_round": 6},
+             "windows/step 4": {"windows_per_step": 4}, "steps/round 6": {"steps_per_round": 6},
              "rounds 4": {"rounds": 4}}
   if method == "attn":
     changes = {"default": {}, "lam 1e-4": {"lam": 1e-4}, "lam 1e-3": {"lam": 1e-3},
@@ -50,16 +50,18 @@ def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
   time_s}."""
   model = models.load("smollm2")
   config = model.config
-  windows = data.calibration_windows(model.tokenizer, count=CALIBRATION_WINDOWS + HELDOUT_WINDOWS,
-                                     ctx=CTX)
-  _, captured = forward(model.weights(), jnp.asarray(windows), config,
+  # The same calibration and held-out Emma windows as a default `reproduce` row.
+  token_windows = qk_pruning.windows(model, qk_pruning.DataConfig())
+  calibration = len(token_windows["calibration"])
+  tokens = np.concatenate([token_windows["calibration"], token_windows["heldout"]])
+  _, captured = forward(model.weights(), jnp.asarray(tokens), config,
                         return_attention_inputs=True)
   inputs = captured["attention_inputs"]
   layout = dict(num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                 rope_base=config.rope_base)
   rows = []
   for layer in layers:
-    x, heldout = inputs[layer, :CALIBRATION_WINDOWS], inputs[layer, CALIBRATION_WINDOWS:]
+    x, heldout = inputs[layer, :calibration], inputs[layer, calibration:]
     weights = layer_weights(model.weights(), layer)
     q, k = weights["q_proj"], weights["k_proj"]
     stats = input_stats(x.reshape(-1, x.shape[-1]))
