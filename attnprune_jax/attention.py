@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError
 
 
 def masked_softmax(scores: Float[Array, "... n n"], *, causal: bool) -> Float[Array, "... n n"]:
@@ -50,11 +51,11 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
   """
   x = validation.check_array("x", x)
   if x.ndim < 2:
-    raise ValueError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
+    raise InputError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
   w = validation.check_array("w", w, ndim=2)
   d = x.shape[-1]
   if w.shape != (d, d):
-    raise ValueError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
+    raise InputError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
   return softmax_attention(x, w, causal=causal)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from attnprune_jax import __version__
+from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import provenance, result_document, write_json_atomic
 
@@ -67,7 +68,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, evaluate, models
   if args.tokens < args.ctx:
-    raise ValueError(f"tokens must be at least ctx={args.ctx} (one window), got {args.tokens}")
+    raise InputError(f"tokens must be at least ctx={args.ctx} (one window), got {args.tokens}")
   start = time.perf_counter()
   model = models.load(args.model)
   load_s = time.perf_counter() - start
@@ -126,9 +127,9 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
         raise ValueError
       layers.update(range(first, last + 1))
   except ValueError:
-    raise ValueError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
+    raise InputError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
   if not layers or min(layers) < 0 or max(layers) >= num_layers:
-    raise ValueError(f"layers must lie in 0-{num_layers - 1}, got {text!r}")
+    raise InputError(f"layers must lie in 0-{num_layers - 1}, got {text!r}")
   return tuple(sorted(layers))
 
 
@@ -153,7 +154,7 @@ def _data_config(args: argparse.Namespace):
   for name in ("calib_seqs", "calib_len", "heldout_seqs", "eval_tokens"):
     value = getattr(args, name)
     if value < (2 if name == "calib_len" else 1):
-      raise ValueError(f"--{name.replace('_', '-')} must be a positive integer"
+      raise InputError(f"--{name.replace('_', '-')} must be a positive integer"
                        f"{' >= 2' if name == 'calib_len' else ''}, got {value}")
   return DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
                     heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
@@ -189,14 +190,14 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning
   if (args.sparsity is None) == (args.pattern is None):
-    raise ValueError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
+    raise InputError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
   if args.pattern is not None:
     try:
       if ":" not in args.pattern:
         raise ValueError
       sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
     except ValueError:
-      raise ValueError(f"--pattern must look like 2:4, got {args.pattern!r}") from None
+      raise InputError(f"--pattern must look like 2:4, got {args.pattern!r}") from None
   else:
     sparsity, n_m = args.sparsity, None
   data_config = _data_config(args)
@@ -206,16 +207,16 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   if args.method in DEFAULTS:
     solver = dataclasses.replace(DEFAULTS[args.method], **overrides)
   elif overrides:
-    raise ValueError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
+    raise InputError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
                      f"attention-aware methods, not to {args.method}")
   else:
     solver = None
   if solver is not None and data_config.calib_seqs % solver.windows_per_step:
-    raise ValueError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
+    raise InputError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
                      f"({data_config.calib_seqs})")
   out = Path(args.out)
   if args.save_weights and (out / "model").exists():
-    raise ValueError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
+    raise InputError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
                      "another --out")
   model = models.load(args.model)
   layers = (tuple(range(model.config.num_layers)) if args.layers is None
@@ -261,7 +262,7 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   if args.methods:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
-      raise ValueError(f"--methods must be among {METHODS}, got {unknown}")
+      raise InputError(f"--methods must be among {METHODS}, got {unknown}")
     grid = dataclasses.replace(grid, methods=tuple(args.methods))
   results = Path(args.results or ("out/quick/qk_pruning.json" if args.quick
                                   else "results/qk_pruning.json"))
@@ -270,7 +271,7 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   model = models.load("smollm2")
   if args.report_only:
     if not results.is_file():
-      raise ValueError(f"--report-only needs stored rows; {results} does not exist")
+      raise InputError(f"--report-only needs stored rows; {results} does not exist")
     rows = json.loads(results.read_text())["rows"]
     results.with_suffix(".md").write_text(qk_pruning.markdown_tables(rows))
   else:
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     results, seed = command.run(args, reporter)
-  except (ValueError, TypeError, FileNotFoundError) as err:
+  except InputError as err:
     print(f"attnprune {command.name}: error: {err}", file=sys.stderr)
     return 2
   settings = {k: v for k, v in vars(args).items() if k not in ("command_spec", "json", "quiet")}

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError
 from attnprune_jax.models.llama import Llama, LlamaConfig, forward
 from attnprune_jax.reporting import Reporter
 
@@ -39,7 +40,7 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
   """
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.shape[1] < 2 or not np.issubdtype(windows.dtype, np.integer):
-    raise ValueError(f"windows must be an integer array (count, ctx >= 2), got "
+    raise InputError(f"windows must be an integer array (count, ctx >= 2), got "
                      f"{windows.dtype} {windows.shape}")
   batch_size = validation.check_positive_int("batch_size", batch_size)
   current = model.weights(weights)

@@ -29,6 +29,7 @@ import optax
 
 from attnprune_jax import validation
 from attnprune_jax.attention import layer_attention
+from attnprune_jax.errors import InputError
 from attnprune_jax.masks import binarize, check_n_m
 from attnprune_jax.objective import factored_loss, kv_groups
 from attnprune_jax.solver import cubic_schedule, minimize, prune_progressively
@@ -65,7 +66,7 @@ class MaskSolverConfig:
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+      raise InputError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
     validation.check_scalar("lr", self.lr, minimum=0.0, strict=True)
     validation.check_scalar("lam", self.lam, minimum=0.0)
     validation.check_scalar("reweight_lam", self.reweight_lam, minimum=0.0)
@@ -133,23 +134,23 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     a `LayerPruning`.
   """
   if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise InputError(f"method must be one of {METHODS}, got {method!r}")
   config = DEFAULTS[method] if config is None else config
   q_proj = validation.check_array("q_proj", q_proj, ndim=2)
   k_proj = validation.check_array("k_proj", k_proj, ndim=2)
   x = validation.check_array("x", x, ndim=3)
   d = q_proj.shape[1]
   if k_proj.shape[1] != d or x.shape[-1] != d:
-    raise ValueError(f"q_proj, k_proj and x must share the input width; got {q_proj.shape}, "
+    raise InputError(f"q_proj, k_proj and x must share the input width; got {q_proj.shape}, "
                      f"{k_proj.shape}, {x.shape}")
   if k_proj.shape[0] != num_kv_heads * head_dim or q_proj.shape[0] % k_proj.shape[0]:
-    raise ValueError(f"k_proj must have num_kv_heads·head_dim = {num_kv_heads * head_dim} rows "
+    raise InputError(f"k_proj must have num_kv_heads·head_dim = {num_kv_heads * head_dim} rows "
                      f"and divide q_proj's {q_proj.shape[0]}, got {k_proj.shape[0]}")
   sparsity = validation.check_sparsity(sparsity)
   if n_m is not None:
     n_m = check_n_m(n_m, sparsity, d)
   if x.shape[0] % config.windows_per_step:
-    raise ValueError(f"windows_per_step ({config.windows_per_step}) must divide the number of "
+    raise InputError(f"windows_per_step ({config.windows_per_step}) must divide the number of "
                      f"calibration windows ({x.shape[0]})")
   if method == "attn":
     schedule = ((sparsity, n_m),)

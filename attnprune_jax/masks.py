@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Real
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError, InputTypeError
 
 GROUPS = ("row", "matrix")
 
@@ -40,14 +41,14 @@ def check_n_m(n_m, sparsity: float, cols: int) -> tuple[int, int]:
   """Validates an (n, m) structure for rows of `cols` entries at `sparsity`; returns (n, m)."""
   if (not isinstance(n_m, (tuple, list)) or len(n_m) != 2
       or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in n_m)):
-    raise TypeError(f"n_m must be a pair of integers (n, m), got {n_m!r}")
+    raise InputTypeError(f"n_m must be a pair of integers (n, m), got {n_m!r}")
   n, m = int(n_m[0]), int(n_m[1])
   if not 0 <= n < m:
-    raise ValueError(f"n_m=(n, m) must satisfy 0 <= n < m, got {n_m!r}")
+    raise InputError(f"n_m=(n, m) must satisfy 0 <= n < m, got {n_m!r}")
   if cols % m:
-    raise ValueError(f"n_m=({n}, {m}) needs the last axis to be a multiple of {m}, got {cols}")
+    raise InputError(f"n_m=({n}, {m}) needs the last axis to be a multiple of {m}, got {cols}")
   if not math.isclose(sparsity, n / m, abs_tol=1e-9):
-    raise ValueError(
+    raise InputError(
         f"sparsity={sparsity} contradicts n_m=({n}, {m}), which prunes {n / m}; "
         f"pass sparsity={n / m}")
   return n, m
@@ -70,11 +71,11 @@ def binarize(score, sparsity: float, *, group: str = "row",
   score = validation.check_array("score", score, min_ndim=2, floating=False)
   sparsity = validation.check_sparsity(sparsity)
   if group not in GROUPS:
-    raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    raise InputError(f"group must be one of {GROUPS}, got {group!r}")
   rows, cols = score.shape[-2:]
   if n_m is not None:
     if group != "row":
-      raise ValueError(f"n_m groups run along rows; group must be 'row', got {group!r}")
+      raise InputError(f"n_m groups run along rows; group must be 'row', got {group!r}")
     n, m = check_n_m(n_m, sparsity, cols)
     grouped = score.reshape(score.shape[:-1] + (cols // m, m))
     return _keep_top(grouped, m - n).reshape(score.shape)

@@ -10,6 +10,7 @@ inputs: they know nothing of models or pipelines.
 import jax.numpy as jnp
 
 from attnprune_jax.baselines import BASELINES, input_stats
+from attnprune_jax.errors import InputError
 from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
 from attnprune_jax.layer_masks import LayerPruning, MaskSolverConfig, solve_layer
 from attnprune_jax.models.llama import LlamaConfig
@@ -41,9 +42,9 @@ def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
                        config=solver, num_kv_heads=config.num_kv_heads,
                        head_dim=config.head_dim, rope_base=config.rope_base)
   if method not in BASELINES:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise InputError(f"method must be one of {METHODS}, got {method!r}")
   if solver is not None:
-    raise ValueError(f"solver settings apply to {ATTENTION_METHODS}, not to {method!r}")
+    raise InputError(f"solver settings apply to {ATTENTION_METHODS}, not to {method!r}")
   baseline = BASELINES[method]
   stats = input_stats(x.reshape(-1, x.shape[-1]), gram=baseline.needs_gram)
   new_q, keep_q = baseline.prune(q_proj, stats, sparsity, n_m)

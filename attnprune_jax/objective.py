@@ -16,6 +16,7 @@ from jaxtyping import Array, Float
 
 from attnprune_jax import validation
 from attnprune_jax.attention import layer_attention, softmax_attention
+from attnprune_jax.errors import InputError
 
 
 def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array, jax.Array]:
@@ -23,10 +24,10 @@ def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array,
   returns them as arrays, x as (b, n, d)."""
   w = validation.check_array("w", w, ndim=w_ndim)
   if w.shape[-2] != w.shape[-1]:
-    raise ValueError(f"w must be square (d, d), got shape {tuple(w.shape)}")
+    raise InputError(f"w must be square (d, d), got shape {tuple(w.shape)}")
   x = validation.check_array("x", x, ndim=(2, 3))
   if x.shape[-1] != w.shape[-1]:
-    raise ValueError(
+    raise InputError(
         f"x must have last axis {w.shape[-1]} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
   return w, x.reshape((-1,) + x.shape[-2:])
 
@@ -36,7 +37,7 @@ def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
   w, x = check_inputs(w, x)
   mask = validation.check_array("mask", mask, ndim=2)
   if mask.shape != w.shape:
-    raise ValueError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+    raise InputError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
   return mask, w, x
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError
 from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.methods import METHODS, prune_qk
 from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, decoder_layer,
@@ -58,13 +59,13 @@ class PruneSettings:
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+      raise InputError(f"method must be one of {METHODS}, got {self.method!r}")
     if self.solver is None and self.method in DEFAULTS:
       # Record the settings actually used, so results and checkpoints say what ran.
       object.__setattr__(self, "solver", DEFAULTS[self.method])
     validation.check_sparsity(self.sparsity)
     if list(self.layers) != sorted(set(self.layers)) or not self.layers:
-      raise ValueError(f"layers must be distinct indices in increasing order, got {self.layers}")
+      raise InputError(f"layers must be distinct indices in increasing order, got {self.layers}")
 
   def to_json(self) -> dict:
     return {"method": self.method, "sparsity": self.sparsity,
@@ -134,7 +135,7 @@ def _read_checkpoint(folder: Path, key: dict, reporter: Reporter):
     reporter.info(f"ignoring the unreadable checkpoint {path}: {err}")
     return None
   if state.get("key") != key:
-    raise ValueError(f"the checkpoint {path} was made with other settings, calibration data or "
+    raise InputError(f"the checkpoint {path} was made with other settings, calibration data or "
                      f"model ({state.get('key')}); use another output folder or delete it")
   return weights, state["layers"]
 
@@ -157,7 +158,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   """
   config: LlamaConfig = model.config
   if settings.layers[-1] >= config.num_layers or settings.layers[0] < 0:
-    raise ValueError(f"layers must be in [0, {config.num_layers}), got {settings.layers}")
+    raise InputError(f"layers must be in [0, {config.num_layers}), got {settings.layers}")
   dense = model.weights()
   weights = {"q_proj": dense["q_proj"], "k_proj": dense["k_proj"]}
   records: list[dict] = []
@@ -189,7 +190,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
                         solver=settings.solver)
       jax.block_until_ready(result.q_proj)
       if not all(bool(jnp.isfinite(a).all()) for a in (result.q_proj, result.k_proj, result.loss)):
-        raise ValueError(f"{settings.method} produced NaN or Inf weights or losses in layer "
+        raise InputError(f"{settings.method} produced NaN or Inf weights or losses in layer "
                          f"{index} (a step size too large for the solver settings "
                          f"{settings.solver}?); nothing was written for this layer")
       record |= {"prune_time_s": time.perf_counter() - start,

@@ -18,6 +18,7 @@ import optax
 
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
+from attnprune_jax.errors import InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
 from attnprune_jax.objective import check_inputs, merged_loss_and_grad
 
@@ -59,20 +60,20 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   validation.check_scalar("lam", lam, minimum=0.0)
   if optimizer is None:
     if lr is None:
-      raise ValueError("lr must be given (a positive step size) when optimizer is None")
+      raise InputError("lr must be given (a positive step size) when optimizer is None")
     validation.check_scalar("lr", lr, minimum=0.0, strict=True)
   elif lr is not None:
-    raise ValueError("pass either lr (plain gradient descent) or optimizer, not both; "
+    raise InputError("pass either lr (plain gradient descent) or optimizer, not both; "
                      f"got lr={lr} and optimizer={optimizer!r}")
   elif not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError("optimizer must be an optax.GradientTransformation, "
+    raise InputTypeError("optimizer must be an optax.GradientTransformation, "
                     f"got {type(optimizer).__name__}")
   if init is None:
     init = jnp.ones_like(w)
   else:
     init = validation.check_array("init", init)
     if init.shape != w.shape:
-      raise ValueError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
+      raise InputError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
   lr = jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype)
   return _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
                 causal=causal, optimizer=optimizer)

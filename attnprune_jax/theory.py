@@ -25,6 +25,7 @@ import numpy as np
 
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
+from attnprune_jax.errors import InputError
 from attnprune_jax.objective import check_inputs, check_problem, merged_loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -93,7 +94,7 @@ def measured_rate(loss, *, skip_fraction: float = 0.2, noise: float = 1e-11) -> 
   """
   loss = np.asarray(loss, np.float64)
   if loss.ndim != 1 or loss.size < 3:
-    raise ValueError(f"loss must be a 1-d history of at least 3 steps, got shape {loss.shape}")
+    raise InputError(f"loss must be a 1-d history of at least 3 steps, got shape {loss.shape}")
   decrease = loss[:-1] - loss[1:]
   steps = np.arange(decrease.size)
   usable = (steps >= int(skip_fraction * decrease.size)) & (decrease > noise * abs(loss[0]))

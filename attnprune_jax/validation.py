@@ -1,7 +1,8 @@
 """Input checks shared by the public functions.
 
-Called eagerly, the public functions reject bad input with a `ValueError` or `TypeError` that
-names the argument, what was expected and what was received. Under `jit`, `vmap` or `grad` the
+Called eagerly, the public functions reject bad input with an `errors.InputError` (a
+`ValueError`; `InputTypeError` is also a `TypeError`) that names the argument, what was expected
+and what was received. Under `jit`, `vmap` or `grad` the
 inputs are tracers: shape and dtype checks still run (they are static), checks that need concrete
 values (finiteness, ranges of traced scalars) are skipped.
 """
@@ -12,6 +13,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from attnprune_jax.errors import InputError, InputTypeError
 
 
 def is_traced(value) -> bool:
@@ -33,27 +36,27 @@ def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
     `value` as a jax array (tracers are returned as they are).
   """
   if value is None:
-    raise TypeError(f"{name} must be an array, got None")
+    raise InputTypeError(f"{name} must be an array, got None")
   try:
     array = value if is_traced(value) else jnp.asarray(value)
   except TypeError as err:
-    raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from err
+    raise InputTypeError(f"{name} must be array-like, got {type(value).__name__}") from err
   dtype = np.dtype(array.dtype)
   if floating and not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
+    raise InputTypeError(f"{name} must be a floating-point array, got dtype {dtype}")
   if not floating and (dtype == np.bool_ or not (jnp.issubdtype(dtype, jnp.integer)
                                                  or jnp.issubdtype(dtype, jnp.floating))):
-    raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+    raise InputTypeError(f"{name} must be a real numeric array, got dtype {dtype}")
   if ndim is not None:
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if array.ndim not in allowed:
       expected = " or ".join(f"{k}-d" for k in allowed)
-      raise ValueError(f"{name} must be {expected}, got shape {tuple(array.shape)}")
+      raise InputError(f"{name} must be {expected}, got shape {tuple(array.shape)}")
   if min_ndim is not None and array.ndim < min_ndim:
-    raise ValueError(f"{name} must be at least {min_ndim}-d, got shape {tuple(array.shape)}")
+    raise InputError(f"{name} must be at least {min_ndim}-d, got shape {tuple(array.shape)}")
   if not is_traced(array) and jnp.issubdtype(dtype, jnp.floating):
     if not bool(jnp.isfinite(array).all()):
-      raise ValueError(f"{name} contains NaN or Inf")
+      raise InputError(f"{name} contains NaN or Inf")
   return array
 
 
@@ -64,33 +67,34 @@ def check_scalar(name: str, value, *, minimum: float | None = None,
     return
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray,
                                                                   jax.Array)):
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    raise InputTypeError(f"{name} must be a real number, got {type(value).__name__}")
   if np.ndim(value) != 0:
-    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}")
   number = float(value)
   if not np.isfinite(number):
-    raise ValueError(f"{name} must be finite, got {number}")
+    raise InputError(f"{name} must be finite, got {number}")
   if minimum is not None:
     if strict and number <= minimum:
-      raise ValueError(f"{name} must be > {minimum}, got {number}")
+      raise InputError(f"{name} must be > {minimum}, got {number}")
     if not strict and number < minimum:
-      raise ValueError(f"{name} must be >= {minimum}, got {number}")
+      raise InputError(f"{name} must be >= {minimum}, got {number}")
 
 
 def check_positive_int(name: str, value) -> int:
   """Checks a positive Python/numpy integer (a static count such as `steps`)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    raise InputTypeError(f"{name} must be an integer, got {type(value).__name__}")
   if value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value}")
+    raise InputError(f"{name} must be a positive integer, got {value}")
   return int(value)
 
 
 def check_sparsity(sparsity) -> float:
   """Checks a target sparsity (fraction of entries removed) in [0, 1)."""
   if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
-    raise TypeError(f"sparsity must be a real number in [0, 1), got {type(sparsity).__name__}")
+    raise InputTypeError(
+        f"sparsity must be a real number in [0, 1), got {type(sparsity).__name__}")
   value = float(sparsity)
   if not 0.0 <= value < 1.0:
-    raise ValueError(f"sparsity must be in [0, 1), got {value}")
+    raise InputError(f"sparsity must be in [0, 1), got {value}")
   return value

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from attnprune_jax import data, evaluate
+from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama, save
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
@@ -65,7 +66,7 @@ def windows(model: Llama, config: DataConfig) -> dict[str, np.ndarray]:
                                   ctx=config.calib_len)
   count = config.eval_tokens // config.calib_len
   if count < 1:
-    raise ValueError(f"eval_tokens must be at least calib_len={config.calib_len}, "
+    raise InputError(f"eval_tokens must be at least calib_len={config.calib_len}, "
                      f"got {config.eval_tokens}")
   return {"calibration": emma[:config.calib_seqs], "heldout": emma[config.calib_seqs:],
           "evaluation": data.evaluation_windows(model.tokenizer, count=count,

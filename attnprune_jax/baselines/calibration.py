@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError
 
 
 class InputStats(NamedTuple):
@@ -43,7 +44,7 @@ def accumulate(stats: InputStats, x) -> InputStats:
   x = validation.check_array("x", x)
   features = stats.sq_norms.shape[0]
   if x.ndim < 1 or x.shape[-1] != features:
-    raise ValueError(f"x must have shape (..., {features}), got {tuple(x.shape)}")
+    raise InputError(f"x must have shape (..., {features}), got {tuple(x.shape)}")
   tokens = x.reshape(-1, features).astype(stats.sq_norms.dtype)
   sq_norms, gram = _sums(tokens, stats.gram)
   return InputStats(stats.sq_norms + sq_norms, gram, stats.count + tokens.shape[0])
@@ -59,7 +60,7 @@ def as_stats(x_or_stats, *, gram: bool) -> InputStats:
   """Accepts calibration inputs (tokens, in) or ready `InputStats`; checks the Gram is there."""
   stats = x_or_stats if isinstance(x_or_stats, InputStats) else input_stats(x_or_stats, gram=gram)
   if gram and stats.gram is None:
-    raise ValueError("x must carry a Gram matrix: accumulate InputStats with gram=True")
+    raise InputError("x must carry a Gram matrix: accumulate InputStats with gram=True")
   if stats.count <= 0:
-    raise ValueError("x must hold at least one calibration token, got InputStats of 0 tokens")
+    raise InputError("x must hold at least one calibration token, got InputStats of 0 tokens")
   return stats

@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float
 
 from attnprune_jax import validation
 from attnprune_jax.baselines.calibration import as_stats
+from attnprune_jax.errors import InputError
 from attnprune_jax.masks import binarize, check_n_m
 
 MAX_DAMPING_RETRIES = 6
@@ -53,7 +54,7 @@ def inverse_hessian_factor(hessian, percdamp: float) -> tuple[jax.Array, float]:
                   f"{relative:g}·mean(diag H); retrying with {raised:g}", RuntimeWarning,
                   stacklevel=3)
     relative = raised
-  raise ValueError(f"sparsegpt: the Hessian is not positive definite even with damping "
+  raise InputError(f"sparsegpt: the Hessian is not positive definite even with damping "
                    f"{relative:g}·mean(diag H); check the calibration inputs x")
 
 
@@ -126,7 +127,7 @@ def sparsegpt(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None,
   w = validation.check_array("w", w, ndim=2)
   stats = as_stats(x, gram=True)
   if stats.gram.shape != (w.shape[1],) * 2:
-    raise ValueError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
+    raise InputError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
                      f"got {stats.gram.shape[0]}")
   sparsity = validation.check_sparsity(sparsity)
   blocksize = validation.check_positive_int("blocksize", blocksize)
@@ -134,7 +135,7 @@ def sparsegpt(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None,
   if n_m is not None:
     n_m = check_n_m(n_m, sparsity, w.shape[1])
     if blocksize % n_m[1]:
-      raise ValueError(f"blocksize must be a multiple of m={n_m[1]}, got {blocksize}")
+      raise InputError(f"blocksize must be a multiple of m={n_m[1]}, got {blocksize}")
   dtype = jnp.promote_types(w.dtype, jnp.float32)
   hessian = (2.0 / stats.count) * stats.gram.astype(dtype)
   dead = jnp.diagonal(hessian) == 0

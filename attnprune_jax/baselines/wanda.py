@@ -5,6 +5,7 @@ from jaxtyping import Array, Bool
 
 from attnprune_jax import validation
 from attnprune_jax.baselines.calibration import InputStats, as_stats
+from attnprune_jax.errors import InputError
 from attnprune_jax.masks import binarize
 
 
@@ -25,6 +26,6 @@ def wanda(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None) -> Bool[
   w = validation.check_array("w", w, ndim=2)
   stats = as_stats(x, gram=False)
   if stats.sq_norms.shape != (w.shape[1],):
-    raise ValueError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
+    raise InputError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
                      f"got {stats.sq_norms.shape[0]}")
   return binarize(wanda_score(w, stats), sparsity, group="row", n_m=n_m)

@@ -17,6 +17,7 @@ from importlib import resources
 import numpy as np
 
 from attnprune_jax import validation
+from attnprune_jax.errors import InputError
 
 CALIBRATION_TEXT = "emma"
 EVALUATION_TEXT = "prideprejudice"
@@ -27,7 +28,7 @@ def read_text(name: str) -> str:
   """The normalized text of a shipped novel ('emma' or 'prideprejudice'), paragraphs separated
   by a blank line as in the printed source."""
   if name not in (CALIBRATION_TEXT, EVALUATION_TEXT):
-    raise ValueError(f"name must be {CALIBRATION_TEXT!r} or {EVALUATION_TEXT!r}, got {name!r}")
+    raise InputError(f"name must be {CALIBRATION_TEXT!r} or {EVALUATION_TEXT!r}, got {name!r}")
   data = resources.files(__name__).joinpath(f"{name}.txt.gz").read_bytes()
   return "\n\n".join(gzip.decompress(data).decode("utf-8").splitlines())
 
@@ -42,11 +43,11 @@ def token_windows(tokenizer, name: str, *, count: int, ctx: int) -> np.ndarray:
   """`count` disjoint windows of `ctx` tokens from the start of a novel, (count, ctx) int32."""
   count = validation.check_positive_int("count", count)
   if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
-    raise ValueError(f"ctx must be an integer >= 2, got {ctx!r}")
+    raise InputError(f"ctx must be an integer >= 2, got {ctx!r}")
   tokens = text_tokens(tokenizer, name)
   per_window = ctx - 1
   if count * per_window > tokens.size:
-    raise ValueError(f"count={count} windows of ctx={ctx} need {count * per_window} text tokens; "
+    raise InputError(f"count={count} windows of ctx={ctx} need {count * per_window} text tokens; "
                      f"{name} has {tokens.size}")
   text = tokens[:count * per_window].reshape(count, per_window)
   start = np.full((count, 1), tokenizer.token_id(START_TOKEN), np.int32)

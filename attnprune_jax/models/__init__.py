@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from attnprune_jax.errors import InputError, MissingFileError
 from attnprune_jax.models.gguf import read_gguf
 from attnprune_jax.models.huggingface import read_folder, write_folder
 from attnprune_jax.models.llama import Llama, LlamaConfig
@@ -34,15 +35,15 @@ KNOWN_MODELS = {
 def model_path(name: str) -> Path:
   """Where the GGUF file of a known model is installed; FileNotFoundError with a hint if not."""
   if name not in KNOWN_MODELS:
-    raise ValueError(f"model must be one of {sorted(KNOWN_MODELS)} or a path to a .gguf file, "
+    raise InputError(f"model must be one of {sorted(KNOWN_MODELS)} or a path to a .gguf file, "
                      f"got {name!r}")
   known = KNOWN_MODELS[name]
   spec = importlib.util.find_spec(known.package)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"model {name!r} is not installed; install it with: {known.install}")
+    raise MissingFileError(f"model {name!r} is not installed; install it with: {known.install}")
   path = Path(list(spec.submodule_search_locations)[0]) / known.filename
   if not path.is_file():
-    raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall it with: "
+    raise MissingFileError(f"model {name!r}: {path} is missing; reinstall it with: "
                             f"{known.install}")
   return path
 
@@ -57,7 +58,7 @@ def load(name_or_path: str | os.PathLike) -> Llama:
   elif os.path.isfile(text) or text.endswith(".gguf"):
     config, weights, tokenizer = read_gguf(text)
   else:
-    raise ValueError(f"model must be one of {sorted(KNOWN_MODELS)}, a folder holding "
+    raise InputError(f"model must be one of {sorted(KNOWN_MODELS)}, a folder holding "
                      f"config.json or a path to a GGUF file, got {text!r}")
   return Llama(config, weights, tokenizer)
 

@@ -11,6 +11,7 @@ import os
 import gguf
 import numpy as np
 
+from attnprune_jax.errors import InputError, MissingFileError
 from attnprune_jax.models.llama import LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
@@ -35,7 +36,7 @@ def _field(reader: gguf.GGUFReader, key: str, path, default=None):
   if field is None:
     if default is not None:
       return default
-    raise ValueError(f"model file {path} lacks the GGUF field {key!r}")
+    raise InputError(f"model file {path} lacks the GGUF field {key!r}")
   return field.contents()
 
 
@@ -43,7 +44,7 @@ def _dequantize(tensor, path) -> np.ndarray:
   try:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   except (NotImplementedError, ValueError, KeyError) as err:
-    raise ValueError(f"model file {path}: tensor {tensor.name} has quantization "
+    raise InputError(f"model file {path}: tensor {tensor.name} has quantization "
                      f"{tensor.tensor_type.name}, which cannot be dequantized ({err})") from err
   shape = tuple(int(n) for n in reversed(tensor.shape))
   return np.asarray(values, np.float32).reshape(shape)
@@ -53,23 +54,23 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
   """Config, float32 weights (layer weights stacked, (layers, out, in)) and tokenizer of a file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"model file {path} does not exist")
+    raise MissingFileError(f"model file {path} does not exist")
   try:
     reader = gguf.GGUFReader(path)
   except Exception as err:  # gguf raises ValueError, struct errors, etc. on corrupt files
-    raise ValueError(f"model file {path} is not a readable GGUF file: {err}") from err
+    raise InputError(f"model file {path} is not a readable GGUF file: {err}") from err
   arch = _field(reader, "general.architecture", path)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f"model file {path} has architecture {arch!r}; supported: "
+    raise InputError(f"model file {path} has architecture {arch!r}; supported: "
                      f"{SUPPORTED_ARCHITECTURES}")
   if f"{arch}.rope.scaling.type" in reader.fields:
-    raise ValueError(f"model file {path} uses RoPE scaling, which is not supported")
+    raise InputError(f"model file {path} uses RoPE scaling, which is not supported")
   heads = int(_field(reader, f"{arch}.attention.head_count", path))
   hidden = int(_field(reader, f"{arch}.embedding_length", path))
   head_dim = int(_field(reader, f"{arch}.attention.key_length", path, default=hidden // heads))
   rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", path, default=head_dim))
   if rope_dims != head_dim:
-    raise ValueError(f"model file {path} rotates {rope_dims} of {head_dim} head dimensions; "
+    raise InputError(f"model file {path} rotates {rope_dims} of {head_dim} head dimensions; "
                      "only full RoPE is supported")
   tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
   layers = int(_field(reader, f"{arch}.block_count", path))
@@ -102,14 +103,14 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
   for name, values in per_layer.items():
     missing = [i for i, v in enumerate(values) if v is None]
     if missing:
-      raise ValueError(f"model file {path} lacks {name} of layers {missing}")
+      raise InputError(f"model file {path} lacks {name} of layers {missing}")
     weights[name] = np.stack(values)
   shapes = config.weight_shapes()
   for name, shape in shapes.items():
     if name not in weights:
-      raise ValueError(f"model file {path} lacks the tensor for {name}")
+      raise InputError(f"model file {path} lacks the tensor for {name}")
     if weights[name].shape != shape:
-      raise ValueError(f"model file {path}: {name} has shape {weights[name].shape}, "
+      raise InputError(f"model file {path}: {name} has shape {weights[name].shape}, "
                        f"expected {shape}")
   tokenizer = Tokenizer(tokens, list(_field(reader, "tokenizer.ggml.merges", path)),
                         [int(t) for t in _field(reader, "tokenizer.ggml.token_type", path)])

@@ -19,6 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from attnprune_jax.errors import InputError, MissingFileError
 from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
@@ -40,14 +41,14 @@ def _checked_weights(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray
   """`weights` as float32 numpy arrays; ValueError unless keys and shapes match and all finite."""
   shapes = config.weight_shapes()
   if set(weights) != set(shapes):
-    raise ValueError(f"weights must have the keys {sorted(shapes)}, got {sorted(weights)}")
+    raise InputError(f"weights must have the keys {sorted(shapes)}, got {sorted(weights)}")
   arrays = {}
   for name, shape in shapes.items():
     value = np.asarray(weights[name], np.float32)
     if value.shape != shape:
-      raise ValueError(f"weights[{name!r}] must have shape {shape}, got {value.shape}")
+      raise InputError(f"weights[{name!r}] must have shape {shape}, got {value.shape}")
     if not np.isfinite(value).all():
-      raise ValueError(f"weights[{name!r}] contains NaN or Inf")
+      raise InputError(f"weights[{name!r}] contains NaN or Inf")
     arrays[name] = value
   return arrays
 
@@ -100,23 +101,23 @@ def _read_config(folder: Path) -> LlamaConfig:
   try:
     document = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
   except json.JSONDecodeError as err:
-    raise ValueError(f"folder {folder}: {CONFIG_FILE} is not valid JSON: {err}") from err
+    raise InputError(f"folder {folder}: {CONFIG_FILE} is not valid JSON: {err}") from err
   architectures, model_type = document.get("architectures"), document.get("model_type")
   if architectures != ["LlamaForCausalLM"] or model_type != "llama":
-    raise ValueError(f"folder {folder}: {CONFIG_FILE} has architectures {architectures!r} and "
+    raise InputError(f"folder {folder}: {CONFIG_FILE} has architectures {architectures!r} and "
                      f"model_type {model_type!r}; only LlamaForCausalLM / llama is supported")
   if document.get("rope_scaling") is not None:
-    raise ValueError(f"folder {folder}: {CONFIG_FILE} sets rope_scaling, which is not supported")
+    raise InputError(f"folder {folder}: {CONFIG_FILE} sets rope_scaling, which is not supported")
   if (document.get("hidden_act", "silu") != "silu" or document.get("attention_bias")
       or document.get("mlp_bias")):
-    raise ValueError(f"folder {folder}: {CONFIG_FILE} asks for a hidden_act other than silu or "
+    raise InputError(f"folder {folder}: {CONFIG_FILE} asks for a hidden_act other than silu or "
                      "for biases, which are not supported")
 
   def get(key, default=None):
     if key in document:
       return document[key]
     if default is None:
-      raise ValueError(f"folder {folder}: {CONFIG_FILE} lacks {key!r}")
+      raise InputError(f"folder {folder}: {CONFIG_FILE} lacks {key!r}")
     return default
 
   hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
@@ -137,18 +138,18 @@ def read_folder(path: str | os.PathLike
   folder = Path(path)
   for name in (CONFIG_FILE, WEIGHTS_FILE):
     if not (folder / name).is_file():
-      raise FileNotFoundError(f"folder {folder} has no {name}")
+      raise MissingFileError(f"folder {folder} has no {name}")
   config = _read_config(folder)
   try:
     tensors = safetensors.numpy.load_file(folder / WEIGHTS_FILE)
   except (safetensors.SafetensorError, TypeError) as err:  # TypeError: dtypes numpy lacks
-    raise ValueError(f"folder {folder}: {WEIGHTS_FILE} is not readable: {err}") from err
+    raise InputError(f"folder {folder}: {WEIGHTS_FILE} is not readable: {err}") from err
 
   def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in tensors:
-      raise ValueError(f"folder {folder}: {WEIGHTS_FILE} lacks the tensor {name!r}")
+      raise InputError(f"folder {folder}: {WEIGHTS_FILE} lacks the tensor {name!r}")
     if tensors[name].shape != shape:
-      raise ValueError(f"folder {folder}: tensor {name!r} has shape {tensors[name].shape}, "
+      raise InputError(f"folder {folder}: tensor {name!r} has shape {tensors[name].shape}, "
                        f"expected {shape}")
     return tensors[name].astype(np.float32)
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from attnprune_jax.attention import layer_attention
+from attnprune_jax.errors import InputError
 
 LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
                  "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
@@ -41,10 +42,10 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+      raise InputError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+      raise InputError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
   def weight_shapes(self) -> dict[str, tuple[int, ...]]:
     """Shape of every weight, layer weights stacked on a leading layer axis."""
@@ -137,10 +138,10 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, weights: dict, tokenizer=None):
     shapes = config.weight_shapes()
     if set(weights) != set(shapes):
-      raise ValueError(f"weights must have the keys {sorted(shapes)}, got {sorted(weights)}")
+      raise InputError(f"weights must have the keys {sorted(shapes)}, got {sorted(weights)}")
     for name, shape in shapes.items():
       if tuple(weights[name].shape) != shape:
-        raise ValueError(f"weights[{name!r}] must have shape {shape}, "
+        raise InputError(f"weights[{name!r}] must have shape {shape}, "
                          f"got {tuple(weights[name].shape)}")
     self.config = config
     self.tokenizer = tokenizer
@@ -164,7 +165,7 @@ class Llama(nnx.Module):
     current = {name: param[...] for name, param in self.params.items()}
     for name, value in (replacements or {}).items():
       if name not in current or tuple(value.shape) != tuple(current[name].shape):
-        raise ValueError(f"weights[{name!r}] must replace an existing weight of the same shape")
+        raise InputError(f"weights[{name!r}] must replace an existing weight of the same shape")
       current[name] = value
     return current
 
@@ -180,7 +181,7 @@ class Llama(nnx.Module):
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be an integer array (batch, time), got "
+      raise InputError(f"tokens must be an integer array (batch, time), got "
                        f"{tokens.dtype} {tuple(tokens.shape)}")
     logits, captures = forward(self.weights(weights), tokens, self.config,
                                return_attention_inputs=return_attention_inputs,

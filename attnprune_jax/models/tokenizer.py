@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from attnprune_jax.errors import InputError, InputTypeError
+
 CONTROL_TOKEN_TYPE = 3
 
 
@@ -18,14 +20,14 @@ class Tokenizer:
 
   def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]):
     if len(tokens) != len(token_types):
-      raise ValueError(f"token_types must have one entry per token ({len(tokens)}), "
+      raise InputError(f"token_types must have one entry per token ({len(tokens)}), "
                        f"got {len(token_types)}")
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     try:
       bpe = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     except Exception as err:  # tokenizers raises a bare Exception
-      raise ValueError(f"tokenizer fields are inconsistent: {err}") from err
+      raise InputError(f"tokenizer fields are inconsistent: {err}") from err
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -45,7 +47,7 @@ class Tokenizer:
     try:
       bpe = HFTokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception
-      raise ValueError(f"text is not a valid tokenizer.json: {err}") from err
+      raise InputError(f"text is not a valid tokenizer.json: {err}") from err
     tokenizer = cls.__new__(cls)
     added = bpe.get_added_tokens_decoder()
     tokenizer.special_tokens = [added[i].content for i in sorted(added) if added[i].special]
@@ -60,7 +62,7 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`; special-token strings in the text map to their ids."""
     if not isinstance(text, str):
-      raise TypeError(f"text must be a str, got {type(text).__name__}")
+      raise InputTypeError(f"text must be a str, got {type(text).__name__}")
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -71,5 +73,5 @@ class Tokenizer:
     """The id of one token string (e.g. '<|endoftext|>')."""
     index = self._tokenizer.token_to_id(token)
     if index is None:
-      raise ValueError(f"token {token!r} is not in the vocabulary")
+      raise InputError(f"token {token!r} is not in the vocabulary")
     return index
