@@ -3,8 +3,8 @@ probabilities of one Llama layer (`layer_attention`, the single copy the model, 
 pruning objective and the pipeline all call).
 
 f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
-and masked entries are set to -inf before the exponential, so it never overflows: logits of order
-1e4 give finite, exact attention in float32.
+over the allowed entries and excludes the others before the exponential, so it never overflows:
+logits of order 1e4 give finite, exact attention in float32.
 """
 
 import jax
@@ -16,15 +16,13 @@ from attnprune_jax.errors import InputError
 
 
 def masked_softmax(scores: Float[Array, "... n n"], *, causal: bool) -> Float[Array, "... n n"]:
-  """Row softmax of square score matrices; with `causal`, entries above the diagonal are 0."""
-  if causal:
-    n = scores.shape[-1]
-    allowed = jnp.tril(jnp.ones((n, n), dtype=bool))
-    scores = jnp.where(allowed, scores, -jnp.inf)
-  # The diagonal is always allowed, so every row max is finite.
-  shifted = scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
-  weights = jnp.exp(shifted)
-  return weights / weights.sum(axis=-1, keepdims=True)
+  """Row softmax of square score matrices; with `causal`, entries above the diagonal are 0.
+
+  `jax.nn.softmax` with `where`: max-shifted over the allowed entries only, the others excluded
+  before the exponential. The diagonal is always allowed, so every row has a finite max.
+  """
+  n = scores.shape[-1]
+  return jax.nn.softmax(scores, axis=-1, where=jnp.tril(jnp.ones((n, n), bool)) if causal else None)
 
 
 def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Float[Array, "... n n"]:
@@ -56,7 +54,11 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
   d = x.shape[-1]
   if w.shape != (d, d):
     raise InputError(f"w must have shape ({d}, {d}) to match x's last axis, got {tuple(w.shape)}")
-  return softmax_attention(x, w, causal=causal)
+  if 0 in x.shape:
+    raise InputError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+  dtype = jnp.promote_types(jnp.promote_types(w.dtype, x.dtype), jnp.float32)
+  return softmax_attention(x.astype(dtype), w.astype(dtype),
+                           causal=validation.check_bool("causal", causal))
 
 
 def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,

@@ -29,7 +29,7 @@ import optax
 
 from attnprune_jax import validation
 from attnprune_jax.attention import layer_attention
-from attnprune_jax.errors import InputError
+from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.masks import binarize, check_n_m
 from attnprune_jax.objective import factored_loss, kv_groups
 from attnprune_jax.solver import cubic_schedule, minimize, prune_progressively
@@ -131,7 +131,9 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     config: solver settings; None takes `DEFAULTS[method]`.
     num_kv_heads, head_dim, rope_base: the model's attention layout.
   Returns:
-    a `LayerPruning`.
+    a `LayerPruning`, in float32 for half-precision inputs.
+  Raises:
+    DivergenceError: if the loss or the masks became NaN or Inf.
   """
   if method not in METHODS:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -156,14 +158,19 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     schedule = ((sparsity, n_m),)
   else:
     schedule = prune_schedule(sparsity, n_m, config.rounds)
-  return _solve_layer(q_proj, k_proj, x, jnp.asarray(config.lam, x.dtype),
-                      jnp.asarray(config.reweight_lam, x.dtype),
-                      jnp.asarray(config.lr, x.dtype), method=method, schedule=schedule,
-                      optimizer=config.optimizer, steps=config.steps,
-                      steps_per_round=config.steps_per_round,
-                      reweight_steps=config.reweight_steps,
-                      windows_per_step=config.windows_per_step, num_kv_heads=num_kv_heads,
-                      head_dim=head_dim, rope_base=rope_base)
+  dtype = jnp.promote_types(jnp.result_type(q_proj, k_proj, x), jnp.float32)
+  result = _solve_layer(q_proj.astype(dtype), k_proj.astype(dtype), x.astype(dtype),
+                        jnp.asarray(config.lam, dtype), jnp.asarray(config.reweight_lam, dtype),
+                        jnp.asarray(config.lr, dtype), method=method, schedule=schedule,
+                        optimizer=config.optimizer, steps=config.steps,
+                        steps_per_round=config.steps_per_round,
+                        reweight_steps=config.reweight_steps,
+                        windows_per_step=config.windows_per_step, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, rope_base=rope_base)
+  if not validation.is_traced(result.loss) and not bool(jnp.isfinite(result.loss).all()):
+    raise DivergenceError(f"{method} diverged: the loss or the masks became NaN or Inf with "
+                          f"optimizer={config.optimizer} lr={config.lr:g}; use a smaller lr")
+  return result
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -217,6 +224,9 @@ def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, 
                                     optimizer=opt, steps=reweight_steps, keep=keep,
                                     first_step=len(schedule) * steps_per_round)
       loss = jnp.concatenate([loss, extra])
+  # A non-finite final mask marks the loss history, which the caller checks outside jit.
+  finite = jnp.all(jnp.stack([jnp.isfinite(m).all() for m in jax.tree.leaves(masks)]))
+  loss = jnp.where(finite, loss, jnp.nan)
   if method == "attn-reweight":
     new = jax.tree.map(lambda m, w: m * w, masks, weights)
   else:

@@ -4,10 +4,13 @@ Layout convention (the whole project): weight matrices are (out, in) like the ch
 "row" is an output channel (axis -2 indexes rows, axis -1 runs along a row) and N:M groups run
 along the input (last) axis. Leading axes, if any, index independent matrices (e.g. heads).
 
-Counts: a group of size g keeps round_half_up((1 − s)·g) entries. Ties are broken
-deterministically: among equal scores the lower index is kept first.
+Counts: a group of size g keeps round_half_up((1 − s)·g) entries, computed exactly for the
+decimal s the user wrote (0.55 is 11/20, not the binary float just below it). A group must keep
+at least one entry. Ties are broken deterministically: among equal scores the lower index is kept
+first.
 """
 
+import fractions
 import functools
 import math
 import numbers
@@ -23,8 +26,13 @@ GROUPS = ("row", "matrix")
 
 
 def kept_count(size: int, sparsity: float) -> int:
-  """Entries kept in a group of `size` at `sparsity`: round_half_up((1 − sparsity)·size)."""
-  return math.floor((1.0 - sparsity) * size + 0.5)
+  """Entries kept in a group of `size` at `sparsity`: round_half_up((1 − sparsity)·size).
+
+  The product is exact: `sparsity` is taken as the shortest decimal that reads back as the same
+  float (repr), so kept_count(30, 0.55) = round_half_up(13.5) = 14.
+  """
+  exact = fractions.Fraction(repr(float(sparsity)))
+  return math.floor((1 - exact) * size + fractions.Fraction(1, 2))
 
 
 @functools.partial(jax.jit, static_argnames="keep")
@@ -79,10 +87,16 @@ def binarize(score, sparsity: float, *, group: str = "row",
     n, m = check_n_m(n_m, sparsity, cols)
     grouped = score.reshape(score.shape[:-1] + (cols // m, m))
     return _keep_top(grouped, m - n).reshape(score.shape)
+  size = cols if group == "row" else rows * cols
+  keep = kept_count(size, sparsity)
+  if keep == 0 and size > 0:
+    raise InputError(f"sparsity={sparsity} keeps 0 of the {size} entries of each {group}: "
+                     f"a {group} must keep at least one; use a sparsity of at most "
+                     f"{1 - 0.5 / size:g} or a larger group")
   if group == "row":
-    return _keep_top(score, kept_count(cols, sparsity))
+    return _keep_top(score, keep)
   flat = score.reshape(score.shape[:-2] + (rows * cols,))
-  return _keep_top(flat, kept_count(rows * cols, sparsity)).reshape(score.shape)
+  return _keep_top(flat, keep).reshape(score.shape)
 
 
 def merged_activation_score(w, x) -> Real[Array, "d d"]:

@@ -21,24 +21,30 @@ from attnprune_jax.errors import InputError
 
 def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array, jax.Array]:
   """Validates the merged weight w ((d, d), or (h, d, d) if `w_ndim` allows) and the inputs x;
-  returns them as arrays, x as (b, n, d)."""
+  returns them as arrays of at least float32 (`validation.at_least_float32`), x as (b, n, d)."""
   w = validation.check_array("w", w, ndim=w_ndim)
-  if w.shape[-2] != w.shape[-1]:
-    raise InputError(f"w must be square (d, d), got shape {tuple(w.shape)}")
+  if w.shape[-2] != w.shape[-1] or w.shape[-1] == 0:
+    raise InputError(f"w must be square (d, d) with d >= 1, got shape {tuple(w.shape)}")
   x = validation.check_array("x", x, ndim=(2, 3))
   if x.shape[-1] != w.shape[-1]:
     raise InputError(
         f"x must have last axis {w.shape[-1]} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
-  return w, x.reshape((-1,) + x.shape[-2:])
+  if 0 in x.shape:
+    raise InputError("x must hold at least one sequence of at least one token, got shape "
+                     f"{tuple(x.shape)}")
+  dtype = jnp.promote_types(jnp.promote_types(w.dtype, x.dtype), jnp.float32)
+  return w.astype(dtype), x.reshape((-1,) + x.shape[-2:]).astype(dtype)
 
 
 def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Validates (mask, w, x) of the merged problem; returns them as arrays, x as (b, n, d)."""
+  """Validates (mask, w, x) of the merged problem; returns them as arrays of one dtype (at least
+  float32), x as (b, n, d)."""
   w, x = check_inputs(w, x)
   mask = validation.check_array("mask", mask, ndim=2)
   if mask.shape != w.shape:
     raise InputError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
-  return mask, w, x
+  dtype = jnp.promote_types(mask.dtype, w.dtype)
+  return mask.astype(dtype), w.astype(dtype), x.astype(dtype)
 
 
 def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
@@ -74,7 +80,7 @@ def attention_error(mask, w, x, *, causal: bool = True) -> jax.Array:
     scalar; twice the attention term of `pruning_loss`.
   """
   mask, w, x = check_problem(mask, w, x)
-  return squared_gap(mask, w, x, causal)
+  return squared_gap(mask, w, x, validation.check_bool("causal", causal))
 
 
 def pruning_loss(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
@@ -91,6 +97,7 @@ def pruning_loss(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
+  causal = validation.check_bool("causal", causal)
   return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
 
 
@@ -98,6 +105,7 @@ def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """Closed-form ∇L(M) = W ∘ Σ_b X_bᵀ G_b X_b + λM (see module docstring); shape of `mask`."""
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
+  causal = validation.check_bool("causal", causal)
   target = softmax_attention(x, w, causal=causal)
   return merged_loss_and_grad(mask, w, x, target, lam, causal)[1]
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax import validation
-from attnprune_jax.errors import InputError
+from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.methods import METHODS, prune_qk
 from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, decoder_layer,
@@ -185,9 +185,13 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     if record["pruned"] and not done:
       x = _attention_input(hidden, layer, config)
       start = time.perf_counter()
-      result = prune_qk(settings.method, layer["q_proj"], layer["k_proj"], x,
-                        sparsity=settings.sparsity, n_m=settings.n_m, config=config,
-                        solver=settings.solver)
+      try:
+        result = prune_qk(settings.method, layer["q_proj"], layer["k_proj"], x,
+                          sparsity=settings.sparsity, n_m=settings.n_m, config=config,
+                          solver=settings.solver)
+      except DivergenceError as err:
+        raise DivergenceError(f"layer {index}: {err}; nothing was written for this layer, "
+                              "the layers before it are in the checkpoint") from None
       jax.block_until_ready(result.q_proj)
       if not all(bool(jnp.isfinite(a).all()) for a in (result.q_proj, result.k_proj, result.loss)):
         raise InputError(f"{settings.method} produced NaN or Inf weights or losses in layer "

@@ -10,15 +10,17 @@ reference attention is computed once per head, before the loop.
 
 import functools
 from typing import NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+import numpy as np
 import optax
 
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
-from attnprune_jax.errors import InputError, InputTypeError
+from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
 from attnprune_jax.objective import check_inputs, merged_loss_and_grad
 
@@ -53,11 +55,16 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     init: the starting mask, w's shape; None is the paper's M₀ = 1. Plain gradient descent
       keeps no state, so solving in segments continued from `init` equals one long solve.
   Returns:
-    a `MaskSolution` (mask, loss, grad_norm).
+    a `MaskSolution` (mask, loss, grad_norm), in float32 for float16/bfloat16 inputs (the
+    precision policy: steps of ~1e-3 vanish below half precision's resolution of 1).
+  Raises:
+    DivergenceError: if the loss or the mask became NaN or Inf (the step size is too large).
+    A loss that ends above where it started only warns (`RuntimeWarning`).
   """
   w, x = check_inputs(w, x, w_ndim=(2, 3))
   steps = validation.check_positive_int("steps", steps)
   validation.check_scalar("lam", lam, minimum=0.0)
+  causal = validation.check_bool("causal", causal)
   if optimizer is None:
     if lr is None:
       raise InputError("lr must be given (a positive step size) when optimizer is None")
@@ -74,9 +81,12 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     init = validation.check_array("init", init)
     if init.shape != w.shape:
       raise InputError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
-  lr = jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype)
-  return _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
-                causal=causal, optimizer=optimizer)
+  solution = _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype),
+                    jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype), steps=steps,
+                    causal=causal, optimizer=optimizer)
+  step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
+  check_descent(solution.loss, (solution.mask,), step_size=step_size)
+  return solution
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer"))
@@ -88,6 +98,32 @@ def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
   solve_head = functools.partial(_solve_head, x=x, lam=lam, steps=steps, causal=causal,
                                  optimizer=optimizer)
   return jax.vmap(solve_head)(w, init) if w.ndim == 3 else solve_head(w, init)
+
+
+def _describe_lr(lr) -> str:
+  return "lr" if validation.is_traced(lr) else f"lr={float(lr):g}"
+
+
+def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
+  """Outside jit: a non-finite loss or mask is a `DivergenceError` naming `step_size`; a final
+  loss above the first one is a `RuntimeWarning`. `loss` is (..., steps), the leading axes index
+  independent `runs` of gradient descent; masks are any arrays."""
+  if validation.is_traced(loss):
+    return
+  loss = np.asarray(loss, np.float64)
+  finite = np.isfinite(loss)
+  if not finite.all() or not all(bool(jnp.isfinite(m).all()) for m in masks):
+    first = int(np.argmin(finite.reshape(-1, finite.shape[-1]).all(axis=0))) if not finite.all() \
+        else loss.shape[-1]
+    where = f"at step {first}" if first < loss.shape[-1] else "in the final update"
+    raise DivergenceError(f"the solver diverged: the loss or mask became NaN or Inf {where} "
+                          f"with {step_size}; use a smaller step size")
+  rose = loss[..., -1] > loss[..., 0] * (1 + 1e-6) + 1e-30
+  if rose.any():
+    which = f" in {int(rose.sum())} of {rose.size} {runs}" if rose.size > 1 else ""
+    warnings.warn(f"the loss rose{which} (from {loss[..., 0].max():.4g} to "
+                  f"{loss[..., -1].max():.4g}) with {step_size}: the step size is probably "
+                  "above 1/L_s", RuntimeWarning, stacklevel=3)
 
 
 def minimize(loss_and_grad, params, *, optimizer: optax.GradientTransformation, steps: int,
@@ -199,7 +235,9 @@ def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
     rounds: prune steps R; steps_per_round: gradient steps before each prune step.
     causal: causal attention.
   Returns:
-    a `ProgressiveSolution` (keep, mask, loss).
+    a `ProgressiveSolution` (keep, mask, loss), float32 for half-precision inputs.
+  Raises:
+    DivergenceError: if the loss or the mask became NaN or Inf.
   """
   w, x = check_inputs(w, x)
   sparsity = validation.check_sparsity(sparsity)
@@ -207,9 +245,15 @@ def solve_mask_progressive(w, x, *, sparsity: float, lam, lr, rounds: int = 10,
   validation.check_scalar("lr", lr, minimum=0.0, strict=True)
   rounds = validation.check_positive_int("rounds", rounds)
   steps = validation.check_positive_int("steps_per_round", steps_per_round)
-  return _solve_progressive(w, x, jnp.asarray(lam, w.dtype), jnp.asarray(lr, w.dtype),
-                            schedule=cubic_schedule(sparsity, rounds), steps=steps,
-                            causal=causal)
+  causal = validation.check_bool("causal", causal)
+  solution = _solve_progressive(w, x, jnp.asarray(lam, w.dtype), jnp.asarray(lr, w.dtype),
+                                schedule=cubic_schedule(sparsity, rounds), steps=steps,
+                                causal=causal)
+  # Scores from a NaN mask would still give a tidy `keep`: the losses and mask are checked.
+  # Prune steps raise the loss; within a round it should fall.
+  check_descent(solution.loss.reshape(rounds, steps), (solution.mask,),
+                step_size=_describe_lr(lr), runs="rounds")
+  return solution
 
 
 @functools.partial(jax.jit, static_argnames=("schedule", "steps", "causal"))

@@ -64,6 +64,7 @@ def attention_term_max(x, *, causal: bool = True) -> float:
   """g_max ≥ ½ Σ_b ‖f_b(M∘W) − f_b(W)‖²: one per row that can differ (the first causal row
   cannot)."""
   x = validation.check_array("x", x, ndim=(2, 3))
+  causal = validation.check_bool("causal", causal)
   b = 1 if x.ndim == 2 else x.shape[0]
   n = x.shape[-2]
   return float(b * (n - 1 if causal else n))
@@ -131,6 +132,7 @@ def smoothness_measured(mask, w, x, *, lam, key: jax.Array, causal: bool = True,
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
   iters = validation.check_positive_int("iters", iters)
+  causal = validation.check_bool("causal", causal)
   return _power_iteration(mask, w, x, jnp.asarray(lam, mask.dtype), key, causal=causal,
                           iters=iters)
 

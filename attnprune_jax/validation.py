@@ -22,6 +22,12 @@ def is_traced(value) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def at_least_float32(array: jax.Array) -> jax.Array:
+  """float16/bfloat16 arrays as float32; float32 and float64 unchanged (the precision policy:
+  masks, losses and scores are computed in at least float32 whatever the input dtype)."""
+  return array.astype(jnp.promote_types(array.dtype, jnp.float32))
+
+
 def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
                 min_ndim: int | None = None, floating: bool = True) -> jax.Array:
   """Converts `value` to an array and checks its rank, dtype and (if concrete) finiteness.
@@ -39,8 +45,9 @@ def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
     raise InputTypeError(f"{name} must be an array, got None")
   try:
     array = value if is_traced(value) else jnp.asarray(value)
-  except TypeError as err:
-    raise InputTypeError(f"{name} must be array-like, got {type(value).__name__}") from err
+  except (TypeError, ValueError) as err:  # e.g. an object, or a ragged nested list
+    raise InputTypeError(f"{name} must be array-like (a rectangular array of numbers), got "
+                         f"{type(value).__name__}: {err}") from err
   dtype = np.dtype(array.dtype)
   if floating and not jnp.issubdtype(dtype, jnp.floating):
     raise InputTypeError(f"{name} must be a floating-point array, got dtype {dtype}")
@@ -60,17 +67,31 @@ def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
   return array
 
 
+def _scalar(name: str, value, kind: str):
+  """`value` as a numpy scalar if it is a Python, numpy or concrete 0-d JAX number of `kind`
+  ("integer" or "real"; bools are neither), else an error naming `name`."""
+  what = "an integer" if kind == "integer" else "a real number"
+  if isinstance(value, (bool, np.bool_)):
+    raise InputTypeError(f"{name} must be {what}, got bool")
+  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+    if np.ndim(value) != 0:
+      raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    value = np.asarray(value)[()]
+  expected = numbers.Integral if kind == "integer" else numbers.Real
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, expected):
+    raise InputTypeError(f"{name} must be {what}, got {type(value).__name__}")
+  return value
+
+
 def check_scalar(name: str, value, *, minimum: float | None = None,
                  strict: bool = False) -> None:
-  """Checks a real scalar hyperparameter: finite, and >= (or >, if strict) `minimum`."""
+  """Checks a real scalar hyperparameter: finite, and >= (or >, if strict) `minimum`.
+
+  Python, numpy and concrete 0-d JAX numbers are accepted alike; tracers pass unchecked.
+  """
   if is_traced(value):
     return
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray,
-                                                                  jax.Array)):
-    raise InputTypeError(f"{name} must be a real number, got {type(value).__name__}")
-  if np.ndim(value) != 0:
-    raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}")
-  number = float(value)
+  number = float(_scalar(name, value, "real"))
   if not np.isfinite(number):
     raise InputError(f"{name} must be finite, got {number}")
   if minimum is not None:
@@ -80,21 +101,34 @@ def check_scalar(name: str, value, *, minimum: float | None = None,
       raise InputError(f"{name} must be >= {minimum}, got {number}")
 
 
-def check_positive_int(name: str, value) -> int:
-  """Checks a positive Python/numpy integer (a static count such as `steps`)."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-    raise InputTypeError(f"{name} must be an integer, got {type(value).__name__}")
-  if value <= 0:
-    raise InputError(f"{name} must be a positive integer, got {value}")
-  return int(value)
+MAX_COUNT = np.iinfo(np.int32).max  # step counters run as int32 inside JAX
+
+
+def check_positive_int(name: str, value, *, maximum: int = MAX_COUNT) -> int:
+  """Checks a positive integer count such as `steps` (at most `maximum`); returns an int."""
+  number = int(_scalar(name, value, "integer"))
+  if number <= 0:
+    raise InputError(f"{name} must be a positive integer, got {number}")
+  if number > maximum:
+    raise InputError(f"{name} must be at most {maximum}, got {number}")
+  return number
+
+
+def check_bool(name: str, value) -> bool:
+  """Checks a flag: True or False (numpy bools too), never a string or None."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise InputTypeError(f"{name} must be True or False, got {value!r}")
+  return bool(value)
 
 
 def check_sparsity(sparsity) -> float:
-  """Checks a target sparsity (fraction of entries removed) in [0, 1)."""
-  if isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real):
-    raise InputTypeError(
-        f"sparsity must be a real number in [0, 1), got {type(sparsity).__name__}")
-  value = float(sparsity)
+  """Checks a target sparsity (fraction of entries removed) in [0, 1).
+
+  A numpy or JAX scalar is read as the shortest decimal of its own dtype (float32 0.55 is
+  0.55), so that counts follow the decimal the user wrote (see `masks.kept_count`).
+  """
+  value = _scalar("sparsity", sparsity, "real")
+  value = float(str(value)) if isinstance(value, np.floating) else float(value)
   if not 0.0 <= value < 1.0:
     raise InputError(f"sparsity must be in [0, 1), got {value}")
   return value

@@ -1,16 +1,24 @@
 """The demo: Algorithm 1 on one small synthetic head, then binary masks at a few sparsities.
 
 Every setting here is our choice (the paper's η, T, λ and binarization rule are not known).
-The step size is `step_fraction / L̂`, with L̂ the smoothness constant measured at M₀ = 1.
+The step size starts at `step_fraction / L̂`, with L̂ the smoothness constant measured at M₀ = 1.
+L̂ is local: where the curvature grows along the path (large logits), that step makes the loss
+rise. The rule is therefore made safe by backtracking: while the loss rises at some step, or
+diverges, the step size is halved and the run repeated, at most `MAX_HALVINGS` times; the
+halvings are reported. A loss still rising after them is a `DivergenceError`.
 """
 
 import dataclasses
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attnprune_jax as ap
+from attnprune_jax import validation
+from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.masks import merged_activation_score
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.synthetic import synthetic_problem
@@ -31,16 +39,61 @@ class DemoConfig:
   causal: bool = True
   seed: int = 0
 
+  def __post_init__(self):
+    for name in ("n", "d", "batch", "rank", "steps"):
+      validation.check_positive_int(name, getattr(self, name))
+    if self.rank > self.d:
+      raise InputError(f"rank must be at most d={self.d}, got {self.rank}")
+    validation.check_scalar("lam", self.lam, minimum=0.0)
+    validation.check_scalar("step_fraction", self.step_fraction, minimum=0.0, strict=True)
+    if not self.sparsities:
+      raise InputError("sparsities must name at least one sparsity")
+    for sparsity in self.sparsities:
+      validation.check_sparsity(sparsity)
+    validation.check_bool("causal", self.causal)
+
+
+MAX_HALVINGS = 20
+RISE_TOLERANCE = 1e-4  # a step may raise the loss by this fraction of L(M0) (float32 rounding)
+
+
+def solve_with_backtracking(w, x, config: DemoConfig, smoothness: float):
+  """Algorithm 1 at η = step_fraction / L̂, halving η while the loss rises or diverges.
+
+  Returns:
+    (solution, lr, halvings).
+  """
+  lr = config.step_fraction / smoothness
+  for halvings in range(MAX_HALVINGS + 1):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # a rise is handled here
+      try:
+        solution = ap.solve_mask(w, x, lam=config.lam, steps=config.steps, lr=lr,
+                                 causal=config.causal)
+      except DivergenceError:
+        solution = None
+    if solution is not None:
+      loss = np.asarray(solution.loss, np.float64)
+      if np.all(np.diff(loss) <= RISE_TOLERANCE * loss[0]):
+        return solution, lr, halvings
+    if halvings < MAX_HALVINGS:
+      lr /= 2
+  raise DivergenceError(
+      f"the loss still rises or diverges after {MAX_HALVINGS} halvings of the step size "
+      f"(--step-fraction {config.step_fraction:g} of 1/L_s, L_s = {smoothness:.4g} measured at "
+      f"M0; last lr = {lr:.4g}); use a smaller --step-fraction")
+
 
 def mask_scores(w, x, mask) -> dict[str, jax.Array]:
   """Scores ranked by `binarize`: weight-only, activation-aware, and from the solved mask.
 
-  With ‖X_i‖ the norm of input channel i over all tokens, "wanda" is the merged-form analogue of
-  Wanda's score, |W_ij|·‖X_i‖·‖X_j‖ (W acts on X from both sides).
+  With ‖X_i‖ the norm of input channel i over all tokens, "wanda-merged" is the merged-form
+  analogue of Wanda's score, |W_ij|·‖X_i‖·‖X_j‖ (W acts on X from both sides); it is not
+  `baselines.wanda`, which scores an (out, in) projection.
   """
   return {
       "magnitude": jnp.abs(w),
-      "wanda": merged_activation_score(w, x),
+      "wanda-merged": merged_activation_score(w, x),
       "attn |M|": jnp.abs(mask),
       "attn |M∘W|·‖x‖‖x‖": merged_activation_score(mask * w, x),
   }
@@ -55,12 +108,11 @@ def run(config: DemoConfig, reporter: Reporter) -> dict:
   ones = jnp.ones_like(w)
   smoothness = float(smoothness_measured(ones, w, x, lam=config.lam, key=key_power,
                                          causal=config.causal))
-  lr = config.step_fraction / smoothness
+  solution, lr, halvings = solve_with_backtracking(w, x, config, smoothness)
+  halved = f", halved {halvings} times because the loss rose" if halvings else ""
   reporter.info(f"Algorithm 1: {config.steps} steps, lam={config.lam:g}, "
-                f"lr={lr:.4g} (= {config.step_fraction:g}/L_s, L_s measured at M0: "
+                f"lr={lr:.4g} (= {config.step_fraction:g}/L_s{halved}; L_s measured at M0: "
                 f"{smoothness:.4g})")
-  solution = ap.solve_mask(w, x, lam=config.lam, steps=config.steps, lr=lr,
-                           causal=config.causal)
   final_loss = float(ap.pruning_loss(solution.mask, w, x, lam=config.lam, causal=config.causal))
   scores = mask_scores(w, x, solution.mask)
   pruned = []
@@ -77,6 +129,7 @@ def run(config: DemoConfig, reporter: Reporter) -> dict:
   return {
       "config": dataclasses.asdict(config),
       "lr": lr,
+      "lr_halvings": halvings,
       "smoothness_at_start": smoothness,
       "loss_before": float(solution.loss[0]),
       "loss_after": final_loss,

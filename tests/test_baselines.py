@@ -3,6 +3,7 @@ reconstruction-error ordering, running statistics, damping retries, the registry
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -191,3 +192,29 @@ def test_bad_input(name):
   w = np.random.default_rng(19).normal(size=(4, 16))
   with pytest.raises(error, match=message):
     call(w, x)
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+  # Σ_t x² of these inputs is ~1e6, beyond float16's largest value (65504).
+  x = correlated_inputs(7, 64, 16, outlier_scale=40.0).astype(np.float32)
+  w = np.random.default_rng(8).normal(size=(10, 16)).astype(np.float32)
+  half_w, half_x = jnp.asarray(w, jnp.float16), jnp.asarray(x, jnp.float16)
+  reference = wanda(half_w.astype(jnp.float32), half_x.astype(jnp.float32), 0.5)
+  np.testing.assert_array_equal(wanda(half_w, half_x, 0.5), reference)
+  stats = input_stats(half_x)
+  assert stats.sq_norms.dtype == jnp.float32 and np.isfinite(stats.sq_norms).all()
+  new_w, keep = sparsegpt(half_w, half_x, 0.5)
+  assert new_w.dtype == jnp.float32 and np.isfinite(new_w).all()
+  np.testing.assert_array_equal(keep, sparsegpt(half_w.astype(jnp.float32),
+                                                half_x.astype(jnp.float32), 0.5)[1])
+
+
+def test_statistics_are_a_pytree_of_arrays_so_wanda_jits():
+  x = correlated_inputs(9, 32, 8).astype(np.float32)
+  w = np.random.default_rng(10).normal(size=(6, 8)).astype(np.float32)
+  stats = input_stats(x, gram=False)
+  assert isinstance(stats.count, jax.Array) and int(stats.count) == 32
+  jitted = jax.jit(wanda, static_argnames=("sparsity", "n_m"))
+  np.testing.assert_array_equal(jitted(w, stats, sparsity=0.5), wanda(w, stats, 0.5))
+  np.testing.assert_array_equal(jitted(w, x, sparsity=0.5, n_m=(2, 4)),
+                                wanda(w, x, 0.5, n_m=(2, 4)))

@@ -1,6 +1,7 @@
 """The factored q/k objective of a real layer against the model's own attention and a plain
 numpy Llama; its gradient against finite differences; the three attention-aware methods."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 from attnprune_jax import layer_masks
 from attnprune_jax.attention import layer_attention
+from attnprune_jax.errors import DivergenceError
 from attnprune_jax.layer_masks import MaskSolverConfig, prune_schedule, solve_layer
 from attnprune_jax.models.llama import Llama, LlamaConfig, forward
 from attnprune_jax.objective import factored_loss, kv_groups
@@ -200,3 +202,28 @@ def test_reweighting_starts_from_the_binary_mask_not_the_shrunk_values():
   ratio = np.asarray(reweighted.q_proj)[keep] / np.asarray(q)[keep]
   # One Adam step moves each value by at most about lr from 1.
   assert np.all(np.abs(ratio - 1) <= 0.05 * 1.01)
+
+
+@pytest.mark.parametrize("method", layer_masks.METHODS)
+def test_divergence_is_an_error_naming_lr(method):
+  config, _, _, weights, captured = layer_problem("gqa", seed=6)
+  x = captured["attention_inputs"][1].astype(jnp.float32)
+  q, k = weights["q_proj"][1].astype(jnp.float32), weights["k_proj"][1].astype(jnp.float32)
+  diverging = dataclasses.replace(SMALL, optimizer="sgd", lr=1e30)
+  with pytest.raises(DivergenceError, match=rf"{method} diverged: .* optimizer=sgd lr=1e\+30"):
+    solve_layer(q, k, x, method=method, sparsity=0.5, config=diverging, num_kv_heads=2,
+                head_dim=4, rope_base=config.rope_base)
+
+
+def test_half_precision_layers_are_solved_in_float32():
+  config, _, _, weights, captured = layer_problem("mha", seed=7)
+  x = captured["attention_inputs"][1].astype(jnp.bfloat16)
+  q, k = weights["q_proj"][1].astype(jnp.bfloat16), weights["k_proj"][1].astype(jnp.bfloat16)
+  result = solve_layer(q, k, x, method="attn-progressive", sparsity=0.5, config=SMALL,
+                       num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  reference = solve_layer(q.astype(jnp.float32), k.astype(jnp.float32), x.astype(jnp.float32),
+                          method="attn-progressive", sparsity=0.5, config=SMALL,
+                          num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  assert result.loss.dtype == jnp.float32
+  np.testing.assert_array_equal(result.keep_q, reference.keep_q)
+  np.testing.assert_array_equal(result.keep_k, reference.keep_k)

@@ -1,18 +1,22 @@
 """binarize: exact counts, top scores kept, N:M structure, deterministic ties, jit."""
 
+import fractions
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import attnprune_jax as ap
+from attnprune_jax.errors import InputError
 from attnprune_jax.masks import kept_count
 import reference_numpy
 
 
 @pytest.mark.parametrize("shape", [(6, 10), (5, 7), (2, 3, 9)])
-@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9])
 def test_row_groups_keep_exact_count_of_top_scores(shape, sparsity):
   score = np.random.default_rng(0).normal(size=shape)
   keep = np.asarray(ap.binarize(score, sparsity))
@@ -65,6 +69,31 @@ def test_counts_round_half_up():
   assert kept_count(5, 0.5) == 3
   assert kept_count(10, 0.3) == 7
   assert kept_count(64, 0.7) == 19
+
+
+@pytest.mark.parametrize("text", ["0.05", "0.15", "0.3", "0.35", "0.45", "0.55", "0.65", "0.7",
+                                  "0.85", "0.95"])
+@pytest.mark.parametrize("size", [10, 20, 30, 50, 60, 100, 576])
+def test_counts_follow_the_decimal_sparsity(text, size):
+  # Independent reference: exact rational arithmetic on the decimal string.
+  expected = math.floor((1 - fractions.Fraction(text)) * size + fractions.Fraction(1, 2))
+  assert kept_count(size, float(text)) == expected
+
+
+def test_count_at_a_half_is_rounded_up_for_decimal_sparsity():
+  # (1 − 0.55)·30 is 13.4999… in binary floating point; the documented rule gives 14.
+  assert kept_count(30, 0.55) == 14
+  score = np.random.default_rng(4).normal(size=(3, 30))
+  for sparsity in (0.55, np.float32(0.55), jnp.float32(0.55), np.float64(0.55)):
+    assert (np.asarray(ap.binarize(score, sparsity)).sum(-1) == 14).all()
+
+
+def test_a_group_that_would_keep_nothing_is_an_error():
+  with pytest.raises(InputError, match=r"sparsity=0.94 keeps 0 of the 4 entries of each row"):
+    ap.binarize(np.ones((2, 4)), 0.94)
+  with pytest.raises(InputError, match="keeps 0 of the 4 entries of each matrix"):
+    ap.binarize(np.ones((2, 2)), 0.9, group="matrix")
+  assert np.asarray(ap.binarize(np.ones((2, 4)), 0.875)).sum(-1).tolist() == [1, 1]
 
 
 def test_integer_scores_and_jit():

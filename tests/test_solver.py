@@ -1,6 +1,8 @@
 """solve_mask (Algorithm 1) against a plain reference loop: heads, monotone descent, optax, no
 recompiles; progressive sparsification."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax import solver
+from attnprune_jax.errors import DivergenceError
 from attnprune_jax.theory import smoothness_measured
 from conftest import random_problem
 
@@ -147,3 +150,47 @@ def test_progressive_matches_a_python_reference_and_keeps_exact_counts():
   np.testing.assert_allclose(result.loss, losses, rtol=1e-10)
   assert (np.asarray(result.keep).sum(-1) == 4).all()
   assert (np.asarray(result.mask)[~np.asarray(result.keep)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_inputs_are_solved_in_float32(dtype):
+  # In half precision a step of ~1e-3 is below the resolution of 1.0: M would stay M₀.
+  _, w, x = random_problem(31, n=12, d=6, batch=2, scale=3.0, dtype=np.float32)
+  half_w, half_x = jnp.asarray(w, dtype), jnp.asarray(x, dtype)
+  half = ap.solve_mask(half_w, half_x, lam=1e-2, steps=40, lr=0.1)
+  full = ap.solve_mask(half_w.astype(jnp.float32), half_x.astype(jnp.float32), lam=1e-2,
+                       steps=40, lr=0.1)
+  assert half.mask.dtype == jnp.float32 and half.loss.dtype == jnp.float32
+  assert float(jnp.abs(half.mask - 1).max()) > 0.02
+  np.testing.assert_array_equal(half.mask, full.mask)
+  progressive = solver.solve_mask_progressive(half_w, half_x, sparsity=0.5, lam=1e-2, lr=0.1,
+                                              rounds=2, steps_per_round=5)
+  reference = solver.solve_mask_progressive(half_w.astype(jnp.float32),
+                                            half_x.astype(jnp.float32), sparsity=0.5,
+                                            lam=1e-2, lr=0.1, rounds=2, steps_per_round=5)
+  np.testing.assert_array_equal(progressive.keep, reference.keep)
+  loss = ap.pruning_loss(half.mask, half_w, half_x, lam=1e-2)
+  assert loss.dtype == jnp.float32
+
+
+def test_divergence_is_an_error_naming_the_step_size():
+  _, w, x = random_problem(32, n=10, d=6, batch=2, scale=3.0, dtype=np.float32)
+  with pytest.raises(DivergenceError, match=r"NaN or Inf .* lr=1e\+30"):
+    ap.solve_mask(w, x, lam=1e-2, steps=20, lr=1e30)
+  with pytest.raises(DivergenceError, match=r"lr=1e\+30"):
+    solver.solve_mask_progressive(w, x, sparsity=0.5, lam=1e-2, lr=1e30, rounds=2,
+                                  steps_per_round=3)
+  with pytest.raises(DivergenceError, match="the optimizer's step size"):
+    ap.solve_mask(np.stack([w, w]), x, lam=1e-2, steps=20, optimizer=optax.sgd(1e30))
+
+
+def test_a_rising_loss_warns():
+  _, w, x = random_problem(33, n=10, d=6, batch=2, scale=3.0, dtype=np.float32)
+  smoothness = float(smoothness_measured(np.ones_like(w), w, x, lam=1e-2,
+                                         key=jax.random.key(0)))
+  with pytest.warns(RuntimeWarning, match=r"the loss rose .* with lr=.*above 1/L_s"):
+    solution = ap.solve_mask(w, x, lam=1e-2, steps=30, lr=30 / smoothness)
+  assert solution.loss[-1] > solution.loss[0]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ap.solve_mask(w, x, lam=1e-2, steps=30, lr=0.5 / smoothness)

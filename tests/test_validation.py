@@ -1,11 +1,16 @@
 """Bad input raises a clear error naming the argument; traced calls skip value checks."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import attnprune_jax as ap
+from attnprune_jax.baselines import accumulate, input_stats
+from attnprune_jax.errors import InputError
+from attnprune_jax.solver import solve_mask_progressive
+from attnprune_jax.theory import smoothness_measured
 from conftest import random_problem
 
 MASK, W, X = random_problem(50, n=6, d=4, batch=2)
@@ -94,14 +99,63 @@ BAD_CALLS = {
                            "score must be at least 2-d"),
     "binarize bool score": (lambda: ap.binarize(W > 0, 0.5), TypeError,
                             "score must be a real numeric array"),
+    "loss causal string": (lambda: ap.pruning_loss(MASK, W, X, lam=0.1, causal="False"),
+                           TypeError, "causal must be True or False, got 'False'"),
+    "error causal None": (lambda: ap.attention_error(MASK, W, X, causal=None), TypeError,
+                          "causal must be True or False, got None"),
+    "attention causal int": (lambda: ap.attention_matrix(X, W, causal=0), TypeError,
+                             "causal must be True or False"),
+    "solve causal string": (lambda: ap.solve_mask(W, X, lam=0.1, steps=3, lr=0.1, causal="no"),
+                            TypeError, "causal must be True or False"),
+    "progressive causal None": (lambda: solve_mask_progressive(W, X, sparsity=0.5, lam=0.1,
+                                                               lr=0.1, causal=None),
+                                TypeError, "causal must be True or False"),
+    "smoothness causal string": (lambda: smoothness_measured(MASK, W, X, lam=0.1, causal="True",
+                                                             key=jax.random.key(0)),
+                                 TypeError, "causal must be True or False"),
+    "solve steps beyond int32": (lambda: ap.solve_mask(W, X, lam=0.1, steps=3_000_000_000,
+                                                       lr=0.1),
+                                 ValueError, "steps must be at most 2147483647"),
+    "solve 0 tokens": (lambda: ap.solve_mask(W, X[:, :0], lam=0.1, steps=3, lr=0.1), ValueError,
+                       "x must hold at least one sequence of at least one token"),
+    "solve batch 0": (lambda: ap.solve_mask(W, X[:0], lam=0.1, steps=3, lr=0.1), ValueError,
+                      "x must hold at least one sequence"),
+    "loss 0 tokens": (lambda: ap.pruning_loss(MASK, W, X[0, :0], lam=0.1), ValueError,
+                      "x must hold at least one sequence of at least one token"),
+    "error batch 0": (lambda: ap.attention_error(MASK, W, X[:0]), ValueError,
+                      "x must hold at least one sequence"),
+    "attention 0 tokens": (lambda: ap.attention_matrix(X[:, :0], W), ValueError,
+                           "x must hold at least one token"),
+    "solve w 0-d": (lambda: ap.solve_mask(np.zeros((0, 0)), X[..., :0], lam=0.1, steps=3,
+                                          lr=0.1), ValueError, "w must be square .* d >= 1"),
+    "input_stats scalar": (lambda: input_stats(np.float32(1.0)), ValueError,
+                           "x must be at least 2-d"),
+    "input_stats ragged": (lambda: input_stats([[1.0, 2.0], [3.0]]), TypeError,
+                           "x must be array-like"),
+    "accumulate None": (lambda: accumulate(None, X), TypeError, "stats must be InputStats"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
 def test_bad_input_raises_named_error(name):
   call, error, message = BAD_CALLS[name]
-  with pytest.raises(error, match=message):
+  with pytest.raises(error, match=message) as caught:
     call()
+  assert isinstance(caught.value, InputError), "input errors must be InputError (CLI exit 2)"
+
+
+def test_numpy_and_jax_scalars_are_accepted_like_python_numbers():
+  reference = ap.solve_mask(W, X, lam=0.1, steps=3, lr=0.1)
+  for steps, lr, lam in ((np.int64(3), np.float32(0.1), np.float64(0.1)),
+                         (jnp.int32(3), jnp.float32(0.1), jnp.float32(0.1))):
+    solution = ap.solve_mask(W, X, lam=lam, steps=steps, lr=lr)
+    np.testing.assert_allclose(solution.mask, reference.mask, rtol=1e-6)
+  for sparsity in (np.float32(0.5), jnp.float32(0.5), np.float64(0.5), jnp.asarray(0.5)):
+    np.testing.assert_array_equal(ap.binarize(W, sparsity), ap.binarize(W, 0.5))
+  with pytest.raises(ValueError, match="sparsity must be a scalar"):
+    ap.binarize(W, np.array([0.5, 0.5]))
+  with pytest.raises(TypeError, match="steps must be an integer, got bool"):
+    ap.solve_mask(W, X, lam=0.1, steps=True, lr=0.1)
 
 
 def test_value_checks_are_skipped_under_tracing():

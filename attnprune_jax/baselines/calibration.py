@@ -9,10 +9,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from attnprune_jax import validation
-from attnprune_jax.errors import InputError
+from attnprune_jax.errors import InputError, InputTypeError
 
 
 class InputStats(NamedTuple):
@@ -21,17 +21,24 @@ class InputStats(NamedTuple):
   Attributes:
     sq_norms: (in,) Σ_t x_tj², the squared norm of each input feature.
     gram: (in, in) Σ_t x_t x_tᵀ, or None when not tracked.
-    count: number of tokens folded in.
+    count: number of tokens folded in, a 0-d integer array (so `InputStats` is a pytree of
+      arrays that `jax.jit` can take).
   """
   sq_norms: Float[Array, "in"]
   gram: Float[Array, "in in"] | None
-  count: int
+  count: Int[Array, ""]
 
 
 def empty_stats(features: int, *, gram: bool = True, dtype=jnp.float32) -> InputStats:
-  """Statistics of no tokens yet; `gram=False` skips the (in, in) matrix (Wanda only)."""
+  """Statistics of no tokens yet; `gram=False` skips the (in, in) matrix (Wanda only).
+
+  The sums are kept in at least float32 whatever `dtype` (float16 squares overflow at 256).
+  """
+  features = validation.check_positive_int("features", features)
+  dtype = jnp.promote_types(dtype, jnp.float32)
   return InputStats(jnp.zeros((features,), dtype),
-                    jnp.zeros((features, features), dtype) if gram else None, 0)
+                    jnp.zeros((features, features), dtype) if gram else None,
+                    jnp.zeros((), jnp.int32))
 
 
 @jax.jit
@@ -40,10 +47,13 @@ def _sums(x: Float[Array, "t in"], gram: Float[Array, "in in"] | None):
 
 
 def accumulate(stats: InputStats, x) -> InputStats:
-  """Folds a batch of inputs x (..., in) into `stats` (leading axes are tokens)."""
-  x = validation.check_array("x", x)
+  """Folds a batch of inputs x (..., tokens, in) into `stats` (leading axes are tokens)."""
+  if not isinstance(stats, InputStats):
+    raise InputTypeError(f"stats must be InputStats (from empty_stats or input_stats), got "
+                         f"{type(stats).__name__}")
+  x = validation.check_array("x", x, min_ndim=2)
   features = stats.sq_norms.shape[0]
-  if x.ndim < 1 or x.shape[-1] != features:
+  if x.shape[-1] != features:
     raise InputError(f"x must have shape (..., {features}), got {tuple(x.shape)}")
   tokens = x.reshape(-1, features).astype(stats.sq_norms.dtype)
   sq_norms, gram = _sums(tokens, stats.gram)
@@ -51,8 +61,8 @@ def accumulate(stats: InputStats, x) -> InputStats:
 
 
 def input_stats(x, *, gram: bool = True) -> InputStats:
-  """Statistics of all tokens of x (..., in) at once."""
-  x = validation.check_array("x", x)
+  """Statistics of all tokens of x (..., tokens, in) at once."""
+  x = validation.check_array("x", x, min_ndim=2)
   return accumulate(empty_stats(x.shape[-1], gram=gram, dtype=x.dtype), x)
 
 
@@ -61,6 +71,6 @@ def as_stats(x_or_stats, *, gram: bool) -> InputStats:
   stats = x_or_stats if isinstance(x_or_stats, InputStats) else input_stats(x_or_stats, gram=gram)
   if gram and stats.gram is None:
     raise InputError("x must carry a Gram matrix: accumulate InputStats with gram=True")
-  if stats.count <= 0:
+  if not validation.is_traced(stats.count) and int(stats.count) <= 0:
     raise InputError("x must hold at least one calibration token, got InputStats of 0 tokens")
   return stats

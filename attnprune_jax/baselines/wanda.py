@@ -10,8 +10,10 @@ from attnprune_jax.masks import binarize
 
 
 def wanda_score(w, stats: InputStats):
-  """|W_ij|·‖X_j‖₂ for w (out, in), with ‖X_j‖₂² = Σ_t x_tj² from the calibration tokens."""
-  return jnp.abs(w) * jnp.sqrt(stats.sq_norms)[None, :]
+  """|W_ij|·‖X_j‖₂ for w (out, in), with ‖X_j‖₂² = Σ_t x_tj² from the calibration tokens; in at
+  least float32 (a float16 score overflows)."""
+  norms = jnp.sqrt(stats.sq_norms)
+  return jnp.abs(w).astype(jnp.promote_types(w.dtype, norms.dtype)) * norms[None, :]
 
 
 def wanda(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None) -> Bool[Array, "out in"]:

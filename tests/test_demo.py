@@ -1,0 +1,53 @@
+"""The demo's step-size rule: η = step_fraction / L̂, halved while the loss rises or diverges."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnprune_jax.errors import DivergenceError, InputError
+from attnprune_jax.reporting import Reporter
+from attnprune_jax.synthetic import synthetic_problem
+from attnprune_jax.theory import smoothness_measured
+from experiments import demo
+
+SMALL = demo.DemoConfig(n=32, d=16, rank=8, batch=2, steps=200)
+
+
+def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
+  # Saturated softmax: L̂ at M₀ is ~λ, so η = 1/L̂ ~ 100 and the loss rises 10⁹-fold.
+  w, x = synthetic_problem(jax.random.key(0), n=32, d=16, batch=2, rank=8)
+  w = 300 * w
+  smoothness = float(smoothness_measured(jnp.ones_like(w), w, x, lam=SMALL.lam,
+                                         key=jax.random.key(1)))
+  assert 1 / smoothness > 50
+  solution, lr, halvings = demo.solve_with_backtracking(w, x, SMALL, smoothness)
+  assert halvings > 0 and lr == pytest.approx(1 / smoothness / 2**halvings)
+  loss = np.asarray(solution.loss)
+  assert np.all(np.diff(loss) <= demo.RISE_TOLERANCE * loss[0]) and loss[-1] < loss[0]
+
+
+def test_an_absurd_step_fraction_is_an_error_not_a_table():
+  config = demo.DemoConfig(n=16, d=8, rank=4, batch=2, steps=20, step_fraction=1e9)
+  with pytest.raises(DivergenceError, match=r"--step-fraction 1e\+09"):
+    demo.run(config, Reporter(quiet=True))
+
+
+def test_default_rule_needs_no_halving_on_the_default_problem_shape():
+  results = demo.run(demo.DemoConfig(n=32, d=16, rank=8, batch=2, steps=100),
+                     Reporter(quiet=True))
+  assert results["lr_halvings"] == 0 and results["loss_after"] < results["loss_before"]
+  assert {row["method"] for row in results["pruned"]} >= {"magnitude", "wanda-merged"}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch", 0, "batch must be a positive integer"),
+    ("n", -1, "n must be a positive integer"),
+    ("rank", 17, "rank must be at most d=16"),
+    ("step_fraction", float("inf"), "step_fraction must be finite"),
+    ("sparsities", (), "sparsities must name at least one"),
+    ("sparsities", (1.0,), r"sparsity must be in \[0, 1\)"),
+])
+def test_config_is_checked(field, value, message):
+  with pytest.raises(InputError, match=message):
+    demo.DemoConfig(**{"n": 32, "d": 16, "rank": 8, field: value})
