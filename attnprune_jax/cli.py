@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -10,28 +11,70 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from attnprune_jax import __version__
+from attnprune_jax import __version__, validation
 from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import provenance, result_document, write_json_atomic
+from attnprune_jax.results import (check_output_path, json_text, provenance, result_document,
+                                   write_json_atomic)
 
 
 class Command(NamedTuple):
   """A subcommand: its name, one-line help, its options, and what it runs.
 
-  `run(args, reporter)` returns (results dict, seed) and reports to people through `reporter`.
+  `run(args, reporter)` checks every option before any work, returns (results dict, seed) and
+  reports to people through `reporter`. A `resumable` command keeps what it finished, so a rerun
+  after an interruption goes on from there.
   """
   name: str
   help: str
   add_arguments: Callable[[argparse.ArgumentParser], None]
   run: Callable[[argparse.Namespace, Reporter], tuple[dict, int | None]]
+  resumable: bool = False
+
+
+MAX_STEPS = 10**7  # our choice: far beyond any useful run
+MAX_DEMO_ENTRIES = 2**26  # our choice: 256 MiB of float32 per array of the demo
+# Options naming what a command writes (True: a folder), checked before any work.
+OUTPUT_OPTIONS = {"json": False, "results": False, "out": True, "work": True, "figures": True}
+
+
+def _option(dest: str) -> str:
+  return "--" + dest.replace("_", "-")
+
+
+def _check_integer(args: argparse.Namespace, dest: str, minimum: int = 1,
+                   maximum: int = validation.MAX_COUNT) -> None:
+  """An InputError naming the option unless its value lies in [minimum, maximum]."""
+  value = getattr(args, dest)
+  if not minimum <= value <= maximum:
+    raise InputError(f"{_option(dest)} must be an integer in [{minimum}, {maximum}], got {value}")
+
+
+def _check_real(args: argparse.Namespace, dest: str, minimum: float = 0.0, *,
+                strict: bool = False, below: float = math.inf) -> None:
+  """An InputError naming the option unless its value (each, for a list) is finite, >= minimum
+  (> if strict) and < below."""
+  values = getattr(args, dest)
+  for value in values if isinstance(values, list) else [values]:
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)
+            and value < below):
+      raise InputError(f"{_option(dest)} must be in {'(' if strict else '['}{minimum:g}, "
+                       f"{below:g}), got {value}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+  """Checks every output path given (see `results.check_output_path`) before any work."""
+  for dest, folder in OUTPUT_OPTIONS.items():
+    path = getattr(args, dest, None)
+    if path is not None and not (dest == "json" and path == "-"):
+      check_output_path(_option(dest), path, folder=folder)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
   from experiments.demo import DemoConfig
   defaults = DemoConfig()
   parser.add_argument("--n", type=int, default=defaults.n, help="tokens per sequence")
-  parser.add_argument("--d", type=int, default=defaults.d, help="model width")
+  parser.add_argument("--d", type=int, default=defaults.d, help="model width (at least 4)")
   parser.add_argument("--batch", type=int, default=defaults.batch, help="calibration sequences")
   parser.add_argument("--rank", type=int, default=defaults.rank, help="rank of W (head dim)")
   parser.add_argument("--lam", type=float, default=defaults.lam, help="λ of the L2 term")
@@ -46,7 +89,26 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, int]:
+  from attnprune_jax.masks import kept_count
   from experiments import demo
+  for dest in ("n", "batch", "rank"):
+    _check_integer(args, dest)
+  _check_integer(args, "d", minimum=4)  # the synthetic inputs have 4 outlier channels
+  _check_integer(args, "steps", maximum=MAX_STEPS)
+  _check_integer(args, "seed", minimum=-2**63, maximum=2**63 - 1)  # what jax.random.key takes
+  _check_real(args, "lam")
+  _check_real(args, "step_fraction", strict=True)
+  _check_real(args, "sparsities", below=1.0)
+  if args.rank > args.d:
+    raise InputError(f"--rank must be at most --d={args.d}, got {args.rank}")
+  entries = max(args.batch * args.n * max(args.n, args.d), args.d**2)  # scores, inputs, W
+  if entries > MAX_DEMO_ENTRIES:
+    raise InputError(f"--batch x --n x max(--n, --d) and --d x --d must be at most "
+                     f"{MAX_DEMO_ENTRIES} (a small head), got {entries}")
+  for sparsity in args.sparsities:
+    if kept_count(args.d, sparsity) < 1:
+      raise InputError(f"--sparsities {sparsity:g} keeps none of the --d={args.d} entries of a "
+                       "row; a row must keep at least one")
   config = demo.DemoConfig(n=args.n, d=args.d, batch=args.batch, rank=args.rank, lam=args.lam,
                            steps=args.steps, step_fraction=args.step_fraction,
                            sparsities=tuple(args.sparsities), causal=args.causal,
@@ -65,14 +127,29 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
 
 
+def _check_text_fits(model, text: str, count: int, ctx: int, options: str) -> None:
+  """An InputError naming `options` unless `count` windows of `ctx` tokens fit in `text`."""
+  from attnprune_jax import data
+  needed, available = count * (ctx - 1), data.text_tokens(model.tokenizer, text).size
+  if needed > available:
+    raise InputError(f"{options} ask for {count} windows of {ctx} tokens, {needed} tokens of "
+                     f"{text}, which has {available}")
+
+
 def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, evaluate, models
+  for dest in ("tokens", "batch"):
+    _check_integer(args, dest)
+  _check_integer(args, "ctx", minimum=2)
   if args.tokens < args.ctx:
-    raise InputError(f"tokens must be at least ctx={args.ctx} (one window), got {args.tokens}")
+    raise InputError(f"--tokens must be at least --ctx={args.ctx} (one window), got "
+                     f"{args.tokens}")
   start = time.perf_counter()
   model = models.load(args.model)
   load_s = time.perf_counter() - start
-  windows = data.evaluation_windows(model.tokenizer, count=args.tokens // args.ctx, ctx=args.ctx)
+  count = args.tokens // args.ctx
+  _check_text_fits(model, data.EVALUATION_TEXT, count, args.ctx, "--tokens and --ctx")
+  windows = data.evaluation_windows(model.tokenizer, count=count, ctx=args.ctx)
   start = time.perf_counter()
   results = evaluate.perplexity(model, windows, batch_size=args.batch, reporter=reporter)
   eval_s = time.perf_counter() - start
@@ -98,10 +175,11 @@ def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
   start = time.perf_counter()
   results = experiment.run(config, Path(args.out), reporter)
+  code = results.pop("provenance")  # the fingerprint and the commits of reused runs
   figures = experiment.plot(results, Path(args.out))
   document = result_document("synthetic", results, provenance(
       seed=None, settings={"quick": args.quick, "out": args.out, "figures": args.figures},
-      wall_time_s=time.perf_counter() - start))
+      wall_time_s=time.perf_counter() - start) | code)
   write_json_atomic(Path(args.out) / "results.json", document)
   if args.figures:
     Path(args.figures).mkdir(parents=True, exist_ok=True)
@@ -113,24 +191,41 @@ def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   experiment.report(results, reporter)
   reporter.info(f"results and figures in {args.out}: results.json, "
                 + ", ".join(path.name for path in figures))
-  return {"summary": results["summary"], "out": args.out}, None
+  return {"summary": results["summary"], "out": args.out, **code}, None
 
 
-def _parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
-  """'0-29' or '0,5,10-12' -> sorted distinct layer indices, each in [0, num_layers)."""
-  layers = set()
+def _layer_ranges(text: str) -> list[range]:
+  """'0-29' or '0,5,10-12' -> the ranges of layer indices it names (the model bounds them)."""
+  ranges = []
   try:
     for part in text.split(","):
       first, _, last = part.partition("-")
       first, last = int(first), int(last or first)
-      if last < first:
+      if not 0 <= first <= last:
         raise ValueError
-      layers.update(range(first, last + 1))
+      ranges.append(range(first, last + 1))
   except ValueError:
-    raise InputError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
-  if not layers or min(layers) < 0 or max(layers) >= num_layers:
-    raise InputError(f"layers must lie in 0-{num_layers - 1}, got {text!r}")
-  return tuple(sorted(layers))
+    raise InputError(f"--layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
+  return ranges
+
+
+def _layers(ranges: list[range], text: str, num_layers: int) -> tuple[int, ...]:
+  """Sorted distinct layer indices of `ranges`, each in [0, num_layers)."""
+  if max(r.stop for r in ranges) > num_layers:
+    raise InputError(f"--layers must lie in 0-{num_layers - 1}, got {text!r}")
+  return tuple(sorted(set().union(*ranges)))
+
+
+def _pattern(text: str) -> tuple[float, tuple[int, int]]:
+  """'2:4' -> (0.5, (2, 4)): N of every M consecutive entries removed, 0 <= N < M."""
+  n, colon, m = text.partition(":")
+  try:
+    n_m = int(n), int(m)
+  except ValueError:
+    n_m = None
+  if not colon or n_m is None or not 0 <= n_m[0] < n_m[1]:
+    raise InputError(f"--pattern must look like 2:4 (N:M, integers 0 <= N < M), got {text!r}")
+  return n_m[0] / n_m[1], n_m
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,11 +246,12 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _data_config(args: argparse.Namespace):
   from experiments.qk_pruning import DataConfig
-  for name in ("calib_seqs", "calib_len", "heldout_seqs", "eval_tokens"):
-    value = getattr(args, name)
-    if value < (2 if name == "calib_len" else 1):
-      raise InputError(f"--{name.replace('_', '-')} must be a positive integer"
-                       f"{' >= 2' if name == 'calib_len' else ''}, got {value}")
+  for dest in ("calib_seqs", "heldout_seqs", "eval_tokens"):
+    _check_integer(args, dest)
+  _check_integer(args, "calib_len", minimum=2)
+  if args.eval_tokens < args.calib_len:
+    raise InputError(f"--eval-tokens must be at least --calib-len={args.calib_len} (one "
+                     f"window), got {args.eval_tokens}")
   return DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
                     heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
 
@@ -185,25 +281,27 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import models
+  from attnprune_jax import data, models
   from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
   from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning
   if (args.sparsity is None) == (args.pattern is None):
     raise InputError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
   if args.pattern is not None:
-    try:
-      if ":" not in args.pattern:
-        raise ValueError
-      sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
-    except ValueError:
-      raise InputError(f"--pattern must look like 2:4, got {args.pattern!r}") from None
+    sparsity, n_m = _pattern(args.pattern)
   else:
+    _check_real(args, "sparsity", below=1.0)
     sparsity, n_m = args.sparsity, None
+  ranges = None if args.layers is None else _layer_ranges(args.layers)
   data_config = _data_config(args)
   overrides = {field.name: getattr(args, field.name)
                for field in dataclasses.fields(MaskSolverConfig)
                if getattr(args, field.name) is not None}
+  for name, value in overrides.items():
+    if isinstance(value, int):
+      _check_integer(args, name, maximum=MAX_STEPS)
+    elif isinstance(value, float):
+      _check_real(args, name, strict=name == "lr")
   if args.method in DEFAULTS:
     solver = dataclasses.replace(DEFAULTS[args.method], **overrides)
   elif overrides:
@@ -219,8 +317,16 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
     raise InputError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
                      "another --out")
   model = models.load(args.model)
-  layers = (tuple(range(model.config.num_layers)) if args.layers is None
-            else _parse_layers(args.layers, model.config.num_layers))
+  layers = (tuple(range(model.config.num_layers)) if ranges is None
+            else _layers(ranges, args.layers, model.config.num_layers))
+  if n_m is not None and model.config.hidden_size % n_m[1]:
+    raise InputError(f"--pattern {args.pattern}: M must divide the model width "
+                     f"{model.config.hidden_size}")
+  _check_text_fits(model, data.CALIBRATION_TEXT, data_config.calib_seqs
+                   + data_config.heldout_seqs, data_config.calib_len,
+                   "--calib-seqs, --heldout-seqs and --calib-len")
+  _check_text_fits(model, data.EVALUATION_TEXT, data_config.eval_tokens // data_config.calib_len,
+                   data_config.calib_len, "--eval-tokens and --calib-len")
   settings = PruneSettings(args.method, sparsity, n_m, layers, solver)
   token_windows = qk_pruning.windows(model, data_config)
   row = qk_pruning.prune_row(model, settings, token_windows, data_config, out,
@@ -253,6 +359,19 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                            "stored in --results")
 
 
+def _stored_rows(path: Path) -> list[dict]:
+  """The rows of a results file of `reproduce`; an InputError naming --results if it is not
+  one."""
+  try:
+    rows = json.loads(path.read_text())["rows"]
+  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+    raise InputError(f"--results: {path} is not a results file of reproduce "
+                     f"({type(err).__name__}: {err})") from None
+  if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+    raise InputError(f"--results: {path} holds no list of rows")
+  return rows
+
+
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import models
   from attnprune_jax.methods import METHODS
@@ -264,15 +383,18 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
     if unknown:
       raise InputError(f"--methods must be among {METHODS}, got {unknown}")
     grid = dataclasses.replace(grid, methods=tuple(args.methods))
-  results = Path(args.results or ("out/quick/qk_pruning.json" if args.quick
-                                  else "results/qk_pruning.json"))
-  work = Path(args.work or ("out/quick" if args.quick else "out/reproduce"))
+  results = check_output_path("--results", args.results or (
+      "out/quick/qk_pruning.json" if args.quick else "results/qk_pruning.json"))
+  work = check_output_path("--work", args.work or ("out/quick" if args.quick
+                                                   else "out/reproduce"), folder=True)
   figures = args.figures or (None if args.quick else "figures/real")
+  if figures:
+    check_output_path("--figures", figures, folder=True)
+  rows = _stored_rows(results) if results.is_file() else None
+  if args.report_only and rows is None:
+    raise InputError(f"--report-only needs stored rows; {results} does not exist")
   model = models.load("smollm2")
   if args.report_only:
-    if not results.is_file():
-      raise InputError(f"--report-only needs stored rows; {results} does not exist")
-    rows = json.loads(results.read_text())["rows"]
     results.with_suffix(".md").write_text(qk_pruning.markdown_tables(rows))
   else:
     rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
@@ -292,11 +414,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval", "Perplexity of a real model on the evaluation text (Pride and Prejudice).",
             _eval_arguments, _eval_run),
     Command("synthetic", "Convergence experiments and sparsity sweep on synthetic problems "
-            "(paper section 6.1).", _synthetic_arguments, _synthetic_run),
+            "(paper section 6.1).", _synthetic_arguments, _synthetic_run, resumable=True),
     Command("prune", "Prune q_proj/k_proj of a real model layer by layer with one method; "
-            "perplexity and attention error.", _prune_arguments, _prune_run),
+            "perplexity and attention error.", _prune_arguments, _prune_run, resumable=True),
     Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
-            "(paper sections 6.2-6.3), resumable.", _reproduce_arguments, _reproduce_run),
+            "(paper sections 6.2-6.3), resumable.", _reproduce_arguments, _reproduce_run,
+            resumable=True),
 )
 
 
@@ -320,26 +443,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of `attnprune`; returns the exit status."""
+  """Entry point of `attnprune`; returns the exit status: 0 done, 2 bad input (one line on
+  stderr), 130 interrupted; any other exception is a bug and keeps its traceback."""
   args = build_parser().parse_args(argv)
   reporter = Reporter(quiet=args.quiet)
   command: Command = args.command_spec
   start = time.perf_counter()
   try:
+    _check_outputs(args)
     results, seed = command.run(args, reporter)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("command_spec", "json", "quiet")}
+    document = result_document(command.name, results,
+                               provenance(seed=seed, settings=settings,
+                                          wall_time_s=time.perf_counter() - start))
+    if args.json == "-":
+      sys.stdout.write(json_text(document))
+    elif args.json:
+      write_json_atomic(args.json, document)
+      reporter.info(f"results written to {args.json}")
   except InputError as err:
     print(f"attnprune {command.name}: error: {err}", file=sys.stderr)
     return 2
-  settings = {k: v for k, v in vars(args).items() if k not in ("command_spec", "json", "quiet")}
-  document = result_document(command.name, results,
-                             provenance(seed=seed, settings=settings,
-                                        wall_time_s=time.perf_counter() - start))
-  if args.json == "-":
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-  elif args.json:
-    write_json_atomic(args.json, document)
-    reporter.info(f"results written to {args.json}")
+  except KeyboardInterrupt:
+    resume = "; rerun the same command to resume" if command.resumable else ""
+    print(f"attnprune {command.name}: interrupted{resume}", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -35,8 +35,13 @@ from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, dec
                                         layer_weights)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import code_fingerprint
 
 CHECKPOINT = "checkpoint.npz"
+# The modules a pruned layer depends on: a checkpoint of other code is not resumed.
+CODE = tuple(f"attnprune_jax.{name}" for name in (
+    "attention", "objective", "solver", "masks", "layer_masks", "methods", "baselines", "models",
+    "validation")) + (__name__,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +139,13 @@ def _read_checkpoint(folder: Path, key: dict, reporter: Reporter):
   except (OSError, ValueError, KeyError) as err:
     reporter.info(f"ignoring the unreadable checkpoint {path}: {err}")
     return None
-  if state.get("key") != key:
+  stored_key = state.get("key") or {}
+  if {k: v for k, v in stored_key.items() if k != "code"} == {
+      k: v for k, v in key.items() if k != "code"} and stored_key.get("code") != key["code"]:
+    reporter.info(f"the checkpoint {path} was made by other code (fingerprint "
+                  f"{stored_key.get('code')}, now {key['code']}); starting afresh")
+    return None
+  if stored_key != key:
     raise InputError(f"the checkpoint {path} was made with other settings, calibration data or "
                      f"model ({state.get('key')}); use another output folder or delete it")
   return weights, state["layers"]
@@ -151,7 +162,9 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     calibration: (windows, t) int tokens the methods see.
     heldout: (windows, t) int tokens for the attention errors (never given to a method).
     checkpoint_dir: if given, the state after every layer is saved there and a rerun with the
-      same settings resumes after the last finished layer, with identical results.
+      same settings resumes after the last finished layer, with identical results; a
+      checkpoint of other code (`CODE`'s fingerprint) is discarded, one of other settings,
+      windows or model is an error.
     reporter: a progress bar per layer.
   Returns:
     a `PrunedModel` (replacement weights and per-layer records).
@@ -163,10 +176,11 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   weights = {"q_proj": dense["q_proj"], "k_proj": dense["k_proj"]}
   records: list[dict] = []
   folder = None if checkpoint_dir is None else Path(checkpoint_dir)
-  # A checkpoint is reused only for the same settings, windows and dense model.
+  # A checkpoint is reused only for the same settings, windows, dense model and code.
   key = {"settings": settings.to_json(),
          "data": fingerprint(calibration, heldout),
-         "model": fingerprint(*(dense[name] for name in sorted(dense)))}
+         "model": fingerprint(*(dense[name] for name in sorted(dense))),
+         "code": code_fingerprint(CODE)}
   if folder is not None:
     resumed = _read_checkpoint(folder, key, reporter)
     if resumed is not None:

@@ -1,22 +1,29 @@
 """Result files: plain JSON with a schema version and provenance, written atomically."""
 
 import datetime
+import hashlib
+import importlib
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import jax
+
+from attnprune_jax.errors import InputError
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("attnprune_jax", "jax", "jaxlib", "optax", "flax", "numpy")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
   """HEAD of the checkout holding this package, with '-dirty' if it has local changes."""
   root = Path(__file__).resolve().parent.parent
   try:
@@ -29,6 +36,23 @@ def _git_commit() -> str | None:
   return commit + ("-dirty" if dirty.strip() else "")
 
 
+def code_fingerprint(modules: Iterable[ModuleType | str]) -> str:
+  """Short sha256 of the source of `modules` (objects or dotted names): a stored result made by
+  other code has another fingerprint. A package counts with every .py file below it.
+  """
+  digest = hashlib.sha256()
+  loaded = [importlib.import_module(m) if isinstance(m, str) else m for m in modules]
+  for module in sorted({m.__name__: m for m in loaded}.values(), key=lambda m: m.__name__):
+    if getattr(module, "__file__", None) is None:
+      raise InputError(f"code_fingerprint: modules must have a source file, got {module!r}")
+    source = Path(module.__file__)
+    files = sorted(source.parent.rglob("*.py")) if hasattr(module, "__path__") else [source]
+    for path in files:
+      digest.update(f"{module.__name__}:{path.relative_to(source.parent)}\0".encode())
+      digest.update(path.read_bytes())
+  return digest.hexdigest()[:16]
+
+
 def _version(package: str) -> str | None:
   try:
     return metadata.version(package)
@@ -39,7 +63,7 @@ def _version(package: str) -> str | None:
 def provenance(*, seed: int | None, settings: dict, wall_time_s: float) -> dict:
   """What produced a result: code version, library versions, machine, seed, settings, time."""
   return {
-      "git_commit": _git_commit(),
+      "git_commit": git_commit(),
       "versions": {name: _version(name) for name in _PACKAGES} | {
           "python": platform.python_version()},
       "platform": platform.platform(),
@@ -59,20 +83,87 @@ def result_document(kind: str, results: dict, provenance_record: dict) -> dict:
           **results}
 
 
+def check_output_path(option: str, path: str | os.PathLike, *, folder: bool = False) -> Path:
+  """`path` as a Path if a command can write it (a file, or a folder if `folder`), else an
+  InputError naming `option`; run before the work so that a bad path costs nothing.
+
+  The nearest existing ancestor must be a folder in which a file can be created (tried with a
+  nameless temporary file, so nothing is left behind); missing folders are created later.
+  """
+  text = os.fspath(path)
+  kind = "folder" if folder else "file"
+  if not text:
+    raise InputError(f"{option} must be a {kind} path, got an empty string")
+  path = Path(text)
+  if folder and path.exists() and not path.is_dir():
+    raise InputError(f"{option} must be a folder, got {text!r}, which is a file")
+  if not folder and (path.is_dir() or text.endswith(os.sep)):
+    raise InputError(f"{option} must be a file path, got {text!r}, which is a folder")
+  if not folder and path.exists() and not path.is_file():
+    raise InputError(f"{option} must be a regular file, got {text!r} (a device, pipe or socket)")
+  ancestor = path if folder else path.parent
+  while not ancestor.exists() and ancestor != ancestor.parent:
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise InputError(f"{option}: cannot create {text!r}: {str(ancestor)!r} is a file, not a "
+                     "folder")
+  try:
+    tempfile.TemporaryFile(dir=ancestor).close()
+  except OSError as err:
+    raise InputError(f"{option}: cannot write {text!r}: folder {str(ancestor)!r} is not "
+                     f"writable ({err.strerror})") from None
+  return path
+
+
+def _non_finite(value, where: str) -> tuple[str, float] | None:
+  """The key path (e.g. `rows[2].perplexity`) and value of the first NaN or infinity in a
+  JSON-like value, or None."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return where, value
+  if isinstance(value, dict):
+    children = ((f"{where}.{key}" if where else str(key), child) for key, child in value.items())
+  elif isinstance(value, (list, tuple)):
+    children = ((f"{where}[{index}]", child) for index, child in enumerate(value))
+  else:
+    children = ()
+  for key, child in children:
+    found = _non_finite(child, key)
+    if found is not None:
+      return found
+  return None
+
+
+def json_text(document: dict) -> str:
+  """`document` as standard JSON text, indented, with a final newline.
+
+  NaN and infinity are not JSON: a document holding one is a bug upstream, reported (ValueError
+  naming the key) rather than written.
+  """
+  try:
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+  except ValueError:
+    found = _non_finite(document, "")
+    if found is None:
+      raise
+    raise ValueError(f"{found[0]} is {found[1]}; NaN and infinity cannot be written as "
+                     "JSON") from None
+
+
 def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
-  """Writes `document` to `path` so that a reader sees the old file or the new one, never half."""
+  """Writes `document` as standard JSON (see `json_text`) to `path` so that a reader sees the old
+  file or the new one, never half; a failed write leaves no temporary file behind."""
   path = Path(path)
+  text = json_text(document)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                   delete=False) as handle:
-    try:
-      json.dump(document, handle, indent=2)
-      handle.write("\n")
+  handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                       suffix=".tmp", delete=False)
+  try:
+    with handle:
+      handle.write(text)
       handle.flush()
       os.fsync(handle.fileno())
-      os.chmod(handle.name, 0o644)
-    except BaseException:
-      handle.close()
-      os.unlink(handle.name)
-      raise
-  os.replace(handle.name, path)
+    os.chmod(handle.name, 0o644)
+    os.replace(handle.name, path)
+  except BaseException:
+    Path(handle.name).unlink(missing_ok=True)
+    raise

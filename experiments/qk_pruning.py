@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from attnprune_jax import data, evaluate
+from attnprune_jax import data, evaluate, pipeline
 from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama, save
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import provenance, result_document, write_json_atomic
+from attnprune_jax.results import (code_fingerprint, provenance, result_document,
+                                   write_json_atomic)
 
 # Rows run sparsity by sparsity in this order (the most telling first), cheap methods first, so
 # that an interrupted run has the comparisons that matter most.
@@ -26,6 +27,8 @@ SPARSITIES = ("0.7", "2:4", "0.8", "0.5")
 FULL_SPARSITIES = SPARSITIES + ("0.3", "0.6", "0.9")
 REPRODUCE_METHODS = ("magnitude", "wanda", "sparsegpt", "attn-progressive", "attn-reweight",
                      "attn")
+# The modules a row depends on: stored rows of other code are computed again.
+CODE = pipeline.CODE + ("attnprune_jax.evaluate", "attnprune_jax.data", __name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +137,25 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
   """Every method at every sparsity of the grid, plus the dense row, resumable row by row.
 
   Finished rows are kept in `results_path` (rewritten atomically after every row; rows of
-  another grid's data settings are not reused), and as Markdown tables beside it (`.md`); a
-  row's layer checkpoints live in `row_folder(work, method, sparsity)`.
+  another grid's data settings, or computed by other code (`CODE`'s fingerprint), are not
+  reused), and as Markdown tables beside it (`.md`); a row's layer checkpoints live in
+  `row_folder(work, method, sparsity)`.
   """
   config = grid.data
   layers = tuple(range(model.config.num_layers)) if grid.layers is None else grid.layers
   token_windows = windows(model, config)
+  code = code_fingerprint(CODE)
   rows = []
   if results_path.is_file():
     stored = json.loads(results_path.read_text())
     if stored.get("data") == dataclasses.asdict(config) and stored.get("layers") == list(layers):
-      rows = stored["rows"]
+      rows = [row for row in stored["rows"] if row.get("code") == code]
+      stale = len(stored["rows"]) - len(rows)
+      if stale:
+        commits = sorted({row.get("provenance", {}).get("git_commit") or "unknown"
+                          for row in stored["rows"] if row.get("code") != code})
+        reporter.info(f"reproduce: {stale} stored rows were computed by other code (commits "
+                      f"{', '.join(commits)}); they are computed again")
   done = {(row["method"], row["pattern"], row["sparsity"]) for row in rows}
   start = time.perf_counter()
   # `attn` (Algorithm 1 and one cut) runs after every other row: the issue's bar concerns the
@@ -168,6 +179,7 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
       settings = PruneSettings(method, value, n_m, layers)
       row = prune_row(model, settings, token_windows, config, row_folder(work, method, sparsity),
                       reporter=reporter)
+    row["code"] = code
     row["provenance"] = provenance(seed=None, settings={"row": [method, sparsity]},
                                    wall_time_s=time.perf_counter() - row_start)
     rows.append(row)

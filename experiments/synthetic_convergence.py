@@ -4,17 +4,21 @@ constants derived here (docs/theory.md), and a sparsity sweep of binary masks.
 Convergence runs sweep λ, the step size (as a fraction of 1/L̂, L̂ measured at M₀), the size
 (n, d), causal or not, and seeds. Each run is solved in segments; the Hessian norm is measured at
 the start of every segment and the largest value is the run's measured L_s. The sparsity sweep
-compares binary masks from magnitude, the merged-form Wanda score, Algorithm 1 then binarize
-(`attn`) and progressive sparsification (`attn-progressive`).
+compares binary masks from magnitude, the merged-form Wanda score |W_ij|·‖X_i‖·‖X_j‖
+(`wanda-merged`, not `baselines.wanda`), Algorithm 1 then binarize (`attn`) and progressive
+sparsification (`attn-progressive`).
 
 Runs in float64 (`jax.enable_x64`) so that rates can be fitted far below float32 rounding. Every
-finished run is written atomically to DIR/runs/ and skipped by a rerun with the same settings:
-an interrupted sweep loses nothing it finished. All settings are our choice.
+finished run is written atomically to DIR/runs/ with the fingerprint of the code that made it
+(`CODE`) and its git commit, and skipped by a rerun with the same settings and fingerprint: an
+interrupted sweep loses nothing it finished. A stored file that cannot be read is moved aside to
+`<name>.damaged` with a warning and computed again. All settings are our choice.
 """
 
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -26,11 +30,14 @@ import attnprune_jax as ap
 from attnprune_jax import theory
 from attnprune_jax.masks import merged_activation_score
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import write_json_atomic
+from attnprune_jax.results import code_fingerprint, git_commit, write_json_atomic
 from attnprune_jax.solver import solve_mask_progressive
 from attnprune_jax.synthetic import synthetic_problem
 
-METHODS = ("magnitude", "wanda", "attn", "attn-progressive")
+METHODS = ("magnitude", "wanda-merged", "attn", "attn-progressive")
+# The modules whose source a stored result depends on.
+CODE = tuple(f"attnprune_jax.{name}" for name in (
+    "attention", "objective", "solver", "theory", "masks", "synthetic", "validation")) + (__name__,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +87,11 @@ def convergence_run(config: SyntheticConfig, *, n: int, d: int, lam: float,
   lr = step_fraction / smoothness[0]
   losses, grad_norms = [], []
   for _ in range(config.segments):
-    solution = ap.solve_mask(w, x, lam=lam, steps=config.steps // config.segments, lr=lr,
-                             causal=causal, init=mask)
+    with warnings.catch_warnings():
+      # Step sizes beyond 1/L_s are part of the grid; monotonicity is recorded, not warned.
+      warnings.simplefilter("ignore", RuntimeWarning)
+      solution = ap.solve_mask(w, x, lam=lam, steps=config.steps // config.segments, lr=lr,
+                               causal=causal, init=mask)
     mask = solution.mask
     losses.append(np.asarray(solution.loss))
     grad_norms.append(np.asarray(solution.grad_norm))
@@ -104,10 +114,15 @@ def convergence_run(config: SyntheticConfig, *, n: int, d: int, lam: float,
       "smoothness_bound": theory.smoothness_bound(w, x, lam=lam),
       "pl_mu": pl.mu, "pl_xi": pl.xi, "pl_xi_needed": xi_needed,
       "pl_holds": bool(xi_needed <= pl.xi),
+      # None (JSON null) where there is nothing to measure; the reason is stored beside it.
       "pl_mu_measured": float(np.min(0.5 * grad_norm[positive]**2 / gap[positive]))
-                        if positive.any() else float("nan"),
+                        if positive.any() else None,
+      "pl_mu_measured_note": None if positive.any() else
+                             "the loss never rose above its minimum by more than rounding",
       "gradient_bound": pl.gradient_bound,
-      "rate_measured": rate,
+      "rate_measured": rate if np.isfinite(rate) else None,
+      "rate_measured_note": None if np.isfinite(rate) else
+                            "no linear phase to fit: fewer than 10 decreases above rounding",
       "loss_limit": float(loss[-1] - tail),
       "rate_predicted": theory.predicted_rate(lr, lam),
       "lr_within_bound": bool(lr * smoothness_measured <= 1.0),
@@ -120,8 +135,8 @@ def sparsity_sweep(config: SyntheticConfig, *, seed: int) -> list[dict]:
   """Attention error of binary masks at each sparsity, for every method, on one problem.
 
   `attn` is Algorithm 1 (λ = attn_lam, attn_steps steps at η = 1/L̂) followed by keeping the top
-  |M| per row: the learned mask read literally. (Scoring |M∘W|·‖X_i‖‖X_j‖ instead ranks like the
-  Wanda score, since M stays close to 1.)
+  |M| per row: the learned mask read literally. (Scoring |M∘W|·‖X_i‖‖X_j‖ instead ranks like
+  `wanda-merged`, since M stays close to 1.)
   """
   n, d = config.sweep_size
   w, x = _problem(n, d, config.sweep_batch, seed)
@@ -130,7 +145,7 @@ def sparsity_sweep(config: SyntheticConfig, *, seed: int) -> list[dict]:
   attn_smoothness = float(theory.smoothness_measured(ones, w, x, lam=config.attn_lam, key=key))
   solved = ap.solve_mask(w, x, lam=config.attn_lam, steps=config.attn_steps,
                          lr=1.0 / attn_smoothness)
-  scores = {"magnitude": jnp.abs(w), "wanda": merged_activation_score(w, x),
+  scores = {"magnitude": jnp.abs(w), "wanda-merged": merged_activation_score(w, x),
             "attn": jnp.abs(solved.mask)}
   progressive_lr = 1.0 / float(theory.smoothness_measured(
       ones, w, x, lam=config.progressive_lam, key=key))
@@ -160,49 +175,72 @@ def _sweep_settings(config: SyntheticConfig) -> dict:
   return {k: getattr(config, k) for k in keys}
 
 
-def _cached(path: Path, settings: dict, compute):
-  """The stored result at `path` if it was made with `settings`, else compute and store it."""
+def _cached(path: Path, settings: dict, code: dict, compute):
+  """The stored result at `path` if it was made with `settings` and `code["fingerprint"]`, else
+  compute and store it with `code` (fingerprint and git commit).
+
+  Returns the result and the commit that stored it ("unknown" outside git), or None if computed
+  now. A file that is not a stored result is moved aside to `<name>.damaged`, with a warning.
+  """
   settings = json.loads(json.dumps(settings))
   if path.is_file():
-    stored = json.loads(path.read_text())
-    if stored.get("settings") == settings:
-      return stored["result"], True
+    try:
+      stored = json.loads(path.read_text())
+      if not (isinstance(stored, dict) and {"settings", "result"} <= stored.keys()):
+        raise ValueError("no settings and result")
+    except ValueError as err:
+      damaged = path.with_name(f"{path.name}.damaged")
+      path.replace(damaged)
+      warnings.warn(f"synthetic: {path} is not a stored result ({err}); moved it to "
+                    f"{damaged.name} and computing it again", RuntimeWarning, stacklevel=2)
+    else:
+      if stored["settings"] == settings and stored.get("code") == code["fingerprint"]:
+        return stored["result"], stored.get("git_commit") or "unknown"
   result = compute()
-  write_json_atomic(path, {"settings": settings, "result": result})
-  return result, False
+  write_json_atomic(path, {"settings": settings, "code": code["fingerprint"],
+                           "git_commit": code["git_commit"], "result": result})
+  return result, None
 
 
 def run(config: SyntheticConfig, out: Path, reporter: Reporter) -> dict:
-  """Runs (or resumes) every convergence run and the sparsity sweep; returns all results."""
+  """Runs (or resumes) every convergence run and the sparsity sweep; returns all results.
+
+  Under "provenance": the code fingerprint, and how many stored results (runs and sweep seeds)
+  were reused, by the commit that made them.
+  """
   out = Path(out)
+  code = {"fingerprint": code_fingerprint(CODE), "git_commit": git_commit()}
   grid = [(n, d, lam, fraction, causal, seed) for (n, d) in config.sizes for lam in config.lams
           for fraction in config.step_fractions for causal in config.causal
           for seed in config.seeds]
-  runs, reused = [], 0
+  runs, sweep, origins = [], [], []
   with jax.enable_x64(True):
     for n, d, lam, fraction, causal, seed in reporter.progress(grid, desc="convergence runs"):
       name = f"n{n}_d{d}_lam{lam:g}_step{fraction:g}_{'causal' if causal else 'full'}_seed{seed}"
-      result, was_stored = _cached(
-          out / "runs" / f"{name}.json", _run_settings(config),
+      result, origin = _cached(
+          out / "runs" / f"{name}.json", _run_settings(config), code,
           lambda: convergence_run(config, n=n, d=d, lam=lam, step_fraction=fraction,
                                   causal=causal, seed=seed))
       runs.append(result)
-      reused += was_stored
-    sweep = []
+      origins.append(origin)
     for seed in reporter.progress(config.sweep_seeds, desc="sparsity sweep"):
-      rows, was_stored = _cached(out / "sweep" / f"seed{seed}.json", _sweep_settings(config),
-                                 lambda: sparsity_sweep(config, seed=seed))
+      rows, origin = _cached(out / "sweep" / f"seed{seed}.json", _sweep_settings(config), code,
+                             lambda: sparsity_sweep(config, seed=seed))
       sweep.extend(rows)
-      reused += was_stored
-  if reused:
-    reporter.info(f"resumed: {reused} finished results were reused from {out}")
+      origins.append(origin)
+  commits = [origin for origin in origins if origin is not None]
+  if commits:
+    reporter.info(f"resumed: {len(commits)} finished results were reused from {out}")
+  reused = {"count": len(commits), "commits": {c: commits.count(c) for c in sorted(set(commits))}}
   return {"config": dataclasses.asdict(config), "runs": runs, "sparsity_sweep": sweep,
-          "summary": summarize(runs, sweep)}
+          "summary": summarize(runs, sweep),
+          "provenance": {"code_fingerprint": code["fingerprint"], "reused_runs": reused}}
 
 
 def summarize(runs: list[dict], sweep: list[dict]) -> dict:
   """The checks of issue 3 over all runs, and mean attention error per method and sparsity."""
   within = [r for r in runs if r["lr_within_bound"]]
+  measured = [r for r in runs if r["pl_mu_measured"] is not None]
   ratios = [r["smoothness_measured"] / r["smoothness_bound"] for r in runs]
   errors = {}
   for row in sweep:
@@ -221,14 +259,13 @@ def summarize(runs: list[dict], sweep: list[dict]) -> dict:
       "runs_with_lr_within_bound": len(within),
       "monotone_when_lr_within_bound": sum(r["monotone"] for r in within),
       "monotone_when_lr_beyond_bound": sum(r["monotone"] for r in runs if not r["lr_within_bound"]),
-      "rate_fitted_when_lr_within_bound": sum(bool(np.isfinite(r["rate_measured"]))
-                                              for r in within),
+      "rate_fitted_when_lr_within_bound": sum(r["rate_measured"] is not None for r in within),
       "rate_measured_le_predicted_when_lr_within_bound": sum(
           r["rate_measured"] <= r["rate_predicted"] for r in within
-          if np.isfinite(r["rate_measured"])),
-      "pl_mu_measured_over_mu": [float(min(r["pl_mu_measured"] / r["pl_mu"] for r in runs)),
-                                 float(max(r["pl_mu_measured"] / r["pl_mu"] for r in runs))]
-                                if runs else [],
+          if r["rate_measured"] is not None),
+      "pl_mu_measured_over_mu": [float(min(r["pl_mu_measured"] / r["pl_mu"] for r in measured)),
+                                 float(max(r["pl_mu_measured"] / r["pl_mu"] for r in measured))]
+                                if measured else [],
       "mean_attention_error": mean_errors,
   }
 
@@ -274,8 +311,8 @@ def plot(results: dict, out: Path) -> list[Path]:
   # 2. Measured vs predicted rate, as 1 − r on log axes.
   fig, ax = plt.subplots(figsize=(5.2, 4.8))
   for within, marker in ((True, "o"), (False, "x")):
-    chosen = [r for r in runs if r["lr_within_bound"] == within and np.isfinite(r["rate_measured"])
-              and r["rate_measured"] < 1]
+    chosen = [r for r in runs if r["lr_within_bound"] == within
+              and r["rate_measured"] is not None and r["rate_measured"] < 1]
     ax.loglog([1 - r["rate_predicted"] for r in chosen], [1 - r["rate_measured"] for r in chosen],
               marker, alpha=0.6, label="η ≤ 1/L_s" if within else "η > 1/L_s")
   limits = np.array([min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1],
@@ -296,7 +333,9 @@ def plot(results: dict, out: Path) -> list[Path]:
   left.set(xlabel="derived bound on L_s", ylabel="measured L_s (max along the run)",
            title="Smoothness")
   left.legend()
-  right.loglog([r["pl_mu"] for r in runs], [r["pl_mu_measured"] for r in runs], "o", alpha=0.5)
+  measured = [r for r in runs if r["pl_mu_measured"] is not None]
+  right.loglog([r["pl_mu"] for r in measured], [r["pl_mu_measured"] for r in measured], "o",
+               alpha=0.5)
   mus = np.array([min(r["pl_mu"] for r in runs), max(r["pl_mu"] for r in runs)])
   right.loglog(mus, mus, "k:", label="measured = λ/2")
   right.set(xlabel="derived μ = λ/2", ylabel="min_t ½‖∇L‖² / (L − min L)",

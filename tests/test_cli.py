@@ -26,7 +26,7 @@ def test_demo_writes_json_with_provenance(tmp_path, capsys):
   assert provenance["versions"]["jax"] and provenance["settings"]["steps"] == 5
   assert document["loss_after"] < document["loss_before"]
   rows = document["pruned"]
-  assert {row["method"] for row in rows} >= {"magnitude", "wanda"}
+  assert {row["method"] for row in rows} >= {"magnitude", "wanda-merged"}
   assert all(row["achieved_sparsity"] == row["sparsity"] for row in rows)
   assert all(row["attention_error"] >= 0 for row in rows)
   assert list(tmp_path.joinpath("sub").iterdir()) == [out]
@@ -41,7 +41,7 @@ def test_demo_prints_table_and_json_to_stdout(capsys):
 
 def test_bad_option_value_is_a_clear_error(capsys):
   assert cli.main(SMALL_DEMO[:-2] + ["1.5"]) == 2
-  assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+  assert "--sparsities must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c.name, "--help"] for c in cli.COMMANDS])

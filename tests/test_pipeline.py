@@ -1,6 +1,7 @@
 """Layer-sequential q/k pruning: exact counts, re-propagation, resume, the prune CLI and
 saving the pruned model."""
 
+import io
 import json
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 from attnprune_jax import cli, evaluate, models, pipeline
 from attnprune_jax.baselines import input_stats, wanda
+from attnprune_jax.errors import DivergenceError
 from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models import huggingface
 from attnprune_jax.models.gguf import read_gguf
@@ -108,9 +110,25 @@ def test_non_finite_solver_output_is_an_error_naming_the_layer(tiny):
   model, calibration, heldout = tiny
   diverging = MaskSolverConfig(optimizer="sgd", lr=1e30, rounds=2, steps_per_round=3,
                                windows_per_step=1)
-  with pytest.raises(ValueError, match="NaN or Inf weights or losses in layer 0"):
+  with pytest.raises(DivergenceError, match=r"layer 0: attn-reweight diverged: .* lr=1e\+30"):
     prune_model(model, PruneSettings("attn-reweight", 0.5, None, (0,), diverging), calibration,
                 heldout)
+
+
+def test_a_checkpoint_of_other_code_is_not_resumed(tiny, tmp_path, monkeypatch):
+  model, calibration, heldout = tiny
+  settings = PruneSettings("wanda", 0.5, None, (0, 1))
+  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  calls = []
+  real = pipeline.prune_qk
+  monkeypatch.setattr(pipeline, "prune_qk", lambda *a, **k: calls.append(1) or real(*a, **k))
+  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  assert calls == []  # same code: resumed, nothing recomputed
+  monkeypatch.setattr(pipeline, "code_fingerprint", lambda modules: "other code")
+  stream = io.StringIO()
+  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path,
+              reporter=Reporter(stream=stream))
+  assert len(calls) == 2 and "made by other code" in stream.getvalue()
 
 
 def test_default_solver_settings_are_recorded():
@@ -215,6 +233,10 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   again = qk_pruning.reproduce(model, results, tmp_path / "work", grid,
                                reporter=Reporter(quiet=True))
   assert again == rows
+  # Rows computed by other code are computed again, not reused.
+  monkeypatch.setattr(qk_pruning, "code_fingerprint", lambda modules: "other code")
+  with pytest.raises(AssertionError, match="a finished row was recomputed"):
+    qk_pruning.reproduce(model, results, tmp_path / "work", grid, reporter=Reporter(quiet=True))
   paths = qk_pruning.plot(rows, tmp_path / "figures")
   assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
                                      "prune_time.png"]

@@ -1,13 +1,16 @@
-"""The section-6.1 experiment on a tiny grid: fields, checks, resume, figures."""
+"""The section-6.1 experiment on a tiny grid: fields, checks, resume, cache keys, figures."""
 
 import dataclasses
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 
 from attnprune_jax import cli
 from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import code_fingerprint, git_commit
 from experiments import synthetic_convergence as experiment
 
 TINY = experiment.SyntheticConfig(
@@ -25,6 +28,28 @@ RUN_FIELDS = ("n", "d", "lam", "lr", "causal", "seed", "loss", "grad_norm",
 def tiny_results(tmp_path_factory):
   out = tmp_path_factory.mktemp("synthetic")
   return experiment.run(TINY, out, Reporter(quiet=True)), out
+
+
+def _copy(out, tmp_path):
+  """A copy of the fixture's folder, for a test that changes stored files."""
+  return shutil.copytree(out, tmp_path / "out")
+
+
+def _count_calls(monkeypatch) -> list[str]:
+  """Records each convergence run and sweep the experiment computes (instead of reusing)."""
+  calls = []
+
+  def counted(name):
+    compute = getattr(experiment, name)
+
+    def count_and_compute(*args, **kwargs):
+      calls.append(name)
+      return compute(*args, **kwargs)
+    return count_and_compute
+
+  for name in ("convergence_run", "sparsity_sweep"):
+    monkeypatch.setattr(experiment, name, counted(name))
+  return calls
 
 
 def test_runs_have_the_documented_fields_and_the_theory_holds(tiny_results):
@@ -52,6 +77,8 @@ def test_sparsity_sweep_covers_every_method_with_exact_sparsity(tiny_results):
   rows = results["sparsity_sweep"]
   assert {(r["method"], r["sparsity"]) for r in rows} == {
       (m, s) for m in experiment.METHODS for s in TINY.sparsities}
+  assert "wanda-merged" in experiment.METHODS and "wanda" not in experiment.METHODS
+  assert set(results["summary"]["mean_attention_error"]) == set(experiment.METHODS)
   assert all(r["achieved_sparsity"] == r["sparsity"] and r["attention_error"] >= 0 for r in rows)
 
 
@@ -64,10 +91,61 @@ def test_rerun_resumes_without_recomputing(tiny_results, monkeypatch):
   monkeypatch.setattr(experiment, "convergence_run", fail)
   monkeypatch.setattr(experiment, "sparsity_sweep", fail)
   again = experiment.run(TINY, out, Reporter(quiet=True))
-  assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
+  assert again.pop("provenance")["reused_runs"]["count"] == 8 + 1
+  assert json.dumps(again, sort_keys=True) == json.dumps(
+      {k: v for k, v in results.items() if k != "provenance"}, sort_keys=True)
   changed = dataclasses.replace(TINY, steps=60)
   with pytest.raises(AssertionError, match="computed again"):
     experiment.run(changed, out, Reporter(quiet=True))
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"settings": {}}'])
+def test_damaged_stored_run_is_moved_aside_and_computed_again(tiny_results, tmp_path,
+                                                              monkeypatch, damage):
+  out = _copy(tiny_results[1], tmp_path)
+  path = out / "runs" / "n12_d8_lam0.1_step0.5_causal_seed0.json"
+  path.write_text(damage)
+  (out / "runs" / f"{path.name}.damaged").write_text("an older damaged file")
+  calls = _count_calls(monkeypatch)
+  with pytest.warns(RuntimeWarning, match=re.escape(str(path))):
+    again = experiment.run(TINY, out, Reporter(quiet=True))
+  assert calls == ["convergence_run"]
+  assert (out / "runs" / f"{path.name}.damaged").read_text() == damage
+  assert json.loads(path.read_text())["result"] in again["runs"]
+  assert again["provenance"]["reused_runs"]["count"] == 8
+
+
+def test_stored_runs_of_other_code_are_computed_again(tiny_results, tmp_path, monkeypatch):
+  out = _copy(tiny_results[1], tmp_path)
+  one_run = dataclasses.replace(TINY, lams=(0.1,), step_fractions=(0.5,), causal=(True,))
+  monkeypatch.setattr(experiment, "code_fingerprint", lambda modules: "other code")
+  calls = _count_calls(monkeypatch)
+  results = experiment.run(one_run, out, Reporter(quiet=True))
+  assert calls == ["convergence_run", "sparsity_sweep"]
+  assert results["provenance"] == {"code_fingerprint": "other code",
+                                   "reused_runs": {"count": 0, "commits": {}}}
+  stored = json.loads((out / "runs" / "n12_d8_lam0.1_step0.5_causal_seed0.json").read_text())
+  assert stored["code"] == "other code" and stored["git_commit"] == git_commit()
+  experiment.run(one_run, out, Reporter(quiet=True))
+  assert len(calls) == 2
+
+
+def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, monkeypatch):
+  out = _copy(tiny_results[1], tmp_path)
+  older = out / "runs" / "n12_d8_lam1_step1.9_full_seed0.json"
+  stored = json.loads(older.read_text())
+  older.write_text(json.dumps(stored | {"git_commit": "0" * 40}))
+  calls = _count_calls(monkeypatch)
+  monkeypatch.setattr(experiment, "QUICK", TINY)
+  monkeypatch.setattr(experiment, "plot", lambda results, out: [])
+  assert cli.main(["synthetic", "--quick", "--out", str(out), "--figures", str(tmp_path / "fig"),
+                   "--quiet"]) == 0
+  assert calls == []
+  expected = {"count": 9, "commits": {git_commit(): 8, "0" * 40: 1}}
+  for document in (out / "results.json", tmp_path / "fig" / "summary.json"):
+    record = json.loads(document.read_text())["provenance"]
+    assert record["reused_runs"] == expected
+    assert record["code_fingerprint"] == code_fingerprint(experiment.CODE)
 
 
 def test_figures_are_written(tiny_results, tmp_path):
@@ -85,5 +163,18 @@ def test_command_writes_results_json(tmp_path, monkeypatch, capsys):
   assert document["kind"] == "synthetic" and document["schema_version"] == 1
   assert len(document["runs"]) == 8 and document["sparsity_sweep"]
   assert "git_commit" in document["provenance"]
+  assert document["provenance"]["reused_runs"] == {"count": 0, "commits": {}}
   assert np.isfinite(document["summary"]["smoothness_measured_over_bound"]).all()
   assert capsys.readouterr().err == ""
+
+
+def test_nothing_to_measure_is_stored_as_null_with_a_reason():
+  config = experiment.SyntheticConfig(batch=1, steps=8, segments=1, power_iters=5,
+                                                 history_points=8)
+  run = experiment.convergence_run(config, n=6, d=4, lam=0.1, step_fraction=0.5,
+                                              causal=True, seed=0)
+  assert run["rate_measured"] is None and "no linear phase" in run["rate_measured_note"]
+  json.dumps(run, allow_nan=False)  # standard JSON: no NaN or Infinity tokens
+  summary = experiment.summarize([run], [])
+  assert summary["rate_fitted_when_lr_within_bound"] == 0
+  json.dumps(summary, allow_nan=False)
