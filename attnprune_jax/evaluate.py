@@ -10,10 +10,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from attnprune_jax import validation
 from attnprune_jax.errors import InputError
-from attnprune_jax.models.llama import Llama, LlamaConfig, forward
+from attnprune_jax.models.llama import Llama, LlamaConfig, check_token_ids, forward
 from attnprune_jax.reporting import Reporter
 
 
@@ -21,8 +22,8 @@ from attnprune_jax.reporting import Reporter
 def next_token_nll(weights: dict, tokens, config: LlamaConfig) -> jax.Array:
   """−log p(token_{i+1} | tokens_{≤i}) for each window, (b, t − 1), computed stably."""
   logits, _ = forward(weights, tokens, config)
-  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+  return optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
 
 
 def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | None = None,
@@ -31,17 +32,24 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
 
   Args:
     model: the language model.
-    windows: (count, ctx) int token windows; a last partial batch is run as it is.
+    windows: (count >= 1, ctx >= 2) int token ids in [0, vocab_size); a last partial batch is
+      run as it is.
     batch_size: windows per forward pass.
     weights: replacements for some of the model's weights (e.g. pruned q/k), same shapes.
     reporter: shows a progress bar.
   Returns:
     {"perplexity", "mean_nll", "tokens" (scored), "windows", "ctx"}.
   """
-  windows = np.asarray(windows)
+  try:
+    windows = np.asarray(windows)
+  except ValueError as err:  # a ragged nested list
+    raise InputError(f"windows must be a rectangular (count, ctx) array: {err}") from err
   if windows.ndim != 2 or windows.shape[1] < 2 or not np.issubdtype(windows.dtype, np.integer):
     raise InputError(f"windows must be an integer array (count, ctx >= 2), got "
                      f"{windows.dtype} {windows.shape}")
+  if len(windows) == 0:
+    raise InputError(f"windows must hold at least one window, got shape {windows.shape}")
+  check_token_ids("windows", windows, model.config.vocab_size)
   batch_size = validation.check_positive_int("batch_size", batch_size)
   current = model.weights(weights)
   total, scored = 0.0, 0
@@ -49,6 +57,10 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
   for start in reporter.progress(starts, total=len(starts), desc="perplexity"):
     batch = jnp.asarray(windows[start:start + batch_size], jnp.int32)
     nll = np.asarray(next_token_nll(current, batch, model.config), np.float64)
+    if not np.isfinite(nll).all():
+      raise InputError(f"the model's weights or windows[{start}:{start + len(batch)}] produce "
+                       "non-finite log-probabilities (NaN or Inf in the weights or in the "
+                       "replacements passed as weights?)")
     total += nll.sum()
     scored += nll.size
   mean = float(total / scored)

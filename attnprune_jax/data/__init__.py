@@ -36,6 +36,9 @@ def read_text(name: str) -> str:
 @functools.lru_cache(maxsize=4)
 def text_tokens(tokenizer, name: str) -> np.ndarray:
   """All tokens of a shipped novel, (tokens,) int32 (cached per tokenizer)."""
+  if tokenizer is None:
+    raise InputError("tokenizer is None: the model has none (a folder without tokenizer.json?); "
+                     "windows of text need one")
   return np.asarray(tokenizer.encode(read_text(name)), np.int32)
 
 

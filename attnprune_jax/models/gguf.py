@@ -1,9 +1,13 @@
 """Read a Llama-architecture GGUF file into a `LlamaConfig`, float32 weights and a tokenizer.
 
-Tensors are dequantized with `gguf.quants.dequantize` and come out in (out, in) order. GGUF
-stores q/k rows permuted inside each head for interleaved RoPE (llama.cpp's converter); they are
-un-permuted here to the Hugging Face order, which `models.llama` pairs with rotate-half RoPE.
-Mixing the two conventions does not crash: it gives a perplexity of ~130 instead of ~30.
+Tensor names come from gguf's own map (`gguf.get_tensor_name_map`, the one llama.cpp's converter
+writes with) applied to the Hugging Face names of `models.huggingface`; a tensor it does not
+name (biases, `rope_freqs`, experts) is refused, since ignoring it would change the model.
+Tensors are dequantized with `gguf.quants.dequantize`, must be finite, and come out in (out, in)
+order. GGUF stores q/k rows permuted inside each head for interleaved RoPE (llama.cpp's
+converter); they are un-permuted here to the Hugging Face order, which `models.llama` pairs with
+rotate-half RoPE. Mixing the two conventions does not crash: it gives a perplexity of ~130
+instead of ~30.
 """
 
 import os
@@ -12,17 +16,22 @@ import gguf
 import numpy as np
 
 from attnprune_jax.errors import InputError, MissingFileError
-from attnprune_jax.models.llama import LlamaConfig
+from attnprune_jax.models.huggingface import tensor_name
+from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = (gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],)
+_GLOBAL_WEIGHTS = ("embed_tokens", "norm", "lm_head")
+_KEYS, _LLM, _ATTENTION, _ROPE = gguf.Keys, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
 
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm", "attn_q": "q_proj", "attn_k": "k_proj",
-    "attn_v": "v_proj", "attn_output": "o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
-}
-_GLOBAL_TENSORS = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+def gguf_tensor_names(num_layers: int) -> dict[tuple[str, int | None], str]:
+  """(our weight name, layer or None) -> GGUF tensor name, e.g. ("q_proj", 0) ->
+  "blk.0.attn_q.weight", for every weight a Llama may have, by gguf's own name map."""
+  to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, num_layers)
+  keys = [(name, None) for name in _GLOBAL_WEIGHTS]
+  keys += [(name, layer) for layer in range(num_layers) for name in LAYER_WEIGHTS]
+  return {key: to_gguf.get_name(tensor_name(*key), try_suffixes=(".weight",)) for key in keys}
 
 
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -41,13 +50,18 @@ def _field(reader: gguf.GGUFReader, key: str, path, default=None):
 
 
 def _dequantize(tensor, path) -> np.ndarray:
+  """The tensor as float32 (out, in); InputError if its type is unknown or a value non-finite."""
   try:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
   except (NotImplementedError, ValueError, KeyError) as err:
     raise InputError(f"model file {path}: tensor {tensor.name} has quantization "
                      f"{tensor.tensor_type.name}, which cannot be dequantized ({err})") from err
   shape = tuple(int(n) for n in reversed(tensor.shape))
-  return np.asarray(values, np.float32).reshape(shape)
+  values = np.asarray(values, np.float32).reshape(shape)
+  if not np.isfinite(values).all():
+    raise InputError(f"model file {path}: tensor {tensor.name} contains NaN or Inf "
+                     "(corrupted data?)")
+  return values
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarray], Tokenizer]:
@@ -59,59 +73,65 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
     reader = gguf.GGUFReader(path)
   except Exception as err:  # gguf raises ValueError, struct errors, etc. on corrupt files
     raise InputError(f"model file {path} is not a readable GGUF file: {err}") from err
-  arch = _field(reader, "general.architecture", path)
+  arch = _field(reader, _KEYS.General.ARCHITECTURE, path)
   if arch not in SUPPORTED_ARCHITECTURES:
     raise InputError(f"model file {path} has architecture {arch!r}; supported: "
                      f"{SUPPORTED_ARCHITECTURES}")
-  if f"{arch}.rope.scaling.type" in reader.fields:
+
+  def field(key: str, default=None):
+    return _field(reader, key.format(arch=arch), path, default)
+
+  if _ROPE.SCALING_TYPE.format(arch=arch) in reader.fields:
     raise InputError(f"model file {path} uses RoPE scaling, which is not supported")
-  heads = int(_field(reader, f"{arch}.attention.head_count", path))
-  hidden = int(_field(reader, f"{arch}.embedding_length", path))
-  head_dim = int(_field(reader, f"{arch}.attention.key_length", path, default=hidden // heads))
-  rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", path, default=head_dim))
+  heads, hidden = int(field(_ATTENTION.HEAD_COUNT)), int(field(_LLM.EMBEDDING_LENGTH))
+  head_dim = int(field(_ATTENTION.KEY_LENGTH, default=hidden // heads))
+  rope_dims = int(field(_ROPE.DIMENSION_COUNT, default=head_dim))
   if rope_dims != head_dim:
     raise InputError(f"model file {path} rotates {rope_dims} of {head_dim} head dimensions; "
                      "only full RoPE is supported")
-  tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
-  layers = int(_field(reader, f"{arch}.block_count", path))
-  names = {t.name for t in reader.tensors}
+  value_dim = int(field(_ATTENTION.VALUE_LENGTH, default=head_dim))
+  if value_dim != head_dim:
+    raise InputError(f"model file {path} has value heads of {value_dim} dimensions and key "
+                     f"heads of {head_dim}; only equal ones are supported")
+  tokens = list(field(_KEYS.Tokenizer.LIST))
+  merges = list(field(_KEYS.Tokenizer.MERGES))
+  token_types = [int(t) for t in field(_KEYS.Tokenizer.TOKEN_TYPE)]
+  tokenizer_model, pre = field(_KEYS.Tokenizer.MODEL), reader.fields.get(_KEYS.Tokenizer.PRE)
+  try:
+    tokenizer = Tokenizer(tokens, merges, token_types, model=tokenizer_model,
+                          pre=None if pre is None else pre.contents())
+  except InputError as err:
+    raise InputError(f"model file {path}: {err}") from err
+  layers = int(field(_LLM.BLOCK_COUNT))
+  names = gguf_tensor_names(layers)
+  tensors = {tensor.name: tensor for tensor in reader.tensors}
+  unused = sorted(set(tensors) - set(names.values()))
+  if unused:
+    raise InputError(f"model file {path} has tensors this Llama does not read (a bias, RoPE "
+                     f"factors or experts would change the model): {unused[:5]}"
+                     f"{' ...' if len(unused) > 5 else ''}")
   config = LlamaConfig(
       vocab_size=len(tokens), hidden_size=hidden,
-      intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", path)),
-      num_layers=layers, num_heads=heads,
-      num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", path, default=heads)),
-      head_dim=head_dim,
-      rope_base=float(_field(reader, f"{arch}.rope.freq_base", path, default=10000.0)),
-      rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-      tie_embeddings="output.weight" not in names)
+      intermediate_size=int(field(_LLM.FEED_FORWARD_LENGTH)), num_layers=layers,
+      num_heads=heads, num_kv_heads=int(field(_ATTENTION.HEAD_COUNT_KV, default=heads)),
+      head_dim=head_dim, rope_base=float(field(_ROPE.FREQ_BASE, default=10000.0)),
+      rms_eps=float(field(_ATTENTION.LAYERNORM_RMS_EPS)),
+      tie_embeddings=names[("lm_head", None)] not in tensors)
 
-  per_layer: dict[str, list] = {name: [None] * layers for name in _LAYER_TENSORS.values()}
-  weights: dict[str, np.ndarray] = {}
-  for tensor in reader.tensors:
-    stem, _, suffix = tensor.name.rpartition(".")
-    parts = stem.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_TENSORS and suffix == "weight":
-      name = _LAYER_TENSORS[parts[2]]
-      value = _dequantize(tensor, path)
-      if name == "q_proj":
-        value = unpermute_rows(value, config.num_heads)
-      elif name == "k_proj":
-        value = unpermute_rows(value, config.num_kv_heads)
-      per_layer[name][int(parts[1])] = value
-    elif stem in _GLOBAL_TENSORS and suffix == "weight":
-      weights[_GLOBAL_TENSORS[stem]] = _dequantize(tensor, path)
-  for name, values in per_layer.items():
-    missing = [i for i, v in enumerate(values) if v is None]
-    if missing:
-      raise InputError(f"model file {path} lacks {name} of layers {missing}")
-    weights[name] = np.stack(values)
-  shapes = config.weight_shapes()
-  for name, shape in shapes.items():
-    if name not in weights:
-      raise InputError(f"model file {path} lacks the tensor for {name}")
-    if weights[name].shape != shape:
-      raise InputError(f"model file {path}: {name} has shape {weights[name].shape}, "
+  def weight(name: str, layer: int | None, shape: tuple[int, ...]) -> np.ndarray:
+    gguf_name = names[(name, layer)]
+    if gguf_name not in tensors:
+      raise InputError(f"model file {path} lacks the tensor {gguf_name}")
+    value = _dequantize(tensors[gguf_name], path)
+    if value.shape != shape:
+      raise InputError(f"model file {path}: tensor {gguf_name} has shape {value.shape}, "
                        f"expected {shape}")
-  tokenizer = Tokenizer(tokens, list(_field(reader, "tokenizer.ggml.merges", path)),
-                        [int(t) for t in _field(reader, "tokenizer.ggml.token_type", path)])
-  return config, {name: weights[name] for name in shapes}, tokenizer
+    if name in ("q_proj", "k_proj"):
+      value = unpermute_rows(value, heads if name == "q_proj" else config.num_kv_heads)
+    return value
+
+  weights = {}
+  for name, shape in config.weight_shapes().items():
+    weights[name] = (np.stack([weight(name, layer, shape[1:]) for layer in range(layers)])
+                     if name in LAYER_WEIGHTS else weight(name, None, shape))
+  return config, weights, tokenizer

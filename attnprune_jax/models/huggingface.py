@@ -31,8 +31,11 @@ _LAYER_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_
                   "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def _layer_tensor(name: str, layer: int) -> str:
-  """Hugging Face name of a layer weight, e.g. model.layers.0.self_attn.q_proj.weight."""
+def tensor_name(name: str, layer: int | None = None) -> str:
+  """Hugging Face name of one of our weights: model.norm.weight, or for a layer weight (give
+  `layer`) e.g. model.layers.0.self_attn.q_proj.weight."""
+  if layer is None:
+    return _GLOBAL_TENSORS[name]
   module = f"{_LAYER_MODULES[name]}." if name in _LAYER_MODULES else ""
   return f"model.layers.{layer}.{module}{name}.weight"
 
@@ -67,8 +70,8 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
   arrays = _checked_weights(weights, config)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise FileExistsError(f"path {path} already exists and is not an empty folder")
-  tensors = {_GLOBAL_TENSORS[name]: arrays[name] for name in arrays if name in _GLOBAL_TENSORS}
-  tensors |= {_layer_tensor(name, layer): arrays[name][layer] for layer in range(config.num_layers)
+  tensors = {tensor_name(name): arrays[name] for name in arrays if name not in LAYER_WEIGHTS}
+  tensors |= {tensor_name(name, layer): arrays[name][layer] for layer in range(config.num_layers)
               for name in LAYER_WEIGHTS}
   document = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -108,6 +111,10 @@ def _read_config(folder: Path) -> LlamaConfig:
                      f"model_type {model_type!r}; only LlamaForCausalLM / llama is supported")
   if document.get("rope_scaling") is not None:
     raise InputError(f"folder {folder}: {CONFIG_FILE} sets rope_scaling, which is not supported")
+  rope = document.get("rope_parameters") or {}  # newer transformers: rope_theta and rope_type
+  if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+    raise InputError(f"folder {folder}: {CONFIG_FILE} sets rope_parameters {rope!r}; only "
+                     "rope_type 'default' (no RoPE scaling) is supported")
   if (document.get("hidden_act", "silu") != "silu" or document.get("attention_bias")
       or document.get("mlp_bias")):
     raise InputError(f"folder {folder}: {CONFIG_FILE} asks for a hidden_act other than silu or "
@@ -125,7 +132,8 @@ def _read_config(folder: Path) -> LlamaConfig:
       vocab_size=int(get("vocab_size")), hidden_size=hidden,
       intermediate_size=int(get("intermediate_size")), num_layers=int(get("num_hidden_layers")),
       num_heads=heads, num_kv_heads=int(get("num_key_value_heads", heads)),
-      head_dim=int(get("head_dim", hidden // heads)), rope_base=float(get("rope_theta", 10000.0)),
+      head_dim=int(get("head_dim", hidden // heads)),
+      rope_base=float(get("rope_theta", rope.get("rope_theta", 10000.0))),
       rms_eps=float(get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(get("tie_word_embeddings", False)))
 
@@ -151,15 +159,21 @@ def read_folder(path: str | os.PathLike
     if tensors[name].shape != shape:
       raise InputError(f"folder {folder}: tensor {name!r} has shape {tensors[name].shape}, "
                        f"expected {shape}")
-    return tensors[name].astype(np.float32)
+    value = tensors[name].astype(np.float32)
+    if not np.isfinite(value).all():
+      raise InputError(f"folder {folder}: tensor {name!r} in {WEIGHTS_FILE} contains NaN or Inf")
+    return value
 
   shapes = config.weight_shapes()
-  weights = {name: tensor(_GLOBAL_TENSORS[name], shapes[name])
-             for name in shapes if name in _GLOBAL_TENSORS}
+  weights = {name: tensor(tensor_name(name), shapes[name])
+             for name in shapes if name not in LAYER_WEIGHTS}
   for name in LAYER_WEIGHTS:
-    weights[name] = np.stack([tensor(_layer_tensor(name, layer), shapes[name][1:])
+    weights[name] = np.stack([tensor(tensor_name(name, layer), shapes[name][1:])
                               for layer in range(config.num_layers)])
   tokenizer_path = folder / TOKENIZER_FILE
   tokenizer = (Tokenizer.from_json_str(tokenizer_path.read_text(encoding="utf-8"))
                if tokenizer_path.is_file() else None)
+  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+    raise InputError(f"folder {folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, more "
+                     f"than the vocab_size {config.vocab_size} of {CONFIG_FILE}")
   return config, {name: weights[name] for name in shapes}, tokenizer

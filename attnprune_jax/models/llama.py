@@ -16,9 +16,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from attnprune_jax import validation
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import InputError
 
@@ -60,6 +62,17 @@ class LlamaConfig:
     if not self.tie_embeddings:
       shapes["lm_head"] = (self.vocab_size, d)
     return shapes
+
+
+def check_token_ids(name: str, tokens, vocab_size: int) -> None:
+  """InputError unless every id of concrete `tokens` lies in [0, vocab_size): out of range, an
+  embedding lookup would clamp or wrap around silently. Tracers pass unchecked."""
+  if validation.is_traced(tokens) or np.size(tokens) == 0:
+    return
+  low, high = int(np.min(tokens)), int(np.max(tokens))
+  if low < 0 or high >= vocab_size:
+    raise InputError(f"{name} must be token ids in [0, {vocab_size}), got min {low} and max "
+                     f"{high}")
 
 
 def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float):
@@ -174,15 +187,20 @@ class Llama(nnx.Module):
     """Logits for int tokens (b, t); with captures requested, (logits, captures dict).
 
     Args:
-      tokens: (b, t) token ids.
+      tokens: (b, t) token ids in [0, vocab_size) (checked unless traced).
       weights: replacements for some weights by name (same shapes: no re-tracing), e.g.
         {"q_proj": (layers, heads·hd, d)}; the module's own weights are unchanged.
       return_attention_inputs / return_attention: per-layer captures, see `forward`.
     """
-    tokens = jnp.asarray(tokens)
+    if not validation.is_traced(tokens):
+      try:
+        tokens = np.asarray(tokens)  # range-checked before JAX may narrow int64 to int32
+      except ValueError as err:  # a ragged nested list
+        raise InputError(f"tokens must be a rectangular (batch, time) array: {err}") from err
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise InputError(f"tokens must be an integer array (batch, time), got "
                        f"{tokens.dtype} {tuple(tokens.shape)}")
+    check_token_ids("tokens", tokens, self.config.vocab_size)
     logits, captures = forward(self.weights(weights), tokens, self.config,
                                return_attention_inputs=return_attention_inputs,
                                return_attention=return_attention)

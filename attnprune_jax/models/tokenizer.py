@@ -1,24 +1,53 @@
 """Byte-level BPE tokenizer built with Hugging Face `tokenizers` from a GGUF file's fields.
 
-Recipe (gpt2-style GGUF tokenizers such as SmolLM2's): a BPE model from `tokenizer.ggml.tokens`
-and `.merges`; pre-tokenizer = individual digits, then ByteLevel (no prefix space, GPT-2 regex);
-ByteLevel decoder; control tokens (token type 3) as special tokens. Text round-trips exactly.
+Recipe (`tokenizer.ggml.model` "gpt2", i.e. byte-level BPE): a BPE model from
+`tokenizer.ggml.tokens` and `.merges`; the pre-tokenizer that llama.cpp names by
+`tokenizer.ggml.pre`, rebuilt for the values in `PRE_TOKENIZERS` only (any other would split text
+differently without a word, so it is refused); ByteLevel decoder; control tokens as special
+tokens. Text round-trips exactly.
 `to_json_str` / `Tokenizer.from_json_str` save and restore it as Hugging Face `tokenizer.json`.
 """
 
 from collections.abc import Sequence
 
+import gguf
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from attnprune_jax.errors import InputError, InputTypeError
 
-CONTROL_TOKEN_TYPE = 3
+BPE_MODEL = "gpt2"
+
+
+def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+  """llama.cpp's "smollm" (SmolLM2): each digit alone, then the GPT-2 regex, no prefix space."""
+  return pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+
+
+PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
 
 
 class Tokenizer:
   """`encode(str) -> list[int]` and `decode(list[int]) -> str`, no tokens added implicitly."""
 
-  def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]):
+  def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
+               model: str, pre: str | None):
+    """The GGUF fields tokenizer.ggml.{tokens, merges, token_type, model, pre}.
+
+    `pre` None means the field is absent, which llama.cpp reads as its "default" pre-tokenizer;
+    that one is not reproduced here, so an absent field is refused like any unsupported value.
+    """
+    if model != BPE_MODEL:
+      raise InputError(f"tokenizer.ggml.model must be {BPE_MODEL!r} (byte-level BPE), "
+                       f"got {model!r}")
+    if pre is None:
+      raise InputError("tokenizer.ggml.pre is absent, which llama.cpp reads as 'default'; "
+                       f"supported values: {sorted(PRE_TOKENIZERS)}")
+    if pre not in PRE_TOKENIZERS:
+      raise InputError(f"tokenizer.ggml.pre {pre!r} is not supported; supported values: "
+                       f"{sorted(PRE_TOKENIZERS)}")
     if len(tokens) != len(token_types):
       raise InputError(f"token_types must have one entry per token ({len(tokens)}), "
                        f"got {len(token_types)}")
@@ -28,13 +57,10 @@ class Tokenizer:
       bpe = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     except Exception as err:  # tokenizers raises a bare Exception
       raise InputError(f"tokenizer fields are inconsistent: {err}") from err
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    bpe.pre_tokenizer = PRE_TOKENIZERS[pre]()
     bpe.decoder = decoders.ByteLevel()
     self.special_tokens = [token for token, kind in zip(tokens, token_types)
-                           if kind == CONTROL_TOKEN_TYPE]
+                           if kind == gguf.TokenType.CONTROL]
     bpe.add_special_tokens([AddedToken(token, special=True, normalized=False)
                             for token in self.special_tokens])
     self._tokenizer = bpe
