@@ -198,7 +198,7 @@ def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, 
     return jnp.sum(loss), grads
 
   # ‖X_j‖ over all calibration tokens: the activation factor of the score |M∘W|·‖X_j‖.
-  feature_norms = jnp.sqrt(jnp.sum(x.reshape(-1, x.shape[-1])**2, axis=0))
+  feature_norms = jnp.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
 
   def prune(masks, keep, target):
     round_sparsity, round_n_m = target

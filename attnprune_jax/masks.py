@@ -105,7 +105,11 @@ def merged_activation_score(w, x) -> Real[Array, "d d"]:
   Args:
     w: (d, d) merged weight, or a masked one M∘W.
     x: (..., d) calibration inputs; ‖X_j‖ is the norm of feature j over all tokens.
+  Returns:
+    (d, d) scores in at least float32.
   """
-  x = validation.check_array("x", x)
+  x = validation.at_least_float32(validation.check_array("x", x))
   norms = jnp.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
-  return jnp.abs(w) * norms[:, None] * norms[None, :]
+  magnitude = jnp.abs(jnp.asarray(w))
+  magnitude = magnitude.astype(jnp.promote_types(magnitude.dtype, norms.dtype))
+  return magnitude * norms[:, None] * norms[None, :]

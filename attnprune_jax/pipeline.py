@@ -31,8 +31,8 @@ from attnprune_jax import validation
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.methods import METHODS, prune_qk
-from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, decoder_layer,
-                                        layer_weights)
+from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, check_token_ids,
+                                        decoder_layer, layer_weights)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import code_fingerprint
@@ -172,6 +172,12 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   config: LlamaConfig = model.config
   if settings.layers[-1] >= config.num_layers or settings.layers[0] < 0:
     raise InputError(f"layers must be in [0, {config.num_layers}), got {settings.layers}")
+  for name, windows in (("calibration", calibration), ("heldout", heldout)):
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or 0 in windows.shape or not np.issubdtype(windows.dtype, np.integer):
+      raise InputError(f"{name} must be integer token windows (windows >= 1, t >= 1), got "
+                       f"{windows.dtype} {windows.shape}")
+    check_token_ids(name, windows, config.vocab_size)
   dense = model.weights()
   weights = {"q_proj": dense["q_proj"], "k_proj": dense["k_proj"]}
   records: list[dict] = []

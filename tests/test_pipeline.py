@@ -11,7 +11,7 @@ import pytest
 
 from attnprune_jax import cli, evaluate, models, pipeline
 from attnprune_jax.baselines import input_stats, wanda
-from attnprune_jax.errors import DivergenceError
+from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models import huggingface
 from attnprune_jax.models.gguf import read_gguf
@@ -241,3 +241,16 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
                                      "prune_time.png"]
   assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+@pytest.mark.parametrize("which,windows,message", [
+    ("calibration", np.zeros((0, 8), np.int32), "calibration must be integer token windows"),
+    ("heldout", np.zeros((2, 8)), "heldout must be integer token windows"),
+    ("calibration", np.full((2, 8), 10**6), r"calibration must be token ids in \[0, "),
+    ("heldout", np.full((1, 8), -1), r"heldout must be token ids in \[0, "),
+])
+def test_bad_windows_are_named(tiny, which, windows, message):
+  model, calibration, heldout = tiny
+  arguments = {"calibration": calibration, "heldout": heldout, which: windows}
+  with pytest.raises(InputError, match=message):
+    prune_model(model, PruneSettings("wanda", 0.5, None, (0,)), **arguments)
