@@ -11,7 +11,7 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax.errors import InputError
-from attnprune_jax.masks import kept_count
+from attnprune_jax.masks import kept_count, merged_activation_score
 import reference_numpy
 
 
@@ -102,3 +102,14 @@ def test_integer_scores_and_jit():
   jitted = jax.jit(functools.partial(ap.binarize, sparsity=0.5))(score)
   np.testing.assert_array_equal(eager, jitted)
   np.testing.assert_array_equal(eager, reference_numpy.binarize_rows(score, 4))
+
+
+def test_merged_activation_score_of_half_precision_inputs_is_float32():
+  # Σ x² of these features is ~1e6, beyond float16's range: a float16 score would be Inf.
+  x = np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32) * 150
+  w = np.random.default_rng(6).normal(size=(8, 8)).astype(np.float32)
+  score = merged_activation_score(jnp.asarray(w, jnp.float16), jnp.asarray(x, jnp.float16))
+  assert score.dtype == jnp.float32 and np.isfinite(score).all()
+  reference = merged_activation_score(jnp.asarray(w, jnp.float16).astype(jnp.float32),
+                                      jnp.asarray(x, jnp.float16).astype(jnp.float32))
+  np.testing.assert_allclose(score, reference, rtol=1e-6)
