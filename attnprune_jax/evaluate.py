@@ -18,6 +18,9 @@ from attnprune_jax.models.llama import Llama, LlamaConfig, check_token_ids, forw
 from attnprune_jax.reporting import Reporter
 
 
+MAX_MEAN_NLL = math.log(np.finfo(np.float64).max)  # exp of more overflows
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def next_token_nll(weights: dict, tokens, config: LlamaConfig) -> jax.Array:
   """−log p(token_{i+1} | tokens_{≤i}) for each window, (b, t − 1), computed stably."""
@@ -64,5 +67,8 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
     total += nll.sum()
     scored += nll.size
   mean = float(total / scored)
+  if mean > MAX_MEAN_NLL:
+    raise InputError(f"the mean NLL is {mean:.4g}: perplexity exp({mean:.4g}) is beyond float64 "
+                     "(the model gives the text ~0 probability; are the weights garbage?)")
   return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": scored,
           "windows": int(len(windows)), "ctx": int(windows.shape[1])}

@@ -69,6 +69,13 @@ def test_non_finite_log_probabilities_are_refused():
     evaluate.perplexity(model, WINDOWS, batch_size=2, weights={"q_proj": q})
 
 
+def test_a_perplexity_beyond_float64_is_an_error_not_an_overflow(monkeypatch):
+  monkeypatch.setattr(evaluate, "next_token_nll", lambda weights, batch, config: np.full(
+      (batch.shape[0], batch.shape[1] - 1), 800.0))
+  with pytest.raises(InputError, match=r"the mean NLL is 800: perplexity exp\(800\) is beyond"):
+    evaluate.perplexity(numpy_model(CONFIG), WINDOWS)
+
+
 def test_next_token_nll_matches_a_numpy_log_sum_exp():
   model = numpy_model(CONFIG)
   # Logits in the hundreds: exp() of them overflows float32 unless the max is subtracted first.
