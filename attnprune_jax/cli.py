@@ -282,6 +282,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, models
+  from attnprune_jax.masks import kept_count
   from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
   from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning
@@ -322,6 +323,9 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   if n_m is not None and model.config.hidden_size % n_m[1]:
     raise InputError(f"--pattern {args.pattern}: M must divide the model width "
                      f"{model.config.hidden_size}")
+  if n_m is None and kept_count(model.config.hidden_size, sparsity) == 0:
+    raise InputError(f"--sparsity {sparsity:g} keeps none of the {model.config.hidden_size} "
+                     "entries of a row; a row must keep at least one")
   _check_text_fits(model, data.CALIBRATION_TEXT, data_config.calib_seqs
                    + data_config.heldout_seqs, data_config.calib_len,
                    "--calib-seqs, --heldout-seqs and --calib-len")
@@ -375,7 +379,7 @@ def _stored_rows(path: Path) -> list[dict]:
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import models
   from attnprune_jax.methods import METHODS
-  from experiments import qk_pruning
+  from experiments import qk_pruning, qk_report
   grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
       qk_pruning.ReproduceConfig()
   if args.methods:
@@ -395,7 +399,7 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
     raise InputError(f"--report-only needs stored rows; {results} does not exist")
   model = models.load("smollm2")
   if args.report_only:
-    results.with_suffix(".md").write_text(qk_pruning.markdown_tables(rows))
+    results.with_suffix(".md").write_text(qk_report.markdown_tables(rows))
   else:
     rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
   reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
@@ -403,7 +407,7 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
                    row["attention_error_mean"], row["prune_time_s"]] for row in rows])
   paths = []
   if figures:
-    paths = qk_pruning.plot(rows, Path(figures), model=model, work=work, config=grid.data)
+    paths = qk_report.plot(rows, Path(figures), model=model, work=work, config=grid.data)
     reporter.info("figures: " + ", ".join(str(path) for path in paths))
   return {"rows": rows, "results": str(results), "figures": [str(p) for p in paths]}, None
 

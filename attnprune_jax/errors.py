@@ -20,5 +20,9 @@ class MissingFileError(InputError, FileNotFoundError):
   """A file the input names does not exist (the message says how to get it, where it can)."""
 
 
+class OutputExistsError(InputError, FileExistsError):
+  """An output the input names exists already and would be overwritten."""
+
+
 class DivergenceError(InputError):
   """The solver's loss or mask became non-finite: the step size (or λ) is too large."""

@@ -141,6 +141,9 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   q_proj = validation.check_array("q_proj", q_proj, ndim=2)
   k_proj = validation.check_array("k_proj", k_proj, ndim=2)
   x = validation.check_array("x", x, ndim=3)
+  if 0 in x.shape:
+    raise InputError(f"x must hold at least one window of at least one token, got shape "
+                     f"{tuple(x.shape)}")
   d = q_proj.shape[1]
   if k_proj.shape[1] != d or x.shape[-1] != d:
     raise InputError(f"q_proj, k_proj and x must share the input width; got {q_proj.shape}, "

@@ -31,7 +31,7 @@ def kept_count(size: int, sparsity: float) -> int:
   The product is exact: `sparsity` is taken as the shortest decimal that reads back as the same
   float (repr), so kept_count(30, 0.55) = round_half_up(13.5) = 14.
   """
-  exact = fractions.Fraction(repr(float(sparsity)))
+  exact = fractions.Fraction(repr(validation.check_sparsity(sparsity)))
   return math.floor((1 - exact) * size + fractions.Fraction(1, 2))
 
 

@@ -44,7 +44,7 @@ def code_fingerprint(modules: Iterable[ModuleType | str]) -> str:
   loaded = [importlib.import_module(m) if isinstance(m, str) else m for m in modules]
   for module in sorted({m.__name__: m for m in loaded}.values(), key=lambda m: m.__name__):
     if getattr(module, "__file__", None) is None:
-      raise InputError(f"code_fingerprint: modules must have a source file, got {module!r}")
+      raise TypeError(f"code_fingerprint: modules must have a source file, got {module!r}")
     source = Path(module.__file__)
     files = sorted(source.parent.rglob("*.py")) if hasattr(module, "__path__") else [source]
     for path in files:

@@ -22,7 +22,7 @@ from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_inputs, merged_loss_and_grad
+from attnprune_jax.objective import check_inputs, merged_loss_and_grad, squared_gap
 
 
 class MaskSolution(NamedTuple):
@@ -84,8 +84,12 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   solution = _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype),
                     jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype), steps=steps,
                     causal=causal, optimizer=optimizer)
-  step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
-  check_descent(solution.loss, (solution.mask,), step_size=step_size)
+  if not validation.is_traced(solution.loss):
+    # The history holds the loss before each update; the last update is checked too.
+    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal)
+    step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
+    check_descent(jnp.concatenate([solution.loss, final[..., None]], axis=-1),
+                  (solution.mask,), step_size=step_size)
   return solution
 
 
@@ -105,25 +109,42 @@ def _describe_lr(lr) -> str:
 
 
 def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
-  """Outside jit: a non-finite loss or mask is a `DivergenceError` naming `step_size`; a final
-  loss above the first one is a `RuntimeWarning`. `loss` is (..., steps), the leading axes index
-  independent `runs` of gradient descent; masks are any arrays."""
+  """Outside jit: a non-finite loss or mask is a `DivergenceError` naming `step_size`; a last
+  loss above the first one is a `RuntimeWarning`.
+
+  Args:
+    loss: (..., points) loss histories, ending with the loss at the final mask; leading axes
+      index independent `runs` of gradient descent.
+    masks: the final masks, any arrays.
+    step_size: how to name the step size in the messages, e.g. "lr=0.1".
+    runs: what the leading axes of `loss` are, for the messages.
+  """
   if validation.is_traced(loss):
     return
-  loss = np.asarray(loss, np.float64)
+  loss = np.asarray(loss, np.float64).reshape(-1, np.shape(loss)[-1])
   finite = np.isfinite(loss)
   if not finite.all() or not all(bool(jnp.isfinite(m).all()) for m in masks):
-    first = int(np.argmin(finite.reshape(-1, finite.shape[-1]).all(axis=0))) if not finite.all() \
-        else loss.shape[-1]
-    where = f"at step {first}" if first < loss.shape[-1] else "in the final update"
+    steps = loss.shape[-1] - 1
+    first = int(np.argmin(finite.all(axis=0))) if not finite.all() else steps
+    where = f"at step {first}" if first < steps else "in the last update"
     raise DivergenceError(f"the solver diverged: the loss or mask became NaN or Inf {where} "
                           f"with {step_size}; use a smaller step size")
-  rose = loss[..., -1] > loss[..., 0] * (1 + 1e-6) + 1e-30
+  rise = loss[:, -1] - loss[:, 0]
+  rose = rise > 1e-6 * np.abs(loss[:, 0]) + 1e-30
   if rose.any():
-    which = f" in {int(rose.sum())} of {rose.size} {runs}" if rose.size > 1 else ""
-    warnings.warn(f"the loss rose{which} (from {loss[..., 0].max():.4g} to "
-                  f"{loss[..., -1].max():.4g}) with {step_size}: the step size is probably "
-                  "above 1/L_s", RuntimeWarning, stacklevel=3)
+    worst = int(np.argmax(rise))
+    which = f" in {int(rose.sum())} of {len(rose)} {runs}" if len(rose) > 1 else ""
+    warnings.warn(f"the loss rose{which} (worst: from {loss[worst, 0]:.4g} to "
+                  f"{loss[worst, -1]:.4g}) with {step_size}: the step size is probably above "
+                  "1/L_s", RuntimeWarning, stacklevel=3)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def _loss_at(masks, w, x, lam, causal):
+  """L(M) of one mask (d, d) or of each head (h, d, d)."""
+  def loss(mask, w):
+    return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+  return jax.vmap(loss)(masks, w) if w.ndim == 3 else loss(masks, w)
 
 
 def minimize(loss_and_grad, params, *, optimizer: optax.GradientTransformation, steps: int,

@@ -9,6 +9,8 @@ from magnitude.
 import jax
 import jax.numpy as jnp
 
+from attnprune_jax.errors import InputError
+
 
 def synthetic_problem(key: jax.Array, *, n: int, d: int, batch: int = 4, rank: int = 16,
                       heads: int | None = None, outlier_channels: int = 4,
@@ -25,6 +27,8 @@ def synthetic_problem(key: jax.Array, *, n: int, d: int, batch: int = 4, rank: i
   Returns:
     w: (d, d) or (heads, d, d); x: (batch, n, d).
   """
+  if not 0 <= outlier_channels <= d:
+    raise InputError(f"outlier_channels must be in [0, d={d}], got {outlier_channels}")
   key_q, key_k, key_x, key_c = jax.random.split(key, 4)
   lead = () if heads is None else (heads,)
   w_q = jax.random.normal(key_q, lead + (d, rank), dtype) / jnp.sqrt(d)

@@ -77,6 +77,8 @@ def _scalar(name: str, value, kind: str):
     if np.ndim(value) != 0:
       raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}")
     value = np.asarray(value)[()]
+    if jnp.issubdtype(value.dtype, jnp.floating) and not isinstance(value, np.floating):
+      value = np.float32(value)  # bfloat16 and other ml_dtypes floats are exact in float32
   expected = numbers.Integral if kind == "integer" else numbers.Real
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, expected):
     raise InputTypeError(f"{name} must be {what}, got {type(value).__name__}")

@@ -58,7 +58,8 @@ RISE_TOLERANCE = 1e-4  # a step may raise the loss by this fraction of L(M0) (fl
 
 
 def solve_with_backtracking(w, x, config: DemoConfig, smoothness: float):
-  """Algorithm 1 at η = step_fraction / L̂, halving η while the loss rises or diverges.
+  """Algorithm 1 at η = step_fraction / L̂, halving η while the loss rises at some step (the
+  last update included) or diverges.
 
   Returns:
     (solution, lr, halvings).
@@ -73,7 +74,8 @@ def solve_with_backtracking(w, x, config: DemoConfig, smoothness: float):
       except DivergenceError:
         solution = None
     if solution is not None:
-      loss = np.asarray(solution.loss, np.float64)
+      final = ap.pruning_loss(solution.mask, w, x, lam=config.lam, causal=config.causal)
+      loss = np.append(np.asarray(solution.loss, np.float64), float(final))
       if np.all(np.diff(loss) <= RISE_TOLERANCE * loss[0]):
         return solution, lr, halvings
     if halvings < MAX_HALVINGS:

@@ -51,3 +51,10 @@ def test_default_rule_needs_no_halving_on_the_default_problem_shape():
 def test_config_is_checked(field, value, message):
   with pytest.raises(InputError, match=message):
     demo.DemoConfig(**{"n": 32, "d": 16, "rank": 8, field: value})
+
+
+def test_a_rise_in_the_last_update_is_seen():
+  # One step: the loss history holds only L(M₀); the rise is in L(M₁).
+  config = demo.DemoConfig(n=16, d=8, rank=4, batch=2, steps=1, step_fraction=1e3)
+  results = demo.run(config, Reporter(quiet=True))
+  assert results["lr_halvings"] > 0 and results["loss_after"] <= results["loss_before"]

@@ -2,7 +2,9 @@
 SmolLM2 (tokenizer, pruned q_proj), the exact tensor names, and the errors."""
 
 import json
+import re
 
+import jax
 import numpy as np
 import pytest
 import safetensors
@@ -218,3 +220,31 @@ def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="disk full"):
     models.save(random_model(CONFIGS["mha"], 5), tmp_path / "m")
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": "abc"}, "hidden_size must be an integer, got 'abc'"),
+    ({"num_attention_heads": None}, "num_attention_heads must be an integer, got None"),
+    ({"num_attention_heads": 0}, "num_heads must be a positive integer, got 0"),
+    ({"hidden_size": 8.5}, "hidden_size must be an integer, got 8.5"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"rope_theta": -1}, "rope_base must be > 0"),
+])
+def test_malformed_config_values_are_named(tmp_path, change, message):
+  folder = tmp_path / "model"
+  models.save(Llama.random(CONFIGS["gqa"], jax.random.key(0)), folder)
+  document = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(document | change))
+  with pytest.raises(InputError, match=re.escape(message)):
+    models.load(folder)
+
+
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path):
+  folder = tmp_path / "model"
+  models.save(Llama.random(CONFIGS["gqa"], jax.random.key(0)), folder)
+  (folder / "config.json").write_text("[1, 2]")
+  with pytest.raises(InputError, match="must hold a JSON object, got list"):
+    models.load(folder)
+  (folder / "config.json").write_bytes(b"\xff\xfe")
+  with pytest.raises(InputError, match="is not valid JSON"):
+    models.load(folder)

@@ -63,6 +63,8 @@ def accumulate(stats: InputStats, x) -> InputStats:
 def input_stats(x, *, gram: bool = True) -> InputStats:
   """Statistics of all tokens of x (..., tokens, in) at once."""
   x = validation.check_array("x", x, min_ndim=2)
+  if x.shape[-1] == 0:
+    raise InputError(f"x must have at least one input feature, got shape {tuple(x.shape)}")
   return accumulate(empty_stats(x.shape[-1], gram=gram, dtype=x.dtype), x)
 
 

@@ -78,18 +78,26 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
     raise InputError(f"model file {path} has architecture {arch!r}; supported: "
                      f"{SUPPORTED_ARCHITECTURES}")
 
-  def field(key: str, default=None):
-    return _field(reader, key.format(arch=arch), path, default)
+  def field(key: str, default=None, kind=None):
+    """The field's contents, converted to `kind` (int or float) if given."""
+    value = _field(reader, key.format(arch=arch), path, default)
+    if kind is None:
+      return value
+    try:
+      return kind(value)
+    except (TypeError, ValueError, OverflowError):
+      raise InputError(f"model file {path}: field {key.format(arch=arch)} must be "
+                       f"{'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
   if _ROPE.SCALING_TYPE.format(arch=arch) in reader.fields:
     raise InputError(f"model file {path} uses RoPE scaling, which is not supported")
-  heads, hidden = int(field(_ATTENTION.HEAD_COUNT)), int(field(_LLM.EMBEDDING_LENGTH))
-  head_dim = int(field(_ATTENTION.KEY_LENGTH, default=hidden // heads))
-  rope_dims = int(field(_ROPE.DIMENSION_COUNT, default=head_dim))
+  heads, hidden = field(_ATTENTION.HEAD_COUNT, kind=int), field(_LLM.EMBEDDING_LENGTH, kind=int)
+  head_dim = field(_ATTENTION.KEY_LENGTH, hidden // heads if heads > 0 else 0, int)
+  rope_dims = field(_ROPE.DIMENSION_COUNT, head_dim, int)
   if rope_dims != head_dim:
     raise InputError(f"model file {path} rotates {rope_dims} of {head_dim} head dimensions; "
                      "only full RoPE is supported")
-  value_dim = int(field(_ATTENTION.VALUE_LENGTH, default=head_dim))
+  value_dim = field(_ATTENTION.VALUE_LENGTH, head_dim, int)
   if value_dim != head_dim:
     raise InputError(f"model file {path} has value heads of {value_dim} dimensions and key "
                      f"heads of {head_dim}; only equal ones are supported")
@@ -102,7 +110,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
                           pre=None if pre is None else pre.contents())
   except InputError as err:
     raise InputError(f"model file {path}: {err}") from err
-  layers = int(field(_LLM.BLOCK_COUNT))
+  layers = field(_LLM.BLOCK_COUNT, kind=int)
+  if layers <= 0:
+    raise InputError(f"model file {path}: {_LLM.BLOCK_COUNT.format(arch=arch)} must be "
+                     f"positive, got {layers}")
   names = gguf_tensor_names(layers)
   tensors = {tensor.name: tensor for tensor in reader.tensors}
   unused = sorted(set(tensors) - set(names.values()))
@@ -110,13 +121,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
     raise InputError(f"model file {path} has tensors this Llama does not read (a bias, RoPE "
                      f"factors or experts would change the model): {unused[:5]}"
                      f"{' ...' if len(unused) > 5 else ''}")
-  config = LlamaConfig(
-      vocab_size=len(tokens), hidden_size=hidden,
-      intermediate_size=int(field(_LLM.FEED_FORWARD_LENGTH)), num_layers=layers,
-      num_heads=heads, num_kv_heads=int(field(_ATTENTION.HEAD_COUNT_KV, default=heads)),
-      head_dim=head_dim, rope_base=float(field(_ROPE.FREQ_BASE, default=10000.0)),
-      rms_eps=float(field(_ATTENTION.LAYERNORM_RMS_EPS)),
-      tie_embeddings=names[("lm_head", None)] not in tensors)
+  try:
+    config = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=hidden,
+        intermediate_size=field(_LLM.FEED_FORWARD_LENGTH, kind=int), num_layers=layers,
+        num_heads=heads, num_kv_heads=field(_ATTENTION.HEAD_COUNT_KV, heads, int),
+        head_dim=head_dim, rope_base=field(_ROPE.FREQ_BASE, 10000.0, float),
+        rms_eps=field(_ATTENTION.LAYERNORM_RMS_EPS, kind=float),
+        tie_embeddings=names[("lm_head", None)] not in tensors)
+  except InputError as err:
+    raise InputError(f"model file {path}: {err}") from None
 
   def weight(name: str, layer: int | None, shape: tuple[int, ...]) -> np.ndarray:
     gguf_name = names[(name, layer)]

@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from attnprune_jax.errors import InputError, MissingFileError
+from attnprune_jax.errors import InputError, MissingFileError, OutputExistsError
 from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
   path = Path(path)
   arrays = _checked_weights(weights, config)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise FileExistsError(f"path {path} already exists and is not an empty folder")
+    raise OutputExistsError(f"path {path} already exists and is not an empty folder")
   tensors = {tensor_name(name): arrays[name] for name in arrays if name not in LAYER_WEIGHTS}
   tensors |= {tensor_name(name, layer): arrays[name][layer] for layer in range(config.num_layers)
               for name in LAYER_WEIGHTS}
@@ -101,41 +101,58 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
 
 def _read_config(folder: Path) -> LlamaConfig:
   """The `LlamaConfig` of folder/config.json; absent optional keys take Hugging Face defaults."""
+  where = f"folder {folder}: {CONFIG_FILE}"
   try:
     document = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-  except json.JSONDecodeError as err:
-    raise InputError(f"folder {folder}: {CONFIG_FILE} is not valid JSON: {err}") from err
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise InputError(f"{where} is not valid JSON: {err}") from err
+  if not isinstance(document, dict):
+    raise InputError(f"{where} must hold a JSON object, got {type(document).__name__}")
   architectures, model_type = document.get("architectures"), document.get("model_type")
   if architectures != ["LlamaForCausalLM"] or model_type != "llama":
-    raise InputError(f"folder {folder}: {CONFIG_FILE} has architectures {architectures!r} and "
-                     f"model_type {model_type!r}; only LlamaForCausalLM / llama is supported")
+    raise InputError(f"{where} has architectures {architectures!r} and model_type "
+                     f"{model_type!r}; only LlamaForCausalLM / llama is supported")
   if document.get("rope_scaling") is not None:
-    raise InputError(f"folder {folder}: {CONFIG_FILE} sets rope_scaling, which is not supported")
+    raise InputError(f"{where} sets rope_scaling, which is not supported")
   rope = document.get("rope_parameters") or {}  # newer transformers: rope_theta and rope_type
   if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-    raise InputError(f"folder {folder}: {CONFIG_FILE} sets rope_parameters {rope!r}; only "
-                     "rope_type 'default' (no RoPE scaling) is supported")
+    raise InputError(f"{where} sets rope_parameters {rope!r}; only rope_type 'default' (no RoPE "
+                     "scaling) is supported")
   if (document.get("hidden_act", "silu") != "silu" or document.get("attention_bias")
       or document.get("mlp_bias")):
-    raise InputError(f"folder {folder}: {CONFIG_FILE} asks for a hidden_act other than silu or "
-                     "for biases, which are not supported")
+    raise InputError(f"{where} asks for a hidden_act other than silu or for biases, which are "
+                     "not supported")
 
-  def get(key, default=None):
-    if key in document:
-      return document[key]
-    if default is None:
-      raise InputError(f"folder {folder}: {CONFIG_FILE} lacks {key!r}")
-    return default
+  def get(key, kind, default=None):
+    """document[key] (or `default` if given) as `kind`, else an InputError naming the key."""
+    if key not in document and default is None:
+      raise InputError(f"{where} lacks {key!r}")
+    value = document.get(key, default)
+    if kind is bool:
+      if not isinstance(value, bool):
+        raise InputError(f"{where}: {key} must be true or false, got {value!r}")
+      return value
+    try:
+      if isinstance(value, bool) or (kind is int and value != int(value)):
+        raise ValueError
+      return kind(value)
+    except (TypeError, ValueError, OverflowError):
+      raise InputError(f"{where}: {key} must be a{'n integer' if kind is int else ' number'}, "
+                       f"got {value!r}") from None
 
-  hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-  return LlamaConfig(
-      vocab_size=int(get("vocab_size")), hidden_size=hidden,
-      intermediate_size=int(get("intermediate_size")), num_layers=int(get("num_hidden_layers")),
-      num_heads=heads, num_kv_heads=int(get("num_key_value_heads", heads)),
-      head_dim=int(get("head_dim", hidden // heads)),
-      rope_base=float(get("rope_theta", rope.get("rope_theta", 10000.0))),
-      rms_eps=float(get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(get("tie_word_embeddings", False)))
+  hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+  fields = dict(
+      vocab_size=get("vocab_size", int), hidden_size=hidden,
+      intermediate_size=get("intermediate_size", int), num_layers=get("num_hidden_layers", int),
+      num_heads=heads, num_kv_heads=get("num_key_value_heads", int, heads),
+      head_dim=get("head_dim", int, hidden // heads if heads > 0 else 0),
+      rope_base=get("rope_theta", float, rope.get("rope_theta", 10000.0)),
+      rms_eps=get("rms_norm_eps", float, 1e-6),
+      tie_embeddings=get("tie_word_embeddings", bool, False))
+  try:
+    return LlamaConfig(**fields)
+  except InputError as err:
+    raise InputError(f"{where}: {err} (the config's fields by our names: {fields})") from None
 
 
 def read_folder(path: str | os.PathLike

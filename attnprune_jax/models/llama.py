@@ -43,6 +43,12 @@ class LlamaConfig:
   tie_embeddings: bool = True
 
   def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim"):
+      validation.check_positive_int(name, getattr(self, name))
+    validation.check_scalar("rope_base", self.rope_base, minimum=0.0, strict=True)
+    validation.check_scalar("rms_eps", self.rms_eps, minimum=0.0)
+    validation.check_bool("tie_embeddings", self.tie_embeddings)
     if self.num_heads % self.num_kv_heads:
       raise InputError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")

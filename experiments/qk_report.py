@@ -1,0 +1,190 @@
+"""Figures and Markdown tables of the real-model comparison (`qk_pruning`'s rows).
+
+Kept apart from `qk_pruning` so that a change of presentation does not change the code
+fingerprint that keys the stored rows.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from attnprune_jax.models import Llama
+from experiments import qk_pruning
+
+METHOD_COLORS = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:purple",
+                 "attn": "tab:olive", "attn-progressive": "tab:red",
+                 "attn-reweight": "tab:orange"}
+MAP_LAYER, MAP_HEAD, MAP_TOKENS, MAP_SPARSITY = 15, 0, 96, 0.7
+
+
+def _save(fig, path: Path) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  from matplotlib import pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def plot(rows: list[dict], figures: Path, *, model: Llama | None = None,
+         work: Path | None = None, config: qk_pruning.DataConfig | None = None) -> list[Path]:
+  """The figures of the real-model comparison; the attention maps need the model and the
+  rows' checkpoints in `work`. Returns the paths written."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), None)
+  pruned = [row for row in rows if row["method"] != "dense"]
+  methods = [m for m in qk_pruning.REPRODUCE_METHODS if any(row["method"] == m for row in pruned)]
+  paths = []
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2),
+                                    gridspec_kw={"width_ratios": [2.2, 1]})
+  for method in methods:
+    points = sorted((row["sparsity"], row["perplexity"]) for row in pruned
+                    if row["method"] == method and row["pattern"] == "unstructured")
+    if points:
+      left.plot(*zip(*points), "o-", color=METHOD_COLORS[method], label=method)
+  nm = [(m, row["perplexity"]) for m in methods for row in pruned
+        if row["method"] == m and row["pattern"] == "2:4"]
+  right.bar(range(len(nm)), [p for _, p in nm], color=[METHOD_COLORS[m] for m, _ in nm])
+  right.set_xticks(range(len(nm)), [m for m, _ in nm], rotation=40, ha="right")
+  for axis, title in ((left, "unstructured, per output row"), (right, "2:4")):
+    if dense is not None:
+      axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    axis.set_yscale("log")
+    axis.set_ylabel("perplexity (Pride and Prejudice)")
+    axis.set_title(f"q_proj + k_proj of all layers, {title}")
+  left.set_xlabel("sparsity of q_proj and k_proj")
+  left.legend(fontsize=8)
+  paths.append(_save(fig, figures / "perplexity.png"))
+
+  patterns = sorted({(row["pattern"], row["sparsity"]) for row in pruned},
+                    key=lambda p: (p[0] != "unstructured", p[1]))
+  fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.8), sharey=True,
+                           squeeze=False)
+  for axis, (pattern, sparsity) in zip(axes[0], patterns):
+    for method in methods:
+      row = next((r for r in pruned if (r["method"], r["pattern"], r["sparsity"])
+                  == (method, pattern, sparsity)), None)
+      if row:
+        layers = sorted(row["attention_error_per_layer"], key=int)
+        axis.plot([int(k) for k in layers], [row["attention_error_per_layer"][k] for k in layers],
+                  ".-", color=METHOD_COLORS[method], label=method)
+    axis.set_yscale("log")
+    axis.set_xlabel("layer")
+    axis.set_title(pattern if pattern != "unstructured" else f"sparsity {sparsity:g}")
+  axes[0][0].set_ylabel("held-out attention error Σ_h‖ΔA_h‖²_F")
+  labels = {}
+  for axis in axes[0]:
+    for handle, label in zip(*axis.get_legend_handles_labels()):
+      labels.setdefault(label, handle)
+  axes[0][0].legend(labels.values(), labels.keys(), fontsize=7)
+  paths.append(_save(fig, figures / "attention_error_per_layer.png"))
+
+  fig, axis = plt.subplots(figsize=(6, 3.8))
+  times = [(m, np.mean([r["prune_time_s"] for r in pruned if r["method"] == m]))
+           for m in methods]
+  axis.bar(range(len(times)), [t for _, t in times], color=[METHOD_COLORS[m] for m, _ in times])
+  axis.set_xticks(range(len(times)), [m for m, _ in times], rotation=30, ha="right")
+  axis.set_yscale("log")
+  axis.set_ylabel("prune time of 30 layers, s (mean over rows)")
+  paths.append(_save(fig, figures / "prune_time.png"))
+
+  if model is not None and work is not None:
+    path = _plot_attention_maps(model, work, config or qk_pruning.DataConfig(),
+                                figures / "attention_maps.png")
+    if path is not None:
+      paths.append(path)
+  return paths
+
+
+def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig, path: Path):
+  """Dense, Wanda and attn-progressive attention of one head on a held-out window, at 0.7."""
+  from matplotlib import pyplot as plt
+  heldout = qk_pruning.windows(model, config)["heldout"][:1, :MAP_TOKENS]
+  maps = {}
+  for method in ("dense", "wanda", "attn-progressive"):
+    weights = None
+    if method != "dense":
+      checkpoint = qk_pruning.row_folder(work, method, str(MAP_SPARSITY)) / "checkpoint.npz"
+      if not checkpoint.is_file():
+        return None
+      with np.load(checkpoint) as stored:
+        weights = {"q_proj": stored["q_proj"], "k_proj": stored["k_proj"]}
+    _, captured = model(heldout, weights=weights, return_attention=True)
+    maps[method] = np.asarray(captured["attention"][MAP_LAYER, 0, MAP_HEAD])
+  from matplotlib.colors import PowerNorm
+  fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+  # A power norm, so that the attention sink on token 0 does not wash out the rest.
+  norm = PowerNorm(gamma=0.4, vmin=0, vmax=1)
+  for axis, (name, values) in zip(axes[0], maps.items()):
+    axis.imshow(values, cmap="viridis", norm=norm)
+    axis.set_title(name if name == "dense" else f"{name} at {MAP_SPARSITY}")
+  axes[1][0].axis("off")
+  bound = np.quantile(np.abs(maps["wanda"] - maps["dense"]), 0.999)
+  for axis, name in zip(axes[1][1:], ("wanda", "attn-progressive")):
+    gap = maps[name] - maps["dense"]
+    axis.imshow(gap, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    axis.set_title(f"{name} − dense (red: more attention), ‖·‖²_F = {np.sum(gap**2):.3g}",
+                   fontsize=9)
+  fig.suptitle(f"layer {MAP_LAYER}, head {MAP_HEAD}, first {MAP_TOKENS} tokens of a held-out "
+               "Emma window (q/k of all layers pruned)")
+  return _save(fig, path)
+
+
+def markdown_tables(rows: list[dict]) -> str:
+  """The rows as Markdown: perplexity (and its increase over dense), held-out attention error,
+  prune time, and the issue's bar (ratios of perplexity increases, layers won)."""
+  dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), float("nan"))
+  cells = {(row["method"], row["pattern"] if row["pattern"] != "unstructured"
+            else f"{row['sparsity']:g}"): row for row in rows if row["method"] != "dense"}
+  columns = sorted({c for _, c in cells}, key=lambda c: (":" in c, c))
+  methods = [m for m in qk_pruning.REPRODUCE_METHODS if any(m == key[0] for key in cells)]
+
+  def table(title, value):
+    lines = [f"| {title} | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for method in methods:
+      lines.append(f"| `{method}` | " + " | ".join(
+          value(cells[(method, c)]) if (method, c) in cells else "not run" for c in columns)
+          + " |")
+    return "\n".join(lines)
+
+  def increase(method, column):
+    row = cells.get((method, column))
+    return None if row is None else row["perplexity"] - dense
+
+  bar = [f"| check | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+  checks = {
+      "Δppl `attn-progressive` / min(magnitude, Wanda)": ("attn-progressive",
+                                                            ("magnitude", "wanda")),
+      "Δppl `attn-reweight` / SparseGPT": ("attn-reweight", ("sparsegpt",)),
+      "Δppl `attn` / min(magnitude, Wanda)": ("attn", ("magnitude", "wanda")),
+  }
+  for title, (ours, theirs) in checks.items():
+    values = []
+    for column in columns:
+      mine = increase(ours, column)
+      best = [increase(m, column) for m in theirs if increase(m, column) is not None]
+      values.append("–" if mine is None or not best else f"{mine / min(best):.2f}")
+    bar.append(f"| {title} | " + " | ".join(values) + " |")
+  won = []
+  for column in columns:
+    ours, wanda = cells.get(("attn-progressive", column)), cells.get(("wanda", column))
+    if ours is None or wanda is None:
+      won.append("–")
+      continue
+    layers = ours["attention_error_per_layer"]
+    wins = sum(layers[k] < wanda["attention_error_per_layer"][k] for k in layers)
+    won.append(f"{wins}/{len(layers)}")
+  bar.append("| layers where `attn-progressive` has lower held-out attention error than Wanda | "
+             + " | ".join(won) + " |")
+  return "\n\n".join([
+      f"Dense perplexity: {dense:.3f}.",
+      table("perplexity (Δ over dense)",
+            lambda r: f"{r['perplexity']:.2f} (+{r['perplexity'] - dense:.2f})"),
+      table("held-out attention error, mean over layers",
+            lambda r: f"{r['attention_error_mean']:.1f}"),
+      table("prune time of all layers, s", lambda r: f"{r['prune_time_s']:.0f}"),
+      "\n".join(bar)]) + "\n"
