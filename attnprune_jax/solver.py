@@ -130,7 +130,7 @@ def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
     raise DivergenceError(f"the solver diverged: the loss or mask became NaN or Inf {where} "
                           f"with {step_size}; use a smaller step size")
   rise = loss[:, -1] - loss[:, 0]
-  rose = rise > 1e-6 * np.abs(loss[:, 0]) + 1e-30
+  rose = rise > 1e-6 * np.abs(loss[:, 0]) + 1e-10  # above float32 rounding, even from L = 0
   if rose.any():
     worst = int(np.argmax(rise))
     which = f" in {int(rose.sum())} of {len(rose)} {runs}" if len(rose) > 1 else ""

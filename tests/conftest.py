@@ -1,18 +1,29 @@
-"""Test configuration: float64 is enabled so that gradient tests can be exact.
+"""Test configuration: tests run in JAX's default float32 mode, the mode users run.
 
-Library code must not depend on it: every test of float32 behaviour passes float32 arrays
-explicitly, and `test_dtypes_are_preserved` checks that float32 stays float32.
+float64 is enabled only where a test needs it (an exact comparison with a float64 numpy
+reference, a finite difference): one test asks for it with `@pytest.mark.usefixtures("x64")`
+(one parametrization with `request.getfixturevalue("x64")`), a module where every test needs it
+with `pytestmark = pytest.mark.usefixtures("x64")`. Tests that compare float32 results with
+float64 ones compute the float32 result in the default mode and the float64 one inside
+`jax.enable_x64(True)`, with a stated tolerance. `random_problem` makes float32 arrays unless
+asked otherwise: with x64 off, JAX would silently round float64 inputs to float32, and a numpy
+reference fed the unrounded inputs would not compute the same problem.
 """
 
 import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture
+def x64():
+  """float64 for this test only (jax.enable_x64 is restored afterwards)."""
+  with jax.enable_x64(True):
+    yield
 
 
 def random_problem(seed: int, *, n: int = 7, d: int = 5, batch: int | None = None,
-                   scale: float = 1.0, dtype=np.float64):
+                   scale: float = 1.0, dtype=np.float32):
   """A random merged weight w (d, d), a mask near 1 and hidden states x ((batch,) n, d)."""
   rng = np.random.default_rng(seed)
   lead = () if batch is None else (batch,)
@@ -21,7 +32,3 @@ def random_problem(seed: int, *, n: int = 7, d: int = 5, batch: int | None = Non
   mask = (1.0 + 0.3 * rng.normal(size=(d, d))).astype(dtype)
   return mask, w, x
 
-
-@pytest.fixture
-def problem():
-  return random_problem

@@ -27,10 +27,10 @@ def tiny_config(heads, kv_heads):
 CONFIGS = {"mha": tiny_config(2, 2), "gqa": tiny_config(4, 2)}
 
 
-def layer_problem(name, seed=0, windows=2, t=6):
+def layer_problem(name, seed=0, windows=2, t=6, dtype=jnp.float32):
   """A tiny random model's layer-1 q/k, its captured attention inputs and the tokens."""
   config = CONFIGS[name]
-  model = Llama.random(config, jax.random.key(seed), scale=0.5, dtype=jnp.float64)
+  model = Llama.random(config, jax.random.key(seed), scale=0.5, dtype=dtype)
   tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (windows, t))
   _, captured = model(tokens, return_attention_inputs=True, return_attention=True)
   weights = model.weights()
@@ -51,9 +51,10 @@ def group_loss(config, masks, weights, x, lam):
   return total
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_layer_attention_matches_a_numpy_llama_head_by_head(name):
-  config, _, tokens, weights, captured = layer_problem(name)
+  config, _, tokens, weights, captured = layer_problem(name, dtype=jnp.float64)
   x = captured["attention_inputs"][1]
   probs = layer_attention(x, weights["q_proj"][1], weights["k_proj"][1],
                           head_dim=config.head_dim, rope_base=config.rope_base)
@@ -62,9 +63,10 @@ def test_layer_attention_matches_a_numpy_llama_head_by_head(name):
     np.testing.assert_allclose(window_probs, expected[1], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_factored_loss_is_zero_at_ones_and_matches_numpy_llama(name):
-  config, _, tokens, weights, captured = layer_problem(name)
+  config, _, tokens, weights, captured = layer_problem(name, dtype=jnp.float64)
   x = captured["attention_inputs"][1]
   ones = {"q_proj": jnp.ones_like(weights["q_proj"][1]),
           "k_proj": jnp.ones_like(weights["k_proj"][1])}
@@ -87,8 +89,9 @@ def test_factored_loss_is_zero_at_ones_and_matches_numpy_llama(name):
   np.testing.assert_allclose(group_loss(config, masks, weights, x, lam), expected, rtol=1e-10)
 
 
+@pytest.mark.usefixtures("x64")
 def test_factored_gradient_matches_finite_differences():
-  config, _, _, weights, captured = layer_problem("gqa", seed=3)
+  config, _, _, weights, captured = layer_problem("gqa", seed=3, dtype=jnp.float64)
   x = captured["attention_inputs"][1]
   rng = np.random.default_rng(2)
   masks = {"q_proj": jnp.asarray(rng.uniform(0.5, 1.5, weights["q_proj"][1].shape)),
@@ -121,8 +124,8 @@ SMALL = MaskSolverConfig(steps=6, rounds=3, steps_per_round=4, reweight_steps=5,
 @pytest.mark.parametrize("n_m", [None, (2, 4)])
 def test_methods_keep_exact_counts_and_their_kind_of_weights(method, n_m):
   config, _, _, weights, captured = layer_problem("gqa", seed=5)
-  x = captured["attention_inputs"][1].astype(jnp.float32)
-  q, k = weights["q_proj"][1].astype(jnp.float32), weights["k_proj"][1].astype(jnp.float32)
+  x = captured["attention_inputs"][1]
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
   result = solve_layer(q, k, x, method=method, sparsity=0.5, n_m=n_m, config=SMALL,
                        num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
   for keep, new, dense in [(result.keep_q, result.q_proj, q), (result.keep_k, result.k_proj, k)]:
@@ -207,8 +210,8 @@ def test_reweighting_starts_from_the_binary_mask_not_the_shrunk_values():
 @pytest.mark.parametrize("method", layer_masks.METHODS)
 def test_divergence_is_an_error_naming_lr(method):
   config, _, _, weights, captured = layer_problem("gqa", seed=6)
-  x = captured["attention_inputs"][1].astype(jnp.float32)
-  q, k = weights["q_proj"][1].astype(jnp.float32), weights["k_proj"][1].astype(jnp.float32)
+  x = captured["attention_inputs"][1]
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
   diverging = dataclasses.replace(SMALL, optimizer="sgd", lr=1e30)
   with pytest.raises(DivergenceError, match=rf"{method} diverged: .* optimizer=sgd lr=1e\+30"):
     solve_layer(q, k, x, method=method, sparsity=0.5, config=diverging, num_kv_heads=2,

@@ -18,7 +18,7 @@ from attnprune_jax.models.gguf import read_gguf
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
-from experiments import qk_pruning
+from experiments import qk_pruning, qk_report
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
                      num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0, rms_eps=1e-5)
@@ -200,6 +200,7 @@ def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, me
     (["--method", "attn", "--sparsity", "0.5", "--windows-per-step", "3"], "must divide"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-len", "1"], "--calib-len must be"),
     (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
+    (["--method", "wanda", "--sparsity", "0.99"], "keeps none of the 16 entries of a row"),
 ])
 def test_prune_cli_errors(tiny_folder, tmp_path, capsys, argv, message):
   assert cli.main(["prune", "--model", str(tiny_folder), *SMALL_DATA, *argv,
@@ -237,7 +238,7 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   monkeypatch.setattr(qk_pruning, "code_fingerprint", lambda modules: "other code")
   with pytest.raises(AssertionError, match="a finished row was recomputed"):
     qk_pruning.reproduce(model, results, tmp_path / "work", grid, reporter=Reporter(quiet=True))
-  paths = qk_pruning.plot(rows, tmp_path / "figures")
+  paths = qk_report.plot(rows, tmp_path / "figures")
   assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
                                      "prune_time.png"]
   assert all(p.stat().st_size > 10_000 for p in paths)

@@ -1,5 +1,5 @@
 """solve_mask (Algorithm 1) against a plain reference loop: heads, monotone descent, optax, no
-recompiles; progressive sparsification."""
+recompiles; progressive sparsification; float32 solutions against float64 ones."""
 
 import warnings
 
@@ -28,9 +28,12 @@ def gradient_descent_reference(w, x, *, lam, steps, lr, causal=True):
   return mask, np.array(losses), np.array(norms)
 
 
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_python_gradient_descent(causal):
-  _, w, x = random_problem(20, n=8, d=5, batch=2, scale=3.0)
+  # float64: here η = 0.05 is above 2/L_s (L_s ≈ 70-150 along the path), so gradient descent
+  # amplifies any rounding difference; in float64 the jitted scan and the loop agree to 1e-12.
+  _, w, x = random_problem(20, n=8, d=5, batch=2, scale=3.0, dtype=np.float64)
   result = ap.solve_mask(w, x, lam=0.1, steps=25, lr=0.05, causal=causal)
   mask, losses, norms = gradient_descent_reference(w, x, lam=0.1, steps=25, lr=0.05,
                                                    causal=causal)
@@ -64,7 +67,7 @@ def test_loss_decreases_monotonically_below_one_over_smoothness():
   smoothness = max(float(smoothness_measured(p, w, x, lam=lam, key=key)) for p in points)
   result = ap.solve_mask(w, x, lam=lam, steps=steps, lr=1.0 / smoothness)
   decrease = -np.diff(np.asarray(result.loss))
-  assert (decrease >= -1e-12).all(), decrease.min()
+  assert (decrease >= -1e-6 * result.loss[0]).all(), decrease.min()  # a few float32 ulps
   assert result.loss[-1] < 0.9 * result.loss[0]
 
 
@@ -74,7 +77,8 @@ def test_runs_unjitted_and_agrees():
   with jax.disable_jit():
     eager = ap.solve_mask(w, x, lam=0.1, steps=6, lr=0.1)
   for a, b in zip(jitted, eager):
-    np.testing.assert_allclose(a, b, rtol=1e-12)
+    # float32: XLA fuses the scan differently from op-by-op execution (seen: 8e-8 relative).
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_works_inside_jit_with_traced_hyperparameters():
@@ -92,7 +96,7 @@ def test_any_optax_optimizer_is_accepted():
   for _ in range(10):
     updates, state = adam.update(ap.pruning_grad(mask, w, x, lam=0.1), state, mask)
     mask = optax.apply_updates(mask, updates)
-  np.testing.assert_allclose(result.mask, mask, rtol=1e-10)
+  np.testing.assert_allclose(result.mask, mask, rtol=1e-5)  # float32 jitted scan against a loop
   plain = ap.solve_mask(w, x, lam=0.1, steps=10, lr=0.01)
   assert not np.allclose(result.mask, plain.mask)
 
@@ -108,8 +112,10 @@ def test_same_shapes_do_not_recompile():
   assert solver._solve._cache_size() == compiled + 1
 
 
+@pytest.mark.usefixtures("x64")
 def test_float32_stays_float32():
-  _, w, x = random_problem(27, n=6, d=4, batch=2, dtype=np.float32)
+  # With float64 available, float32 inputs must still not be promoted to it.
+  _, w, x = random_problem(27, n=6, d=4, batch=2)
   result = ap.solve_mask(w, x, lam=0.1, steps=3, lr=0.1)
   assert all(field.dtype == jnp.float32 for field in result)
 
@@ -146,10 +152,44 @@ def test_progressive_matches_a_python_reference_and_keeps_exact_counts():
     keep = np.asarray(ap.binarize(score, round_sparsity))
     mask = np.where(keep, mask, 0)
   np.testing.assert_array_equal(result.keep, keep)
-  np.testing.assert_allclose(result.mask, mask, rtol=1e-10, atol=1e-14)
-  np.testing.assert_allclose(result.loss, losses, rtol=1e-10)
+  # float32: the jitted rounds against a loop of eager calls, a few ulps apart.
+  np.testing.assert_allclose(result.mask, mask, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(result.loss, losses, rtol=1e-5)
   assert (np.asarray(result.keep).sum(-1) == 4).all()
   assert (np.asarray(result.mask)[~np.asarray(result.keep)] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_float32_solutions_match_float64(causal):
+  # Three heads solved from the same float32 inputs in float32 and in float64, with η = 0.5/L̂
+  # (L̂ measured at M₀, as the demo does). Below 1/L_s gradient descent contracts and rounding
+  # is not amplified (above 2/L_s a 1e-7 change of M₀ moves M_T by 1e-2, even in float64).
+  # Seen over 12 such problems: errors at most 6e-7 of the largest value; 1e-5 keeps a 15-fold
+  # margin, and the solution moves far more than that (spread of M_T: 1e-2 to 0.2).
+  _, _, x = random_problem(40, n=12, d=6, batch=2)
+  ws = np.stack([random_problem(seed, n=12, d=6, scale=3.0)[1] for seed in (41, 42, 43)])
+  lam, steps = 0.05, 100
+  smoothness = max(float(smoothness_measured(np.ones_like(w), w, x, lam=lam, causal=causal,
+                                             key=jax.random.key(0))) for w in ws)
+  lr = 0.5 / smoothness
+  solution = ap.solve_mask(ws, x, lam=lam, steps=steps, lr=lr, causal=causal)
+  progressive = [solver.solve_mask_progressive(w, x, sparsity=0.5, lam=lam, lr=lr, rounds=3,
+                                               steps_per_round=20, causal=causal) for w in ws]
+  with jax.enable_x64(True):
+    x64 = x.astype(np.float64)
+    want = ap.solve_mask(ws.astype(np.float64), x64, lam=lam, steps=steps, lr=lr, causal=causal)
+    want_progressive = [
+        solver.solve_mask_progressive(w.astype(np.float64), x64, sparsity=0.5, lam=lam, lr=lr,
+                                      rounds=3, steps_per_round=20, causal=causal) for w in ws]
+  assert solution.mask.dtype == jnp.float32 and want.mask.dtype == jnp.float64
+  assert np.ptp(want.mask, axis=(1, 2)).min() > 1e-2
+  for got, expected in zip(solution, want):
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+  for got, expected in zip(progressive, want_progressive):
+    # The kept sets agree exactly: no two scores of these problems are within float32 rounding.
+    np.testing.assert_array_equal(got.keep, expected.keep)
+    np.testing.assert_allclose(got.mask, expected.mask, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.loss, expected.loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
@@ -194,3 +234,9 @@ def test_a_rising_loss_warns():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     ap.solve_mask(w, x, lam=1e-2, steps=30, lr=0.5 / smoothness)
+
+
+def test_a_rise_in_the_last_update_warns():
+  _, w, x = random_problem(34, n=10, d=6, batch=2, scale=3.0, dtype=np.float32)
+  with pytest.warns(RuntimeWarning, match=r"the loss rose \(worst: from .*\) with lr=1e\+06"):
+    ap.solve_mask(w, x, lam=1e-2, steps=1, lr=1e6)

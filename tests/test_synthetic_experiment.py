@@ -168,6 +168,7 @@ def test_command_writes_results_json(tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().err == ""
 
 
+@pytest.mark.usefixtures("x64")  # experiment.run computes its runs in float64; so does this one
 def test_nothing_to_measure_is_stored_as_null_with_a_reason():
   config = experiment.SyntheticConfig(batch=1, steps=8, segments=1, power_iters=5,
                                                  history_points=8)
