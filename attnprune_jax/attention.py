@@ -7,6 +7,8 @@ over the allowed entries and excludes the others before the exponential, so it n
 logits of order 1e4 give finite, exact attention in float32.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -30,9 +32,10 @@ def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Floa
   return jnp.einsum("...ne,...me->...nm", x @ w, x)
 
 
+@functools.partial(jax.jit, static_argnames="causal")
 def softmax_attention(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
                       causal: bool) -> Float[Array, "... n n"]:
-  """Softmax(X W Xᵀ) without input checks (for use inside jitted code)."""
+  """Softmax(X W Xᵀ) without input checks (jitted; inside other jitted code it is inlined)."""
   return masked_softmax(attention_scores(x, w), causal=causal)
 
 

@@ -10,6 +10,8 @@ Cost O(n²d + nd²) per sequence; no n×n×d×d tensor is formed. The dense refe
 argument of the internal functions so that a solver computes it once, not at every step.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -60,12 +62,24 @@ def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
   return loss, w * xt_g_x + lam * mask
 
 
+@functools.partial(jax.jit, static_argnames="causal")
 def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
                 causal: bool) -> jax.Array:
   """Σ_b ‖f_b(M∘W) − f_b(W)‖²_F without input checks."""
   pruned = softmax_attention(x, mask * w, causal=causal)
   dense = softmax_attention(x, w, causal=causal)
   return jnp.sum((pruned - dense)**2)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def _loss(mask, w, x, lam, causal: bool) -> jax.Array:
+  return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def _grad(mask, w, x, lam, causal: bool) -> jax.Array:
+  target = softmax_attention(x, w, causal=causal)
+  return merged_loss_and_grad(mask, w, x, target, lam, causal)[1]
 
 
 def attention_error(mask, w, x, *, causal: bool = True) -> jax.Array:
@@ -97,17 +111,14 @@ def pruning_loss(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
-  causal = validation.check_bool("causal", causal)
-  return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+  return _loss(mask, w, x, lam, validation.check_bool("causal", causal))
 
 
 def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """Closed-form ∇L(M) = W ∘ Σ_b X_bᵀ G_b X_b + λM (see module docstring); shape of `mask`."""
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
-  causal = validation.check_bool("causal", causal)
-  target = softmax_attention(x, w, causal=causal)
-  return merged_loss_and_grad(mask, w, x, target, lam, causal)[1]
+  return _grad(mask, w, x, lam, validation.check_bool("causal", causal))
 
 
 # Factored form: masks on a real layer's q_proj and k_proj (DESIGN.md §2, "Real models").

@@ -15,6 +15,13 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real model, loaded once for every test module (tests must not change it)."""
+  from attnprune_jax import models
+  return models.load("smollm2")
+
+
 @pytest.fixture
 def x64():
   """float64 for this test only (jax.enable_x64 is restored afterwards)."""

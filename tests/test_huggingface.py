@@ -92,11 +92,6 @@ def test_rope_theta_is_read_from_rope_parameters_too(tmp_path):
   assert read_folder(tmp_path / "m")[0].rope_base == 5e5
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-  return models.load("smollm2")
-
-
 TEXT = "<|endoftext|>Emma<|im_start|>user 2024: naïve café 😀<|im_end|>\n"
 
 

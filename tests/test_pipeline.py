@@ -14,7 +14,6 @@ from attnprune_jax.baselines import input_stats, wanda
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models import huggingface
-from attnprune_jax.models.gguf import read_gguf
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
@@ -147,10 +146,9 @@ def test_settings_are_checked():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tmp_path_factory, smollm2):
   """A tiny random model with the real tokenizer, saved as a Hugging Face folder."""
-  from attnprune_jax.models import model_path
-  _, _, tokenizer = read_gguf(model_path("smollm2"))
+  tokenizer = smollm2.tokenizer
   config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=24,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                        rope_base=10000.0, rms_eps=1e-5)

@@ -10,11 +10,6 @@ from attnprune_jax import cli, data, evaluate, models
 import reference_numpy
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-  return models.load("smollm2")
-
-
 def test_config_is_smollm2(smollm2):
   c = smollm2.config
   assert (c.num_layers, c.hidden_size, c.intermediate_size) == (30, 576, 1536)

@@ -169,13 +169,17 @@ class Llama(nnx.Module):
   @classmethod
   def random(cls, config: LlamaConfig, key: jax.Array, *, scale: float = 0.2,
              dtype=jnp.float32) -> "Llama":
-    """A model with normal random weights (norm weights near 1), for tests."""
-    shapes = config.weight_shapes()
-    keys = jax.random.split(key, len(shapes))
+    """A model with normal random weights (norm weights near 1), for tests.
+
+    The draws come from numpy's generator seeded with the key's data: a JAX sampler compiles
+    anew for every weight shape (seconds each on CPU), and test models come in many shapes.
+    """
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
     weights = {}
-    for (name, shape), k in zip(shapes.items(), keys):
-      noise = jax.random.normal(k, shape, dtype)
-      weights[name] = 1.0 + 0.1 * noise if name.endswith("norm") else scale * noise
+    for name, shape in config.weight_shapes().items():
+      noise = rng.standard_normal(shape)
+      weights[name] = jnp.asarray(1.0 + 0.1 * noise if name.endswith("norm") else scale * noise,
+                                  dtype)
     return cls(config, weights)
 
   def weights(self, replacements: dict | None = None) -> dict[str, jax.Array]:
