@@ -25,6 +25,7 @@ def test_demo_writes_json_with_provenance(tmp_path, capsys):
     assert field in provenance
   assert provenance["versions"]["jax"] and provenance["settings"]["steps"] == 5
   assert document["loss_after"] < document["loss_before"]
+  assert document["lr_halvings"] == 0  # η = 1/L̂ is safe on the default kind of problem
   rows = document["pruned"]
   assert {row["method"] for row in rows} >= {"magnitude", "wanda-merged"}
   assert all(row["achieved_sparsity"] == row["sparsity"] for row in rows)

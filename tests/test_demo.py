@@ -27,17 +27,11 @@ def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
   assert np.all(np.diff(loss) <= demo.RISE_TOLERANCE * loss[0]) and loss[-1] < loss[0]
 
 
-def test_an_absurd_step_fraction_is_an_error_not_a_table():
+def test_an_absurd_step_fraction_is_an_error_not_a_table(monkeypatch):
+  monkeypatch.setattr(demo, "MAX_HALVINGS", 3)  # the same path as 20 halvings, 5x sooner
   config = demo.DemoConfig(n=16, d=8, rank=4, batch=2, steps=20, step_fraction=1e9)
   with pytest.raises(DivergenceError, match=r"--step-fraction 1e\+09"):
     demo.run(config, Reporter(quiet=True))
-
-
-def test_default_rule_needs_no_halving_on_the_default_problem_shape():
-  results = demo.run(demo.DemoConfig(n=32, d=16, rank=8, batch=2, steps=100),
-                     Reporter(quiet=True))
-  assert results["lr_halvings"] == 0 and results["loss_after"] < results["loss_before"]
-  assert {row["method"] for row in results["pruned"]} >= {"magnitude", "wanda-merged"}
 
 
 @pytest.mark.parametrize("field,value,message", [
