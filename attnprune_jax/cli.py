@@ -216,18 +216,6 @@ def _layers(ranges: list[range], text: str, num_layers: int) -> tuple[int, ...]:
   return tuple(sorted(set().union(*ranges)))
 
 
-def _pattern(text: str) -> tuple[float, tuple[int, int]]:
-  """'2:4' -> (0.5, (2, 4)): N of every M consecutive entries removed, 0 <= N < M."""
-  n, colon, m = text.partition(":")
-  try:
-    n_m = int(n), int(m)
-  except ValueError:
-    n_m = None
-  if not colon or n_m is None or not 0 <= n_m[0] < n_m[1]:
-    raise InputError(f"--pattern must look like 2:4 (N:M, integers 0 <= N < M), got {text!r}")
-  return n_m[0] / n_m[1], n_m
-
-
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
   from experiments.qk_pruning import DataConfig
   defaults = DataConfig()
@@ -289,7 +277,13 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   if (args.sparsity is None) == (args.pattern is None):
     raise InputError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
   if args.pattern is not None:
-    sparsity, n_m = _pattern(args.pattern)
+    try:
+      if ":" not in args.pattern:
+        raise InputError("no colon")
+      sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
+    except InputError:
+      raise InputError(f"--pattern must look like 2:4 (N:M, integers 0 <= N < M), got "
+                       f"{args.pattern!r}") from None
   else:
     _check_real(args, "sparsity", below=1.0)
     sparsity, n_m = args.sparsity, None

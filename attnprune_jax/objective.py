@@ -72,7 +72,9 @@ def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Arra
 
 
 @functools.partial(jax.jit, static_argnames="causal")
-def _loss(mask, w, x, lam, causal: bool) -> jax.Array:
+def merged_loss(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"], lam,
+                causal: bool) -> jax.Array:
+  """L(M) without input checks."""
   return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
 
 
@@ -111,7 +113,7 @@ def pruning_loss(mask, w, x, *, lam, causal: bool = True) -> jax.Array:
   """
   mask, w, x = check_problem(mask, w, x)
   validation.check_scalar("lam", lam, minimum=0.0)
-  return _loss(mask, w, x, lam, validation.check_bool("causal", causal))
+  return merged_loss(mask, w, x, lam, validation.check_bool("causal", causal))
 
 
 def pruning_grad(mask, w, x, *, lam, causal: bool = True) -> jax.Array:

@@ -22,7 +22,7 @@ from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_inputs, merged_loss_and_grad, squared_gap
+from attnprune_jax.objective import check_inputs, merged_loss, merged_loss_and_grad
 
 
 class MaskSolution(NamedTuple):
@@ -142,8 +142,7 @@ def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
 @functools.partial(jax.jit, static_argnames="causal")
 def _loss_at(masks, w, x, lam, causal):
   """L(M) of one mask (d, d) or of each head (h, d, d)."""
-  def loss(mask, w):
-    return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+  loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal)
   return jax.vmap(loss)(masks, w) if w.ndim == 3 else loss(masks, w)
 
 

@@ -62,7 +62,7 @@ def solve_with_backtracking(w, x, config: DemoConfig, smoothness: float):
   last update included) or diverges.
 
   Returns:
-    (solution, lr, halvings).
+    (solution, lr, halvings, L(M_T)).
   """
   lr = config.step_fraction / smoothness
   for halvings in range(MAX_HALVINGS + 1):
@@ -74,10 +74,10 @@ def solve_with_backtracking(w, x, config: DemoConfig, smoothness: float):
       except DivergenceError:
         solution = None
     if solution is not None:
-      final = ap.pruning_loss(solution.mask, w, x, lam=config.lam, causal=config.causal)
-      loss = np.append(np.asarray(solution.loss, np.float64), float(final))
+      final = float(ap.pruning_loss(solution.mask, w, x, lam=config.lam, causal=config.causal))
+      loss = np.append(np.asarray(solution.loss, np.float64), final)
       if np.all(np.diff(loss) <= RISE_TOLERANCE * loss[0]):
-        return solution, lr, halvings
+        return solution, lr, halvings, final
     if halvings < MAX_HALVINGS:
       lr /= 2
   raise DivergenceError(
@@ -110,12 +110,11 @@ def run(config: DemoConfig, reporter: Reporter) -> dict:
   ones = jnp.ones_like(w)
   smoothness = float(smoothness_measured(ones, w, x, lam=config.lam, key=key_power,
                                          causal=config.causal))
-  solution, lr, halvings = solve_with_backtracking(w, x, config, smoothness)
+  solution, lr, halvings, final_loss = solve_with_backtracking(w, x, config, smoothness)
   halved = f", halved {halvings} times because the loss rose" if halvings else ""
   reporter.info(f"Algorithm 1: {config.steps} steps, lam={config.lam:g}, "
                 f"lr={lr:.4g} (= {config.step_fraction:g}/L_s{halved}; L_s measured at M0: "
                 f"{smoothness:.4g})")
-  final_loss = float(ap.pruning_loss(solution.mask, w, x, lam=config.lam, causal=config.causal))
   scores = mask_scores(w, x, solution.mask)
   pruned = []
   for sparsity in reporter.progress(config.sparsities, desc="binarize"):

@@ -52,11 +52,17 @@ class DataConfig:
 
 
 def parse_pattern(sparsity: str) -> tuple[float, tuple[int, int] | None]:
-  """'0.7' -> (0.7, None); '2:4' -> (0.5, (2, 4))."""
-  if ":" in sparsity:
-    n, m = (int(part) for part in sparsity.split(":"))
-    return n / m, (n, m)
-  return float(sparsity), None
+  """'0.7' -> (0.7, None); '2:4' -> (0.5, (2, 4)): N of every M removed, integers 0 <= N < M."""
+  if ":" not in sparsity:
+    return float(sparsity), None
+  n, _, m = sparsity.partition(":")
+  try:
+    n_m = int(n), int(m)
+  except ValueError:
+    n_m = None
+  if n_m is None or not 0 <= n_m[0] < n_m[1]:
+    raise InputError(f"an N:M pattern must be integers 0 <= N < M, got {sparsity!r}")
+  return n_m[0] / n_m[1], n_m
 
 
 def pattern_name(n_m) -> str:

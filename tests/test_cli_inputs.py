@@ -3,6 +3,7 @@ any work, Ctrl-C is one line and exit 130, and result files are standard JSON, n
 
 import json
 import math
+import tempfile
 import types
 from pathlib import Path
 
@@ -66,10 +67,21 @@ def test_bad_output_path_is_one_line_before_any_work(no_work, capsys, argv, mess
   assert not list((no_work / "a_dir").iterdir())
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
-def test_unwritable_output_folder_is_one_line(no_work, capsys):
-  assert cli.main(["demo", "--json", "/proc/attnprune-test/r.json"]) == 2
-  assert "folder '/proc' is not writable" in _one_line_error(capsys, "demo")
+def test_unwritable_output_folder_is_one_line(no_work, capsys, monkeypatch):
+  # Permission bits do not stop root, so the folder refuses the probe file by hand.
+  locked = no_work / "locked"
+  locked.mkdir()
+  real = tempfile.TemporaryFile
+
+  def refuse_in_locked(*args, dir=None, **kwargs):
+    if dir is not None and Path(dir) == locked:
+      raise PermissionError(13, "Permission denied")
+    return real(*args, dir=dir, **kwargs)
+
+  monkeypatch.setattr(tempfile, "TemporaryFile", refuse_in_locked)
+  assert cli.main(["demo", "--json", str(locked / "sub" / "r.json")]) == 2
+  assert f"folder '{locked}' is not writable (Permission denied)" in _one_line_error(capsys,
+                                                                                     "demo")
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path):

@@ -21,7 +21,7 @@ def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
   smoothness = float(smoothness_measured(jnp.ones_like(w), w, x, lam=SMALL.lam,
                                          key=jax.random.key(1)))
   assert 1 / smoothness > 50
-  solution, lr, halvings = demo.solve_with_backtracking(w, x, SMALL, smoothness)
+  solution, lr, halvings, _ = demo.solve_with_backtracking(w, x, SMALL, smoothness)
   assert halvings > 0 and lr == pytest.approx(1 / smoothness / 2**halvings)
   loss = np.asarray(solution.loss)
   assert np.all(np.diff(loss) <= demo.RISE_TOLERANCE * loss[0]) and loss[-1] < loss[0]
