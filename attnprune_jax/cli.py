@@ -170,25 +170,93 @@ def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
                            "e.g. figures/synthetic")
 
 
+def _copy_figures(figures: list[Path], folder: str, kind: str, results: dict,
+                  document: dict) -> None:
+  """Copies the PNGs to `folder`, with a summary.json (settings, summary, provenance)."""
+  Path(folder).mkdir(parents=True, exist_ok=True)
+  for path in figures:
+    shutil.copyfile(path, Path(folder) / path.name)
+  write_json_atomic(Path(folder) / "summary.json", result_document(
+      f"{kind}-summary", {"config": results["config"], "summary": results["summary"]},
+      document["provenance"]))
+
+
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from experiments import convergence_report
   from experiments import synthetic_convergence as experiment
   config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
   start = time.perf_counter()
   results = experiment.run(config, Path(args.out), reporter)
   code = results.pop("provenance")  # the fingerprint and the commits of reused runs
-  figures = experiment.plot(results, Path(args.out))
+  figures = convergence_report.plot_synthetic(results, Path(args.out))
   document = result_document("synthetic", results, provenance(
       seed=None, settings={"quick": args.quick, "out": args.out, "figures": args.figures},
       wall_time_s=time.perf_counter() - start) | code)
   write_json_atomic(Path(args.out) / "results.json", document)
   if args.figures:
-    Path(args.figures).mkdir(parents=True, exist_ok=True)
-    for path in figures:
-      shutil.copyfile(path, Path(args.figures) / path.name)
-    write_json_atomic(Path(args.figures) / "summary.json", result_document(
-        "synthetic-summary", {"config": results["config"], "summary": results["summary"]},
-        document["provenance"]))
-  experiment.report(results, reporter)
+    _copy_figures(figures, args.figures, "synthetic", results, document)
+  convergence_report.report(results, reporter)
+  reporter.info(f"results and figures in {args.out}: results.json, "
+                + ", ".join(path.name for path in figures))
+  return {"summary": results["summary"], "out": args.out, **code}, None
+
+
+def _convergence_arguments(parser: argparse.ArgumentParser) -> None:
+  from experiments.real_convergence import RealConfig
+  defaults = RealConfig()
+  parser.add_argument("--model", default="smollm2",
+                      help="a known model name (smollm2), a Llama GGUF file or a saved folder")
+  parser.add_argument("--layers", default=None,
+                      help="layers to run, e.g. 0,5,10-12, or 'all' (default: six evenly "
+                           "spaced from the first to the last)")
+  parser.add_argument("--windows", type=int, default=None,
+                      help=f"calibration windows of Emma (default {defaults.windows})")
+  parser.add_argument("--ctx", type=int, default=None,
+                      help=f"tokens per window (default {defaults.ctx})")
+  parser.add_argument("--steps", type=int, default=None,
+                      help=f"gradient steps per run (default {defaults.steps})")
+  parser.add_argument("--out", required=True,
+                      help="output folder (results.json, layers/, PNGs); a rerun skips the "
+                           "layers it finished")
+  parser.add_argument("--quick", action="store_true",
+                      help="layer 0, one window of 32 tokens, a small grid: well under a minute")
+  parser.add_argument("--figures", metavar="DIR",
+                      help="also copy the PNGs and a summary.json (summary + provenance) to DIR, "
+                           "e.g. figures/real/theory")
+
+
+def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from attnprune_jax import data, models
+  from experiments import convergence_report
+  from experiments import real_convergence as experiment
+  config = experiment.QUICK if args.quick else experiment.RealConfig()
+  overrides = {dest: getattr(args, dest) for dest in ("windows", "ctx", "steps")
+               if getattr(args, dest) is not None}
+  for dest in overrides:
+    _check_integer(args, dest, minimum={"windows": 1, "ctx": 2, "steps": 10}[dest],
+                   maximum=MAX_STEPS)
+  ranges = None if args.layers in (None, "all") else _layer_ranges(args.layers)
+  start = time.perf_counter()
+  model = models.load(args.model)
+  num_layers = model.config.num_layers
+  if args.layers == "all":
+    overrides["layers"] = tuple(range(num_layers))
+  elif ranges is not None:
+    overrides["layers"] = _layers(ranges, args.layers, num_layers)
+  config = dataclasses.replace(config, **overrides)
+  _check_text_fits(model, data.CALIBRATION_TEXT, config.windows + config.heldout_windows,
+                   config.ctx, "--windows and --ctx")
+  results = experiment.run(model, config, Path(args.out), reporter)
+  code = results.pop("provenance")  # the fingerprint and the commits of reused layers
+  figures = convergence_report.plot_real(results, Path(args.out))
+  document = result_document("convergence", results, provenance(
+      seed=None, settings={k: v for k, v in vars(args).items()
+                           if k not in ("command_spec", "json", "quiet")},
+      wall_time_s=time.perf_counter() - start) | code | {"model": args.model})
+  write_json_atomic(Path(args.out) / "results.json", document)
+  if args.figures:
+    _copy_figures(figures, args.figures, "convergence", results, document)
+  convergence_report.report(results, reporter)
   reporter.info(f"results and figures in {args.out}: results.json, "
                 + ", ".join(path.name for path in figures))
   return {"summary": results["summary"], "out": args.out, **code}, None
@@ -413,6 +481,9 @@ COMMANDS: tuple[Command, ...] = (
             _eval_arguments, _eval_run),
     Command("synthetic", "Convergence experiments and sparsity sweep on synthetic problems "
             "(paper section 6.1).", _synthetic_arguments, _synthetic_run, resumable=True),
+    Command("convergence", "Algorithm 1 on every query head of chosen layers of a real model: "
+            "the convergence theory on real weights.", _convergence_arguments, _convergence_run,
+            resumable=True),
     Command("prune", "Prune q_proj/k_proj of a real model layer by layer with one method; "
             "perplexity and attention error.", _prune_arguments, _prune_run, resumable=True),
     Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "

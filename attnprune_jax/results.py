@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -167,3 +168,37 @@ def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
   except BaseException:
     Path(handle.name).unlink(missing_ok=True)
     raise
+
+
+def cached_result(path: Path, settings: dict, code: dict, compute):
+  """The stored result at `path` if it was made with `settings` and `code["fingerprint"]`, else
+  compute and store it with `code` (fingerprint and git commit).
+
+  Returns the result and the commit that stored it ("unknown" outside git), or None if computed
+  now. A file that is not a stored result is moved aside to `<name>.damaged`, with a warning.
+  """
+  settings = json.loads(json.dumps(settings))
+  if path.is_file():
+    try:
+      stored = json.loads(path.read_text())
+      if not (isinstance(stored, dict) and {"settings", "result"} <= stored.keys()):
+        raise ValueError("no settings and result")
+    except ValueError as err:
+      damaged = path.with_name(f"{path.name}.damaged")
+      path.replace(damaged)
+      warnings.warn(f"{path} is not a stored result ({err}); moved it to "
+                    f"{damaged.name} and computing it again", RuntimeWarning, stacklevel=2)
+    else:
+      if stored["settings"] == settings and stored.get("code") == code["fingerprint"]:
+        return stored["result"], stored.get("git_commit") or "unknown"
+  result = compute()
+  write_json_atomic(path, {"settings": settings, "code": code["fingerprint"],
+                           "git_commit": code["git_commit"], "result": result})
+  return result, None
+
+
+def reuse_record(origins: list[str | None]) -> dict:
+  """How many results `cached_result` reused (its second return values), by the commit that
+  stored them."""
+  commits = [origin for origin in origins if origin is not None]
+  return {"count": len(commits), "commits": {c: commits.count(c) for c in sorted(set(commits))}}

@@ -48,7 +48,8 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     x: calibration hidden states (n, d) or (b, n, d).
     lam: λ >= 0 of the L2 term.
     steps: number of gradient steps T (static: a new value compiles anew).
-    lr: step size η > 0 of plain gradient descent; leave None when `optimizer` is given.
+    lr: step size η > 0 of plain gradient descent, or one per head (h,) for a stack of heads;
+      leave None when `optimizer` is given.
     causal: causal attention.
     optimizer: an optax transformation replacing plain gradient descent. It is a static
       argument: reuse the same object to avoid recompiling.
@@ -68,7 +69,7 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   if optimizer is None:
     if lr is None:
       raise InputError("lr must be given (a positive step size) when optimizer is None")
-    validation.check_scalar("lr", lr, minimum=0.0, strict=True)
+    lr = _check_lr(lr, w)
   elif lr is not None:
     raise InputError("pass either lr (plain gradient descent) or optimizer, not both; "
                      f"got lr={lr} and optimizer={optimizer!r}")
@@ -93,19 +94,39 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   return solution
 
 
+def _check_lr(lr, w):
+  """A positive finite step size, or for a stack of heads (h, d, d) one per head (h,)."""
+  if validation.is_traced(lr) or np.ndim(lr) == 0:
+    validation.check_scalar("lr", lr, minimum=0.0, strict=True)
+    return lr
+  lr = validation.check_array("lr", lr, ndim=1)
+  if w.ndim != 3 or lr.shape != w.shape[:1]:
+    raise InputError(f"lr must be a scalar, or one step size per head ({w.shape[0]},) for a "
+                     f"stack of heads, got shape {tuple(lr.shape)} for w {tuple(w.shape)}"
+                     if w.ndim == 3 else
+                     f"lr must be a scalar for one head, got shape {tuple(lr.shape)}")
+  if not bool((lr > 0).all()):
+    raise InputError(f"lr must be > 0, got min {float(lr.min())}")
+  return lr
+
+
 @functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer"))
 def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
-  if optimizer is None:
-    optimizer = optax.sgd(lr)
-  else:
-    del lr
-  solve_head = functools.partial(_solve_head, x=x, lam=lam, steps=steps, causal=causal,
-                                 optimizer=optimizer)
-  return jax.vmap(solve_head)(w, init) if w.ndim == 3 else solve_head(w, init)
+  def solve_head(w, init, lr):
+    return _solve_head(w, init, x=x, lam=lam, steps=steps, causal=causal,
+                       optimizer=optax.sgd(lr) if optimizer is None else optimizer)
+
+  if w.ndim == 2:
+    return solve_head(w, init, lr)
+  return jax.vmap(solve_head, in_axes=(0, 0, 0 if lr.ndim else None))(w, init, lr)
 
 
 def _describe_lr(lr) -> str:
-  return "lr" if validation.is_traced(lr) else f"lr={float(lr):g}"
+  if validation.is_traced(lr):
+    return "lr"
+  if np.ndim(lr):
+    return f"lr={float(np.min(lr)):g}..{float(np.max(lr)):g} (per head)"
+  return f"lr={float(lr):g}"
 
 
 def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:

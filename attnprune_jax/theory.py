@@ -26,7 +26,7 @@ import numpy as np
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import InputError
-from attnprune_jax.objective import check_inputs, check_problem, merged_loss_and_grad
+from attnprune_jax.objective import check_inputs, merged_loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
 SOFTMAX_ROW_GRADIENT = math.sqrt(2) / 2  # bound on ‖∇_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -119,17 +119,22 @@ def smoothness_measured(mask, w, x, *, lam, key: jax.Array, causal: bool = True,
   magnitude: a local value, and a lower bound on the global smoothness constant L_s.
 
   Args:
-    mask: (d, d) point at which the Hessian is taken.
-    w: (d, d) merged weight.
+    mask: (d, d) point at which the Hessian is taken, or one per head (h, d, d).
+    w: (d, d) merged weight, or a stack of heads (h, d, d) sharing x (solved with `vmap`).
     x: (n, d) or (b, n, d) hidden states.
     lam: λ >= 0.
-    key: PRNG key for the start vector.
+    key: PRNG key for the start vector (the same for every head).
     causal: causal attention.
     iters: power iterations (static).
   Returns:
-    scalar estimate of the largest |eigenvalue| of the Hessian at `mask`.
+    estimate of the largest |eigenvalue| of the Hessian at `mask`: a scalar, or (h,) for heads.
   """
-  mask, w, x = check_problem(mask, w, x)
+  w, x = check_inputs(w, x, w_ndim=(2, 3))
+  mask = validation.check_array("mask", mask, ndim=w.ndim)
+  if mask.shape != w.shape:
+    raise InputError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+  dtype = jnp.promote_types(mask.dtype, w.dtype)
+  mask, w, x = mask.astype(dtype), w.astype(dtype), x.astype(dtype)
   validation.check_scalar("lam", lam, minimum=0.0)
   iters = validation.check_positive_int("iters", iters)
   causal = validation.check_bool("causal", causal)
@@ -139,6 +144,12 @@ def smoothness_measured(mask, w, x, *, lam, key: jax.Array, causal: bool = True,
 
 @functools.partial(jax.jit, static_argnames=("causal", "iters"))
 def _power_iteration(mask, w, x, lam, key, *, causal, iters):
+  if w.ndim == 3:
+    return jax.vmap(lambda m, w: _head_power_iteration(m, w, x, lam, key, causal, iters))(mask, w)
+  return _head_power_iteration(mask, w, x, lam, key, causal, iters)
+
+
+def _head_power_iteration(mask, w, x, lam, key, causal, iters):
   target = softmax_attention(x, w, causal=causal)
 
   def hvp(v):

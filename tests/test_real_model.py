@@ -26,13 +26,15 @@ def test_logits_match_numpy_forward_on_a_short_prompt(smollm2):
 
 
 def test_perplexity_on_pride_and_prejudice_matches_an_independent_measurement(smollm2):
-  # A wrong RoPE/q-k row order gives ~130+, a wrong GQA mapping far more. An independent numpy
-  # forward measured 27.36 on these 16 windows (../shared/notes/paper.md).
-  windows = data.evaluation_windows(smollm2.tokenizer, count=16, ctx=512)
+  # A wrong RoPE/q-k row order gives ~130+, a wrong GQA mapping far more. The float64 numpy
+  # forward of tests/reference_numpy.py (`llama_forward`, window by window, log-softmax in
+  # numpy) measured 24.2798 on these 8 windows, and 27.36 on the first 16, as in
+  # ../shared/notes/paper.md.
+  windows = data.evaluation_windows(smollm2.tokenizer, count=8, ctx=512)
   result = evaluate.perplexity(smollm2, windows, batch_size=8)
-  assert result["tokens"] == 16 * 511
+  assert result["tokens"] == 8 * 511
   assert result["perplexity"] < 40
-  assert abs(result["perplexity"] - 27.36) < 0.01, result
+  assert abs(result["perplexity"] - 24.2798) < 0.01, result
 
 
 TEXTS = ["Mr. Darcy, 1811-1813: £10,000 a year!", "naïve café — “quotes” 😀 日本語",

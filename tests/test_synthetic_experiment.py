@@ -11,6 +11,7 @@ import pytest
 from attnprune_jax import cli
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import code_fingerprint, git_commit
+from experiments import convergence_report
 from experiments import synthetic_convergence as experiment
 
 TINY = experiment.SyntheticConfig(
@@ -137,7 +138,7 @@ def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, mon
   older.write_text(json.dumps(stored | {"git_commit": "0" * 40}))
   calls = _count_calls(monkeypatch)
   monkeypatch.setattr(experiment, "QUICK", TINY)
-  monkeypatch.setattr(experiment, "plot", lambda results, out: [])
+  monkeypatch.setattr(convergence_report, "plot_synthetic", lambda results, out: [])
   assert cli.main(["synthetic", "--quick", "--out", str(out), "--figures", str(tmp_path / "fig"),
                    "--quiet"]) == 0
   assert calls == []
@@ -150,8 +151,8 @@ def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, mon
 
 def test_figures_are_written(tiny_results, tmp_path):
   results, _ = tiny_results
-  paths = experiment.plot(results, tmp_path)
-  assert [p.name for p in paths] == list(experiment.FIGURES)
+  paths = convergence_report.plot_synthetic(results, tmp_path)
+  assert [p.name for p in paths] == list(convergence_report.FIGURES)
   for path in paths:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
