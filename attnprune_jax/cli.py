@@ -234,8 +234,8 @@ def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict
                if getattr(args, dest) is not None}
   for dest in overrides:
     _check_integer(args, dest, minimum={"windows": 1, "ctx": 2, "steps": 10}[dest],
-                   maximum=MAX_STEPS)
-  ranges = None if args.layers in (None, "all") else _layer_ranges(args.layers)
+                   maximum=MAX_STEPS if dest == "steps" else validation.MAX_COUNT)
+  ranges = None if args.layers in (None, "all") else _layer_ranges(args.layers, extra=" or all")
   start = time.perf_counter()
   model = models.load(args.model)
   num_layers = model.config.num_layers
@@ -262,7 +262,7 @@ def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict
   return {"summary": results["summary"], "out": args.out, **code}, None
 
 
-def _layer_ranges(text: str) -> list[range]:
+def _layer_ranges(text: str, extra: str = "") -> list[range]:
   """'0-29' or '0,5,10-12' -> the ranges of layer indices it names (the model bounds them)."""
   ranges = []
   try:
@@ -273,7 +273,7 @@ def _layer_ranges(text: str) -> list[range]:
         raise ValueError
       ranges.append(range(first, last + 1))
   except ValueError:
-    raise InputError(f"--layers must look like 0-29 or 0,5,10-12, got {text!r}") from None
+    raise InputError(f"--layers must look like 0-29 or 0,5,10-12{extra}, got {text!r}") from None
   return ranges
 
 

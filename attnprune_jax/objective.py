@@ -38,11 +38,12 @@ def check_inputs(w, x, *, w_ndim: int | tuple[int, ...] = 2) -> tuple[jax.Array,
   return w.astype(dtype), x.reshape((-1,) + x.shape[-2:]).astype(dtype)
 
 
-def check_problem(mask, w, x) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Validates (mask, w, x) of the merged problem; returns them as arrays of one dtype (at least
-  float32), x as (b, n, d)."""
-  w, x = check_inputs(w, x)
-  mask = validation.check_array("mask", mask, ndim=2)
+def check_problem(mask, w, x, *, w_ndim: int | tuple[int, ...] = 2
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Validates (mask, w, x) of the merged problem (mask of w's shape; w as in `check_inputs`);
+  returns them as arrays of one dtype (at least float32), x as (b, n, d)."""
+  w, x = check_inputs(w, x, w_ndim=w_ndim)
+  mask = validation.check_array("mask", mask, ndim=w.ndim)
   if mask.shape != w.shape:
     raise InputError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
   dtype = jnp.promote_types(mask.dtype, w.dtype)

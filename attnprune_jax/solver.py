@@ -95,17 +95,18 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
 
 
 def _check_lr(lr, w):
-  """A positive finite step size, or for a stack of heads (h, d, d) one per head (h,)."""
-  if validation.is_traced(lr) or np.ndim(lr) == 0:
+  """A positive finite step size, or for a stack of heads (h, d, d) one per head (h,); the
+  values of a traced lr are not checked, its shape is."""
+  if np.ndim(lr) == 0:
     validation.check_scalar("lr", lr, minimum=0.0, strict=True)
     return lr
-  lr = validation.check_array("lr", lr, ndim=1)
-  if w.ndim != 3 or lr.shape != w.shape[:1]:
+  lr = validation.check_array("lr", lr, ndim=1, floating=False)
+  if w.ndim != 3:
+    raise InputError(f"lr must be a scalar for one head, got shape {tuple(lr.shape)}")
+  if lr.shape != w.shape[:1]:
     raise InputError(f"lr must be a scalar, or one step size per head ({w.shape[0]},) for a "
-                     f"stack of heads, got shape {tuple(lr.shape)} for w {tuple(w.shape)}"
-                     if w.ndim == 3 else
-                     f"lr must be a scalar for one head, got shape {tuple(lr.shape)}")
-  if not bool((lr > 0).all()):
+                     f"stack of heads, got shape {tuple(lr.shape)} for w {tuple(w.shape)}")
+  if not validation.is_traced(lr) and not bool((lr > 0).all()):
     raise InputError(f"lr must be > 0, got min {float(lr.min())}")
   return lr
 

@@ -26,7 +26,7 @@ import numpy as np
 from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import InputError
-from attnprune_jax.objective import check_inputs, merged_loss_and_grad
+from attnprune_jax.objective import check_inputs, check_problem, merged_loss_and_grad
 
 SOFTMAX_ROW_CURVATURE = 11 / 4  # bound on ‖∇²_s ½‖softmax(s) − t‖²‖₂ (derived here)
 SOFTMAX_ROW_GRADIENT = math.sqrt(2) / 2  # bound on ‖∇_s ½‖softmax(s) − t‖²‖₂ (derived here)
@@ -129,12 +129,7 @@ def smoothness_measured(mask, w, x, *, lam, key: jax.Array, causal: bool = True,
   Returns:
     estimate of the largest |eigenvalue| of the Hessian at `mask`: a scalar, or (h,) for heads.
   """
-  w, x = check_inputs(w, x, w_ndim=(2, 3))
-  mask = validation.check_array("mask", mask, ndim=w.ndim)
-  if mask.shape != w.shape:
-    raise InputError(f"mask must have w's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
-  dtype = jnp.promote_types(mask.dtype, w.dtype)
-  mask, w, x = mask.astype(dtype), w.astype(dtype), x.astype(dtype)
+  mask, w, x = check_problem(mask, w, x, w_ndim=(2, 3))
   validation.check_scalar("lam", lam, minimum=0.0)
   iters = validation.check_positive_int("iters", iters)
   causal = validation.check_bool("causal", causal)

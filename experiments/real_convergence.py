@@ -24,6 +24,8 @@ import numpy as np
 
 import attnprune_jax as ap
 from attnprune_jax import data
+from attnprune_jax.attention import layer_attention
+from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama
 from attnprune_jax.pipeline import fingerprint
 from attnprune_jax.reporting import Reporter
@@ -186,14 +188,26 @@ def run_layer(config: RealConfig, model: Llama, layer: int, inputs: dict) -> dic
   }
 
 
-def layer_inputs(model: Llama, windows: dict, layers) -> dict[int, dict]:
-  """The dense model's attention inputs and attention of `layers` on the windows."""
-  _, calibration = model(windows["calibration"], return_attention_inputs=True,
-                         return_attention=True)
-  _, heldout = model(windows["heldout"], return_attention_inputs=True)
-  return {layer: {"x": calibration["attention_inputs"][layer],
-                  "attention": calibration["attention"][layer],
-                  "heldout": heldout["attention_inputs"][layer]} for layer in layers}
+_layer_attention = jax.jit(layer_attention, static_argnames=("head_dim", "rope_base"))
+
+
+def attention_inputs(model: Llama, windows: dict) -> dict[str, jax.Array]:
+  """Every layer's attention inputs in the dense model's forward pass on the "calibration" and
+  "heldout" windows, (layers, b, n, d) each."""
+  return {kind: model(tokens, return_attention_inputs=True)[1]["attention_inputs"]
+          for kind, tokens in windows.items()}
+
+
+def layer_inputs(model: Llama, inputs: dict, layer: int) -> dict:
+  """Layer `layer`'s problem from `attention_inputs`: "x" (b, n, d) and "heldout" (b', n, d), and
+  "attention" (b, heads, n, n), the model's attention on the calibration windows (computed by
+  `attention.layer_attention`, the function its layers call)."""
+  c = model.config
+  weights = model.weights()
+  x = inputs["calibration"][layer]
+  return {"x": x, "heldout": inputs["heldout"][layer],
+          "attention": _layer_attention(x, weights["q_proj"][layer], weights["k_proj"][layer],
+                                        head_dim=c.head_dim, rope_base=c.rope_base)}
 
 
 def _layer_settings(config: RealConfig, model: Llama, windows: dict) -> dict:
@@ -216,14 +230,24 @@ def run(model: Llama, config: RealConfig, out: Path, reporter: Reporter, *,
   out = Path(out)
   c = model.config
   layers = config.layers if config.layers is not None else default_layers(c.num_layers)
+  for name, values, count in (("layers", layers, c.num_layers),
+                              ("float64_heads", config.float64_heads, c.num_heads)):
+    if not all(isinstance(v, int) and 0 <= v < count for v in values):
+      raise InputError(f"{name} must be integers in [0, {count}), got {tuple(values)}")
   windows = token_windows(model, config) if windows is None else windows
   code = {"fingerprint": code_fingerprint(CODE), "git_commit": git_commit()}
   settings = _layer_settings(config, model, windows)
-  inputs = layer_inputs(model, windows, layers)
+  inputs = {}  # the dense forward pass, run once if a layer is computed
+
+  def compute(layer):
+    if not inputs:
+      inputs.update(attention_inputs(model, windows))
+    return run_layer(config, model, layer, layer_inputs(model, inputs, layer))
+
   stored, origins = [], []
   for layer in reporter.progress(layers, desc="layers"):
     result, origin = cached_result(out / "layers" / f"layer{layer}.json", settings, code,
-                                   lambda: run_layer(config, model, layer, inputs[layer]))
+                                   lambda: compute(layer))
     stored.append(result)
     origins.append(origin)
     reporter.info(f"layer {layer}: {len(result['runs'])} runs"

@@ -26,7 +26,7 @@ from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import cached_result, code_fingerprint, git_commit, reuse_record
 from attnprune_jax.synthetic import synthetic_problem
 from experiments import convergence
-from experiments.convergence import METHODS, summarize
+from experiments.convergence import summarize
 
 # The modules whose source a stored result depends on (the figures, `convergence_report`, are
 # not among them).
@@ -52,6 +52,7 @@ class SyntheticConfig:
   sweep_batch: int = 4
   sweep_seeds: tuple[int, ...] = (0, 1, 2)
   sparsities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+  sweep_power_iters: int = 100  # L̂ at M₀ for the sweep's step sizes
   attn_lam: float = 1e-2
   attn_steps: int = 1000
   progressive_lam: float = 1e-3
@@ -90,7 +91,7 @@ def sparsity_sweep(config: SyntheticConfig, *, seed: int) -> list[dict]:
       w, x, x, sparsities=config.sparsities, attn_lam=config.attn_lam,
       attn_steps=config.attn_steps, progressive_lam=config.progressive_lam,
       progressive_rounds=config.progressive_rounds, progressive_steps=config.progressive_steps,
-      power_iters=100, key=jax.random.key(seed + 2000))
+      power_iters=config.sweep_power_iters, key=jax.random.key(seed + 2000))
   return [{**row, "seed": seed} for row in rows]
 
 
@@ -101,8 +102,8 @@ def _run_settings(config: SyntheticConfig) -> dict:
 
 
 def _sweep_settings(config: SyntheticConfig) -> dict:
-  keys = ("sweep_size", "sweep_batch", "sparsities", "attn_lam", "attn_steps",
-          "progressive_lam", "progressive_rounds", "progressive_steps")
+  keys = ("sweep_size", "sweep_batch", "sparsities", "sweep_power_iters", "attn_lam",
+          "attn_steps", "progressive_lam", "progressive_rounds", "progressive_steps")
   return {k: getattr(config, k) for k in keys}
 
 

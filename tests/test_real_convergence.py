@@ -10,6 +10,7 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax import cli, models
+from attnprune_jax.errors import InputError
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.reporting import Reporter
 from experiments import convergence, convergence_report
@@ -63,7 +64,9 @@ def _check_runs(results, config: experiment.RealConfig, heads: int) -> None:
       config.sparsities)
   for row in rows:
     assert row["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=1 / 16)
-  for check in results["float64_check"]:
+  checks = results["float64_check"]
+  assert len(checks) == len(config.layers) * len(config.float64_heads)
+  for check in checks:
     assert check["loss_max_relative_difference"] < 1e-4
 
 
@@ -94,6 +97,27 @@ def test_merged_vs_model_is_zero_for_the_merged_attention_itself():
   assert swapped[0]["gap_relative"] == pytest.approx(expected / np.sum(merged[:, 1]**2), rel=1e-5)
   tv = 0.5 * np.abs(merged[:, 0] - merged[:, 1]).sum(-1).mean()
   assert swapped[1]["row_tv"] == pytest.approx(tv, rel=1e-5)
+
+
+def test_layer_inputs_are_the_models_own(tiny):
+  model, windows, _, _ = tiny
+  _, captured = model(windows["calibration"], return_attention_inputs=True,
+                      return_attention=True)
+  inputs = experiment.attention_inputs(model, windows)
+  for layer in (1, 2):
+    problem = experiment.layer_inputs(model, inputs, layer)
+    np.testing.assert_array_equal(problem["x"], captured["attention_inputs"][layer])
+    np.testing.assert_allclose(problem["attention"], captured["attention"][layer], atol=1e-6)
+  held = model(windows["heldout"], return_attention_inputs=True)[1]["attention_inputs"]
+  np.testing.assert_array_equal(experiment.layer_inputs(model, inputs, 2)["heldout"], held[2])
+
+
+def test_layers_and_heads_outside_the_model_are_refused(tiny, tmp_path):
+  model, windows, _, _ = tiny
+  for config, message in ((dataclasses.replace(TINY, layers=(3,)), r"layers must be .* \[0, 3\)"),
+                          (dataclasses.replace(TINY, float64_heads=(4,)), "float64_heads")):
+    with pytest.raises(InputError, match=message):
+      experiment.run(model, config, tmp_path, Reporter(quiet=True), windows=windows)
 
 
 def test_tiny_model_records_every_field_and_the_theory_holds(tiny):
@@ -144,11 +168,28 @@ def test_command_on_one_real_layer(smollm2, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (["--layers", "30"], "--layers must lie in 0-29"),
-    (["--steps", "5"], "--steps must be an integer in [10,"),
     (["--windows", "100000"], "--windows and --ctx ask for"),
 ])
-def test_command_refuses_bad_options(smollm2, tmp_path, monkeypatch, capsys, options, message):
+def test_command_refuses_options_beyond_the_model(smollm2, tmp_path, monkeypatch, capsys,
+                                                  options, message):
   monkeypatch.setattr(models, "load", lambda name: smollm2)
   assert cli.main(["convergence", "--quick", "--out", str(tmp_path / "out")] + options) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "5"], "--steps must be an integer in [10,"),
+    (["--windows", "0"], "--windows must be an integer in [1,"),
+    (["--ctx", "1"], "--ctx must be an integer in [2,"),
+    (["--layers", "3-1"], "--layers must look like 0-29 or 0,5,10-12 or all, got '3-1'"),
+    (["--layers", "abc"], "--layers must look like"),
+])
+def test_command_refuses_bad_options_before_loading(tmp_path, monkeypatch, capsys, options,
+                                                    message):
+  def load(name):
+    raise AssertionError("the model was loaded before the options were checked")
+
+  monkeypatch.setattr(models, "load", load)
+  assert cli.main(["convergence", "--out", str(tmp_path / "out")] + options) == 2
+  assert message in capsys.readouterr().err

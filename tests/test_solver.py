@@ -11,7 +11,7 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax import solver
-from attnprune_jax.errors import DivergenceError
+from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.theory import smoothness_measured
 from conftest import random_problem
 
@@ -55,6 +55,22 @@ def test_heads_are_solved_independently():
     np.testing.assert_allclose(stacked.mask[h], alone.mask, rtol=1e-12)
     np.testing.assert_allclose(stacked.loss[h], alone.loss, rtol=1e-12)
     np.testing.assert_allclose(stacked.grad_norm[h], alone.grad_norm, rtol=1e-12)
+  lrs = np.array([0.1, 0.03, 0.2])  # one step size per head
+  per_head = ap.solve_mask(ws, x, lam=0.05, steps=15, lr=lrs)
+  for h in range(3):
+    alone = ap.solve_mask(ws[h], x, lam=0.05, steps=15, lr=lrs[h])
+    np.testing.assert_allclose(per_head.loss[h], alone.loss, rtol=1e-6)
+    np.testing.assert_allclose(per_head.mask[h], alone.mask, rtol=1e-6)
+  traced = jax.jit(lambda lr: ap.solve_mask(ws, x, lam=0.05, steps=15, lr=lr).loss)(lrs)
+  np.testing.assert_allclose(traced, per_head.loss, rtol=1e-6)
+  with pytest.raises(InputError, match=r"one step size per head \(3,\)"):  # shapes are checked
+    jax.jit(lambda lr: ap.solve_mask(ws, x, lam=0.05, steps=15, lr=lr).loss)(lrs[:2])
+  for lr, message in ((lrs[:2], r"one step size per head \(3,\)"), (-lrs, "lr must be > 0"),
+                      (np.array([0.1, np.nan, 0.1]), "lr contains NaN")):
+    with pytest.raises(InputError, match=message):
+      ap.solve_mask(ws, x, lam=0.05, steps=15, lr=lr)
+  with pytest.raises(InputError, match="lr must be a scalar for one head"):
+    ap.solve_mask(ws[0], x, lam=0.05, steps=15, lr=lrs)
 
 
 def test_loss_decreases_monotonically_below_one_over_smoothness():

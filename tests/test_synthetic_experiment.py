@@ -11,7 +11,7 @@ import pytest
 from attnprune_jax import cli
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import code_fingerprint, git_commit
-from experiments import convergence_report
+from experiments import convergence, convergence_report
 from experiments import synthetic_convergence as experiment
 
 TINY = experiment.SyntheticConfig(
@@ -73,13 +73,34 @@ def test_runs_have_the_documented_fields_and_the_theory_holds(tiny_results):
           == summary["rate_fitted_when_lr_within_bound"])
 
 
+def test_numbers_are_those_of_the_code_before_the_shared_core(tiny_results):
+  # Values of commit 2984644, before the measurements moved to experiments/convergence.py (they
+  # were bit-identical on the development machine; float64 on another CPU may differ in the
+  # last digits).
+  results, _ = tiny_results
+  first, last = results["runs"][0], results["runs"][-1]
+  assert (first["lam"], first["step_fraction"], first["causal"]) == (0.1, 0.5, True)
+  assert (last["lam"], last["step_fraction"], last["causal"]) == (1.0, 1.9, False)
+  want = {"lr": (0.007539995319308367, 0.018024571014886567),
+          "smoothness_measured": (66.31303851337991, 117.86968741546845),
+          "rate_measured": (0.998352610853673, 0.9561519949188156),
+          "loss_limit": (0.2740490922435601, 0.44091612724020024)}
+  for field, values in want.items():
+    assert (first[field], last[field]) == pytest.approx(values, rel=1e-9), field
+  assert (first["loss"][-1], last["loss"][-1]) == pytest.approx(
+      (2.846938247780945, 2.7612399666716447), rel=1e-9)
+  errors = {(r["method"], r["sparsity"]): r["attention_error"] for r in results["sparsity_sweep"]}
+  assert [errors[m, 0.75] for m in convergence.METHODS] == pytest.approx(
+      [24.540954437409788, 6.290912948170593, 26.72700591911356, 6.290912948170593], rel=1e-9)
+
+
 def test_sparsity_sweep_covers_every_method_with_exact_sparsity(tiny_results):
   results, _ = tiny_results
   rows = results["sparsity_sweep"]
   assert {(r["method"], r["sparsity"]) for r in rows} == {
-      (m, s) for m in experiment.METHODS for s in TINY.sparsities}
-  assert "wanda-merged" in experiment.METHODS and "wanda" not in experiment.METHODS
-  assert set(results["summary"]["mean_attention_error"]) == set(experiment.METHODS)
+      (m, s) for m in convergence.METHODS for s in TINY.sparsities}
+  assert "wanda-merged" in convergence.METHODS and "wanda" not in convergence.METHODS
+  assert set(results["summary"]["mean_attention_error"]) == set(convergence.METHODS)
   assert all(r["achieved_sparsity"] == r["sparsity"] and r["attention_error"] >= 0 for r in rows)
 
 

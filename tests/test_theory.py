@@ -9,6 +9,7 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax import theory
+from attnprune_jax.errors import InputError
 from attnprune_jax.theory import smoothness_measured
 from conftest import random_problem
 
@@ -25,6 +26,20 @@ def test_power_iteration_matches_dense_hessian(causal, seed):
   got = smoothness_measured(mask, w, x, lam=0.02, causal=causal, key=jax.random.key(seed),
                             iters=2000)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_power_iteration_on_a_stack_of_heads_equals_each_head_alone():
+  _, _, x = random_problem(33, n=6, d=4, batch=2)
+  ws = np.stack([random_problem(s, d=4, scale=3.0)[1] for s in (1, 2)])
+  masks = np.stack([np.ones((4, 4)), 0.5 * np.ones((4, 4))]).astype(np.float32)
+  key = jax.random.key(3)
+  stacked = smoothness_measured(masks, ws, x, lam=0.1, key=key, iters=30)
+  assert stacked.shape == (2,)
+  for h in range(2):
+    alone = smoothness_measured(masks[h], ws[h], x, lam=0.1, key=key, iters=30)
+    np.testing.assert_allclose(stacked[h], alone, rtol=1e-5)
+  with pytest.raises(InputError, match=r"mask must have w's shape \(2, 4, 4\)"):
+    smoothness_measured(masks[:1], ws, x, lam=0.1, key=key)
 
 
 def test_pure_l2_term_has_smoothness_lambda():
