@@ -201,7 +201,28 @@ def summarize(runs: list[dict], sweep: list[dict]) -> dict:
       "pl_mu_measured_over_mu": value_range([r["pl_mu_measured"] / r["pl_mu"] for r in measured]),
       "mean_attention_error": _means(sweep, "attention_error"),
       "mean_calibration_error": _means(sweep, "calibration_error"),
+      "below_wanda_merged": _below_wanda_merged(sweep),
   }
+
+
+def _below_wanda_merged(sweep: list[dict]) -> dict:
+  """{method: {sparsity: [k held-out, k calibration, N]}}: in how many of the N problems (heads
+  or seeds) a method's mask has a lower error than `wanda-merged`'s."""
+  problems = {}
+  for row in sweep:
+    problem = tuple(row.get(k) for k in ("layer", "head", "seed"))
+    problems.setdefault(str(row["sparsity"]), {}).setdefault(problem, {})[row["method"]] = row
+  counts = {}
+  for level, by_problem in problems.items():
+    for rows in by_problem.values():
+      base = rows["wanda-merged"]
+      for method, row in rows.items():
+        if method != "wanda-merged":
+          k = counts.setdefault(method, {}).setdefault(level, [0, 0, 0])
+          k[0] += row["attention_error"] < base["attention_error"]
+          k[1] += row["calibration_error"] < base["calibration_error"]
+          k[2] += 1
+  return counts
 
 
 def _means(sweep: list[dict], field: str) -> dict:

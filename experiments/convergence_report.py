@@ -196,3 +196,8 @@ def report(results: dict, reporter: Reporter) -> None:
   reporter.info("\nmean attention error of binary masks (lower is better)")
   reporter.table(["sparsity"] + list(errors), [[s] + [errors[m][s] for m in errors]
                                                 for s in levels])
+  below = summary["below_wanda_merged"]
+  reporter.info("\nproblems where a mask beats wanda-merged (scored / on the calibration inputs)")
+  reporter.table(["sparsity"] + list(below),
+                 [[s] + [f"{below[m][s][0]}/{below[m][s][2]} ({below[m][s][1]})" for m in below]
+                  for s in levels])

@@ -64,6 +64,10 @@ def _check_runs(results, config: experiment.RealConfig, heads: int) -> None:
       config.sparsities)
   for row in rows:
     assert row["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=1 / 16)
+  for by_sparsity in summary["below_wanda_merged"].values():
+    for heldout, calibration, problems in by_sparsity.values():
+      assert problems == len(config.layers) * heads
+      assert 0 <= heldout <= problems and 0 <= calibration <= problems
   checks = results["float64_check"]
   assert len(checks) == len(config.layers) * len(config.float64_heads)
   for check in checks:
@@ -110,6 +114,18 @@ def test_layer_inputs_are_the_models_own(tiny):
     np.testing.assert_allclose(problem["attention"], captured["attention"][layer], atol=1e-6)
   held = model(windows["heldout"], return_attention_inputs=True)[1]["attention_inputs"]
   np.testing.assert_array_equal(experiment.layer_inputs(model, inputs, 2)["heldout"], held[2])
+
+
+def test_wins_over_wanda_merged_are_counted_per_head_and_sparsity():
+  def row(layer, head, method, held, calib, sparsity=0.5):
+    return {"layer": layer, "head": head, "method": method, "sparsity": sparsity,
+            "attention_error": held, "calibration_error": calib}
+  sweep = [row(0, 0, "wanda-merged", 2.0, 2.0), row(0, 0, "attn", 1.0, 3.0),
+           row(0, 1, "wanda-merged", 2.0, 2.0), row(0, 1, "attn", 2.0, 1.0),
+           row(1, 0, "wanda-merged", 2.0, 2.0), row(1, 0, "attn", 1.5, 1.5),
+           row(1, 0, "wanda-merged", 1.0, 1.0, 0.9), row(1, 0, "attn", 3.0, 3.0, 0.9)]
+  counts = convergence.summarize([], sweep)["below_wanda_merged"]
+  assert counts == {"attn": {"0.5": [2, 2, 3], "0.9": [0, 0, 1]}}
 
 
 def test_layers_and_heads_outside_the_model_are_refused(tiny, tmp_path):
