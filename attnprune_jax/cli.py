@@ -170,31 +170,34 @@ def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
                            "e.g. figures/synthetic")
 
 
-def _copy_figures(figures: list[Path], folder: str, kind: str, results: dict,
-                  document: dict) -> None:
-  """Copies the PNGs to `folder`, with a summary.json (settings, summary, provenance)."""
-  Path(folder).mkdir(parents=True, exist_ok=True)
-  for path in figures:
-    shutil.copyfile(path, Path(folder) / path.name)
-  write_json_atomic(Path(folder) / "summary.json", result_document(
-      f"{kind}-summary", {"config": results["config"], "summary": results["summary"]},
-      document["provenance"]))
-
-
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from experiments import convergence_report
   from experiments import synthetic_convergence as experiment
   config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
   start = time.perf_counter()
   results = experiment.run(config, Path(args.out), reporter)
-  code = results.pop("provenance")  # the fingerprint and the commits of reused runs
-  figures = convergence_report.plot_synthetic(results, Path(args.out))
-  document = result_document("synthetic", results, provenance(
-      seed=None, settings={"quick": args.quick, "out": args.out, "figures": args.figures},
-      wall_time_s=time.perf_counter() - start) | code)
+  return _write_convergence("synthetic", results, convergence_report.plot_synthetic, args,
+                            {"quick": args.quick, "out": args.out, "figures": args.figures},
+                            start, reporter)
+
+
+def _write_convergence(kind: str, results: dict, plot, args: argparse.Namespace, settings: dict,
+                       start: float, reporter: Reporter) -> tuple[dict, None]:
+  """Plots, writes OUT/results.json (with `--figures`, the PNGs and a summary.json too) and
+  prints the report of a convergence experiment's `results`."""
+  from experiments import convergence_report
+  code = results.pop("provenance")  # the fingerprint and the commits of reused results
+  figures = plot(results, Path(args.out))
+  document = result_document(kind, results, provenance(
+      seed=None, settings=settings, wall_time_s=time.perf_counter() - start) | code)
   write_json_atomic(Path(args.out) / "results.json", document)
   if args.figures:
-    _copy_figures(figures, args.figures, "synthetic", results, document)
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    for path in figures:
+      shutil.copyfile(path, Path(args.figures) / path.name)
+    write_json_atomic(Path(args.figures) / "summary.json", result_document(
+        f"{kind}-summary", {"config": results["config"], "summary": results["summary"]},
+        document["provenance"]))
   convergence_report.report(results, reporter)
   reporter.info(f"results and figures in {args.out}: results.json, "
                 + ", ".join(path.name for path in figures))
@@ -247,19 +250,9 @@ def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict
   _check_text_fits(model, data.CALIBRATION_TEXT, config.windows + config.heldout_windows,
                    config.ctx, "--windows and --ctx")
   results = experiment.run(model, config, Path(args.out), reporter)
-  code = results.pop("provenance")  # the fingerprint and the commits of reused layers
-  figures = convergence_report.plot_real(results, Path(args.out))
-  document = result_document("convergence", results, provenance(
-      seed=None, settings={k: v for k, v in vars(args).items()
-                           if k not in ("command_spec", "json", "quiet")},
-      wall_time_s=time.perf_counter() - start) | code | {"model": args.model})
-  write_json_atomic(Path(args.out) / "results.json", document)
-  if args.figures:
-    _copy_figures(figures, args.figures, "convergence", results, document)
-  convergence_report.report(results, reporter)
-  reporter.info(f"results and figures in {args.out}: results.json, "
-                + ", ".join(path.name for path in figures))
-  return {"summary": results["summary"], "out": args.out, **code}, None
+  settings = {k: v for k, v in vars(args).items() if k not in ("command_spec", "json", "quiet")}
+  return _write_convergence("convergence", results, convergence_report.plot_real, args,
+                            settings, start, reporter)
 
 
 def _layer_ranges(text: str, extra: str = "") -> list[range]:
