@@ -63,6 +63,39 @@ def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
   return loss, w * xt_g_x + lam * mask
 
 
+def blocked_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
+                          x: Float[Array, "b n d"], lam, causal: bool, block: int):
+  """`merged_loss_and_grad` over blocks of `block` query rows, in O(b·block·n) memory. No checks.
+
+  Softmax is row-wise, so the loss and X_bᵀ G_b X_b are sums over query rows. Each block
+  computes its rows of f_b(M∘W) and of the dense reference f_b(W) from the block's queries
+  X_rows (M∘W) and X_rows W: no (b, n, n) array and no per-head (b, n, d) array is stored.
+  Rows are padded to a multiple of `block`; padded rows contribute nothing.
+  """
+  b, n, d = x.shape
+  blocks = -(-n // block)
+  rows = jnp.pad(x, ((0, 0), (0, blocks * block - n), (0, 0))).reshape(
+      b, blocks, block, d).swapaxes(0, 1)  # (blocks, b, block, d)
+  index = jnp.arange(blocks * block).reshape(blocks, block)
+  masked = mask * w
+
+  def body(carry, inputs):
+    loss, xt_g_x = carry
+    x_rows, row = inputs
+    allowed = jnp.arange(n)[None, :] <= row[:, None] if causal else jnp.ones((block, n), bool)
+    scores = lambda v: jnp.einsum("brd,bnd->brn", x_rows @ v, x)
+    f = jax.nn.softmax(scores(masked), axis=-1, where=allowed)
+    target = jax.nn.softmax(scores(w), axis=-1, where=allowed)
+    gap = jnp.where((row < n)[:, None], f - target, 0.0)
+    g = f * (gap - jnp.sum(gap * f, axis=-1, keepdims=True))
+    xt_g_x = xt_g_x + jnp.einsum("brd,bre->de", x_rows, g @ x)
+    return (loss + 0.5 * jnp.sum(gap**2), xt_g_x), None
+
+  zero = jnp.zeros((), x.dtype), jnp.zeros((d, d), x.dtype)
+  (gap_loss, xt_g_x), _ = jax.lax.scan(body, zero, (rows, index))
+  return gap_loss + 0.5 * lam * jnp.sum(mask**2), w * xt_g_x + lam * mask
+
+
 @functools.partial(jax.jit, static_argnames="causal")
 def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
                 causal: bool) -> jax.Array:

@@ -22,7 +22,13 @@ from attnprune_jax import validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import check_inputs, merged_loss, merged_loss_and_grad
+from attnprune_jax.objective import (blocked_loss_and_grad, check_inputs, merged_loss,
+                                     merged_loss_and_grad)
+
+# Our choice: up to n = 1024 the dense (b, n, n) reference is small and fastest; beyond it, blocks
+# of 64 query rows keep a step's memory at O(b·64·n) per head.
+BLOCKED_ABOVE = 1024
+DEFAULT_BLOCK = 64
 
 
 class MaskSolution(NamedTuple):
@@ -40,7 +46,7 @@ class MaskSolution(NamedTuple):
 
 def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
                optimizer: optax.GradientTransformation | None = None,
-               init=None) -> MaskSolution:
+               init=None, block: int | None = None) -> MaskSolution:
   """Runs Algorithm 1 from M₀ = 1 (or `init`) for `steps` steps.
 
   Args:
@@ -55,6 +61,10 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
       argument: reuse the same object to avoid recompiling.
     init: the starting mask, w's shape; None is the paper's M₀ = 1. Plain gradient descent
       keeps no state, so solving in segments continued from `init` equals one long solve.
+    block: query rows per block of the row-blocked objective (`objective.blocked_loss_and_grad`,
+      O(b·block·n) memory per head instead of O(b·n²), the same result to rounding); None keeps
+      the dense (b, n, n) reference for n <= BLOCKED_ABOVE and uses blocks of DEFAULT_BLOCK
+      rows beyond.
   Returns:
     a `MaskSolution` (mask, loss, grad_norm), in float32 for float16/bfloat16 inputs (the
     precision policy: steps of ~1e-3 vanish below half precision's resolution of 1).
@@ -82,12 +92,16 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     init = validation.check_array("init", init)
     if init.shape != w.shape:
       raise InputError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
+  if block is None:
+    block = DEFAULT_BLOCK if x.shape[-2] > BLOCKED_ABOVE else None
+  else:
+    block = validation.check_positive_int("block", block)
   solution = _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype),
                     jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype), steps=steps,
-                    causal=causal, optimizer=optimizer)
+                    causal=causal, optimizer=optimizer, block=block)
   if not validation.is_traced(solution.loss):
     # The history holds the loss before each update; the last update is checked too.
-    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal)
+    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal, block)
     step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
     check_descent(jnp.concatenate([solution.loss, final[..., None]], axis=-1),
                   (solution.mask,), step_size=step_size)
@@ -111,11 +125,11 @@ def _check_lr(lr, w):
   return lr
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer"))
-def _solve(w, x, init, lam, lr, *, steps, causal, optimizer):
+@functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer", "block"))
+def _solve(w, x, init, lam, lr, *, steps, causal, optimizer, block):
   def solve_head(w, init, lr):
     return _solve_head(w, init, x=x, lam=lam, steps=steps, causal=causal,
-                       optimizer=optax.sgd(lr) if optimizer is None else optimizer)
+                       optimizer=optax.sgd(lr) if optimizer is None else optimizer, block=block)
 
   if w.ndim == 2:
     return solve_head(w, init, lr)
@@ -161,10 +175,13 @@ def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
                   "1/L_s", RuntimeWarning, stacklevel=3)
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def _loss_at(masks, w, x, lam, causal):
-  """L(M) of one mask (d, d) or of each head (h, d, d)."""
-  loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal)
+@functools.partial(jax.jit, static_argnames=("causal", "block"))
+def _loss_at(masks, w, x, lam, causal, block=None):
+  """L(M) of one mask (d, d) or of each head (h, d, d), row-blocked if `block` is given."""
+  if block is None:
+    loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal)
+  else:
+    loss = lambda mask, w: blocked_loss_and_grad(mask, w, x, lam, causal, block)[0]
   return jax.vmap(loss)(masks, w) if w.ndim == 3 else loss(masks, w)
 
 
@@ -230,12 +247,15 @@ def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTrans
   return keep, params, jnp.concatenate(losses)
 
 
-def _solve_head(w, mask, *, x, lam, steps, causal, optimizer) -> MaskSolution:
-  target = softmax_attention(x, w, causal=causal)
+def _solve_head(w, mask, *, x, lam, steps, causal, optimizer, block=None) -> MaskSolution:
+  # The dense reference f(W) is computed once, or (blocked) per block of rows at every step.
+  target = softmax_attention(x, w, causal=causal) if block is None else None
 
   def loss_and_grad(mask, step):
     del step
-    return merged_loss_and_grad(mask, w, x, target, lam, causal)
+    if block is None:
+      return merged_loss_and_grad(mask, w, x, target, lam, causal)
+    return blocked_loss_and_grad(mask, w, x, lam, causal, block)
 
   mask, _, loss, grad_norm = minimize(loss_and_grad, mask, optimizer=optimizer, steps=steps)
   return MaskSolution(mask, loss, grad_norm)

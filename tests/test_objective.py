@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import attnprune_jax as ap
+from attnprune_jax import objective
 from conftest import random_problem
 import reference_numpy
 
@@ -146,3 +147,32 @@ def test_dtypes_are_preserved():
   assert ap.pruning_loss(mask, w, x, lam=0.1).dtype == jnp.float32
   assert ap.pruning_grad(mask, w, x, lam=0.1).dtype == jnp.float32
   assert ap.attention_error(mask, w, x).dtype == jnp.float32
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("causal,n,block", [(True, 10, 4), (False, 12, 4), (True, 7, 16),
+                                             (False, 9, 1)])  # padded rows, one block, 1 row
+def test_row_blocked_loss_and_gradient_equal_the_dense_ones(causal, n, block):
+  mask, w, x = random_problem(40 + n, n=n, d=5, batch=2, scale=2.0, dtype=np.float64)
+  got_loss, got_grad = jax.jit(objective.blocked_loss_and_grad,
+                               static_argnames=("causal", "block"))(
+      mask, w, x, 0.07, causal=causal, block=block)
+  np.testing.assert_allclose(got_loss, reference_numpy.pruning_loss(mask, w, x, 0.07, causal),
+                             rtol=1e-12)
+  np.testing.assert_allclose(got_grad, ap.pruning_grad(mask, w, x, lam=0.07, causal=causal),
+                             rtol=1e-10, atol=1e-13)
+
+
+def test_row_blocked_step_needs_far_less_memory_than_one_attention_matrix():
+  b, n, d = 2, 2048, 64
+  x, w = jax.ShapeDtypeStruct((b, n, d), jnp.float32), jax.ShapeDtypeStruct((d, d), jnp.float32)
+
+  def temp_bytes(loss_and_grad):
+    return jax.jit(loss_and_grad).lower(w, w, x).compile().memory_analysis().temp_size_in_bytes
+
+  blocked = temp_bytes(lambda m, w, x: objective.blocked_loss_and_grad(m, w, x, 0.1, True, 128))
+  dense = temp_bytes(lambda m, w, x: objective.merged_loss_and_grad(
+      m, w, x, ap.attention.softmax_attention(x, w, causal=True), 0.1, True))
+  attention_matrix = b * n * n * 4
+  assert dense >= 2 * attention_matrix  # f(M∘W) and f(W) at least
+  assert blocked < attention_matrix / 2, (blocked, attention_matrix)

@@ -256,3 +256,25 @@ def test_a_rise_in_the_last_update_warns():
   _, w, x = random_problem(34, n=10, d=6, batch=2, scale=3.0, dtype=np.float32)
   with pytest.warns(RuntimeWarning, match=r"the loss rose \(worst: from .*\) with lr=1e\+06"):
     ap.solve_mask(w, x, lam=1e-2, steps=1, lr=1e6)
+
+
+def test_row_blocked_solve_equals_the_dense_one_and_is_the_default_for_long_windows(monkeypatch):
+  _, _, x = random_problem(23, n=13, d=6, batch=2)
+  ws = np.stack([random_problem(s, d=6, scale=3.0)[1] for s in (4, 5)])
+  lrs = np.array([0.02, 0.04])
+  dense = ap.solve_mask(ws, x, lam=0.05, steps=12, lr=lrs)
+  blocked = ap.solve_mask(ws, x, lam=0.05, steps=12, lr=lrs, block=4)
+  np.testing.assert_allclose(blocked.loss, dense.loss, rtol=1e-5)
+  np.testing.assert_allclose(blocked.grad_norm, dense.grad_norm, rtol=1e-4)
+  np.testing.assert_allclose(blocked.mask, dense.mask, atol=1e-5)
+  with pytest.raises(InputError, match="block must be a positive integer"):
+    ap.solve_mask(ws, x, lam=0.05, steps=12, lr=lrs, block=0)
+  blocks = []
+  solve = solver._solve
+  monkeypatch.setattr(solver, "_solve", lambda *args, **kwargs: blocks.append(kwargs["block"])
+                      or solve(*args, **kwargs))
+  ap.solve_mask(ws, x, lam=0.05, steps=12, lr=lrs)
+  monkeypatch.setattr(solver, "BLOCKED_ABOVE", 12)  # n = 13 is now a long window
+  default = ap.solve_mask(ws, x, lam=0.05, steps=12, lr=lrs)
+  assert blocks == [None, solver.DEFAULT_BLOCK]
+  np.testing.assert_allclose(default.loss, dense.loss, rtol=1e-5)
