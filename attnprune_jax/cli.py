@@ -161,13 +161,20 @@ def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]
   return results, None
 
 
-def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", required=True, help="output folder (results.json, runs/, PNGs)")
-  parser.add_argument("--quick", action="store_true",
-                      help="a small grid that finishes in well under 3 minutes on 2 cores")
+def _experiment_arguments(parser: argparse.ArgumentParser, *, out: str, quick: str,
+                          figures: str) -> None:
+  """--out, --quick and --figures of a convergence experiment, with these helps."""
+  parser.add_argument("--out", required=True, help=out)
+  parser.add_argument("--quick", action="store_true", help=quick)
   parser.add_argument("--figures", metavar="DIR",
                       help="also copy the PNGs and a summary.json (summary + provenance) to DIR, "
-                           "e.g. figures/synthetic")
+                           f"e.g. {figures}")
+
+
+def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
+  _experiment_arguments(parser, out="output folder (results.json, runs/, PNGs)",
+                        quick="a small grid that finishes in well under 3 minutes on 2 cores",
+                        figures="figures/synthetic")
 
 
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
@@ -218,14 +225,11 @@ def _convergence_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"tokens per window (default {defaults.ctx})")
   parser.add_argument("--steps", type=int, default=None,
                       help=f"gradient steps per run (default {defaults.steps})")
-  parser.add_argument("--out", required=True,
-                      help="output folder (results.json, layers/, PNGs); a rerun skips the "
-                           "layers it finished")
-  parser.add_argument("--quick", action="store_true",
-                      help="layer 0, one window of 32 tokens, a small grid: well under a minute")
-  parser.add_argument("--figures", metavar="DIR",
-                      help="also copy the PNGs and a summary.json (summary + provenance) to DIR, "
-                           "e.g. figures/real/theory")
+  _experiment_arguments(
+      parser, out="output folder (results.json, layers/, PNGs); a rerun skips the layers it "
+                  "finished",
+      quick="layer 0, one window of 32 tokens, a small grid: well under a minute",
+      figures="figures/real/theory")
 
 
 def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
