@@ -59,13 +59,13 @@ class RealConfig:
   heldout_windows: int = 2
   lams: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
   step_fractions: tuple[float, ...] = (0.5, 1.9)
-  steps: int = 200
+  steps: int = 160
   segments: int = 2
   power_iters: int = 20
   history_points: int = 200
   sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
   attn_lam: float = 1e-2
-  attn_steps: int = 200
+  attn_steps: int = 160
   progressive_lam: float = 1e-3
   progressive_rounds: int = 5
   progressive_steps: int = 20
