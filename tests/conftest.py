@@ -14,6 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from attnprune_jax.models.llama import LlamaConfig
+
+# A tiny GQA Llama (4 query heads in 2 KV groups) for tests of the layer-wise experiments.
+TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0,
+                         rms_eps=1e-5)
+
 
 @pytest.fixture(scope="session")
 def smollm2():

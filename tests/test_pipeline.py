@@ -17,10 +17,10 @@ from attnprune_jax.models import huggingface
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
+from conftest import TINY_LLAMA
 from experiments import qk_pruning, qk_report
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
-                     num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0, rms_eps=1e-5)
+CONFIG = TINY_LLAMA
 SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
                          windows_per_step=1)
 

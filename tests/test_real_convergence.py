@@ -11,13 +11,13 @@ import pytest
 import attnprune_jax as ap
 from attnprune_jax import cli, models
 from attnprune_jax.errors import InputError
-from attnprune_jax.models.llama import Llama, LlamaConfig
+from attnprune_jax.models.llama import Llama
 from attnprune_jax.reporting import Reporter
+from conftest import TINY_LLAMA
 from experiments import convergence, convergence_report
 from experiments import real_convergence as experiment
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
-                     num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0, rms_eps=1e-5)
+CONFIG = TINY_LLAMA
 TINY = dataclasses.replace(experiment.QUICK, layers=(0, 2))
 RUN_FIELDS = ("layer", "head", "kv_head", "lam", "lr", "loss", "grad_norm", "smoothness_measured",
               "smoothness_bound", "pl_mu", "pl_xi", "pl_xi_needed", "rate_measured",
