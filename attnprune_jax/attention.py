@@ -86,6 +86,27 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
+def rotated_heads(x: Float[Array, "... t d"], proj: Float[Array, "heads·hd d"], positions, *,
+                  head_dim: int, rope_base: float) -> Float[Array, "... t heads hd"]:
+  """Queries or keys of a Llama layer: X Wᵀ split into heads of `head_dim` (rows in the Hugging
+  Face order), rotated by RoPE at `positions` ((t,) ints, the tokens' positions)."""
+  heads = (x @ proj.T).reshape(*x.shape[:-1], -1, head_dim)
+  return rotary_embedding(heads, positions, base=rope_base)
+
+
+def causal_probs(q: Float[Array, "... r hq hd"], k: Float[Array, "... t hk hd"],
+                 rows) -> Float[Array, "... hq r t"]:
+  """Causal softmax(q kᵀ / √hd) of rotated queries at positions `rows` ((r,) ints) against the
+  keys at positions 0..t−1; key head j // (hq / hk) serves query head j (contiguous groups)."""
+  *lead, r, hq, head_dim = q.shape
+  t, hk = k.shape[-3], k.shape[-2]
+  # (..., r, hk·group, hd) -> (..., hk, group, r, hd) without materializing repeated keys.
+  q = jnp.moveaxis(q.reshape(*lead, r, hk, hq // hk, head_dim), -4, -2)
+  scores = jnp.einsum("...kgqe,...ske->...kgqs", q, k) / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
+  probs = jax.nn.softmax(scores, axis=-1, where=jnp.arange(t)[None, :] <= rows[:, None])
+  return probs.reshape(*lead, hq, r, t)
+
+
 def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
                     k_proj: Float[Array, "hk d"], *, head_dim: int,
                     rope_base: float) -> Float[Array, "... heads t t"]:
@@ -105,15 +126,7 @@ def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
   Returns:
     (..., q_heads, t, t) row-stochastic, lower-triangular matrices.
   """
-  *lead, t, _ = x.shape
-  q = (x @ q_proj.T).reshape(*lead, t, -1, head_dim)
-  k = (x @ k_proj.T).reshape(*lead, t, -1, head_dim)
-  positions = jnp.arange(t)
-  q = rotary_embedding(q, positions, base=rope_base)
-  k = rotary_embedding(k, positions, base=rope_base)
-  group = q.shape[-2] // k.shape[-2]
-  # (..., t, k_heads·group, hd) -> (..., k_heads, group, t, hd) without materializing repeats.
-  q = jnp.moveaxis(q.reshape(*lead, t, k.shape[-2], group, head_dim), -4, -2)
-  scores = jnp.einsum("...kgqe,...ske->...kgqs", q, k) / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
-  probs = masked_softmax(scores, causal=True)
-  return probs.reshape(*lead, -1, t, t)
+  positions = jnp.arange(x.shape[-2])
+  heads = functools.partial(rotated_heads, x, positions=positions, head_dim=head_dim,
+                            rope_base=rope_base)
+  return causal_probs(heads(q_proj), heads(k_proj), positions)

@@ -323,6 +323,9 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
                       help="output folder: results.json, the layer checkpoint, the saved model")
   parser.add_argument("--save-weights", action="store_true",
                       help="also write the pruned model as a Hugging Face folder OUT/model")
+  parser.add_argument("--devices", default="1",
+                      help="devices that share each layer's attention-aware solve: a count or "
+                           "'all' (of jax.devices(); default 1)")
   solver = parser.add_argument_group(
       "attention-aware methods", "override their defaults (layer_masks.DEFAULTS, our choice)")
   for field in dataclasses.fields(MaskSolverConfig):
@@ -331,6 +334,20 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
       solver.add_argument(option, choices=sorted(OPTIMIZERS))
     else:
       solver.add_argument(option, type=field.type)
+
+
+def _devices(text: str) -> list | None:
+  """--devices: 'all' or a count of jax.devices(); None for one device (no sharding)."""
+  import jax
+  available = jax.devices()
+  if text == "all":
+    count = len(available)
+  elif text.isdigit() and 1 <= int(text) <= len(available):
+    count = int(text)
+  else:
+    raise InputError(f"--devices must be 'all' or a count from 1 to {len(available)} (the "
+                     f"devices JAX sees: {len(available)}), got {text!r}")
+  return None if count == 1 else available[:count]
 
 
 def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
@@ -372,6 +389,7 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   if solver is not None and data_config.calib_seqs % solver.windows_per_step:
     raise InputError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
                      f"({data_config.calib_seqs})")
+  devices = _devices(args.devices)
   out = Path(args.out)
   if args.save_weights and (out / "model").exists():
     raise InputError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
@@ -393,7 +411,8 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   settings = PruneSettings(args.method, sparsity, n_m, layers, solver)
   token_windows = qk_pruning.windows(model, data_config)
   row = qk_pruning.prune_row(model, settings, token_windows, data_config, out,
-                             save_weights=args.save_weights, reporter=reporter)
+                             save_weights=args.save_weights, reporter=reporter,
+                             devices=devices)
   write_json_atomic(out / "results.json", result_document("prune", row, provenance(
       seed=None, settings=vars(args) | {"command_spec": None},
       wall_time_s=row["pipeline_time_s"])))

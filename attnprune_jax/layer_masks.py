@@ -27,12 +27,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 import optax
 
-from attnprune_jax import validation
+from attnprune_jax import sharding, validation
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.masks import binarize, check_n_m
-from attnprune_jax.objective import factored_loss, kv_groups
-from attnprune_jax.solver import cubic_schedule, minimize, prune_progressively
+from attnprune_jax.objective import blocked_factored_loss, factored_loss, kv_groups
+from attnprune_jax.solver import (BLOCKED_ABOVE, DEFAULT_BLOCK, cubic_schedule, minimize,
+                                  prune_progressively)
 
 METHODS = ("attn", "attn-progressive", "attn-reweight")
 OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
@@ -119,7 +120,8 @@ def prune_schedule(sparsity: float, n_m: tuple[int, int] | None, rounds: int) ->
 
 def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                 n_m: tuple[int, int] | None = None, config: MaskSolverConfig | None = None,
-                num_kv_heads: int, head_dim: int, rope_base: float) -> LayerPruning:
+                num_kv_heads: int, head_dim: int, rope_base: float, block: int | None = None,
+                mesh=None) -> LayerPruning:
   """Prunes one layer's q_proj and k_proj with an attention-aware method.
 
   Args:
@@ -130,6 +132,13 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     n_m: (n, m) structure along the input axis, or None.
     config: solver settings; None takes `DEFAULTS[method]`.
     num_kv_heads, head_dim, rope_base: the model's attention layout.
+    block: query rows per block of the row-blocked loss (`objective.blocked_factored_loss`,
+      O(windows·group·block·t) memory per KV group instead of O(windows·group·t²), the same
+      result to rounding); None keeps the dense targets for t <= solver.BLOCKED_ABOVE and
+      uses blocks of solver.DEFAULT_BLOCK rows beyond.
+    mesh: a `jax.sharding.Mesh` from `sharding.problem_mesh(num_kv_heads, windows_per_step)`:
+      KV groups split over its "heads" axis, each step's windows over its "windows" axis (the
+      same masks up to the rounding of the window sum); None runs where the inputs are.
   Returns:
     a `LayerPruning`, in float32 for half-precision inputs.
   Raises:
@@ -157,19 +166,30 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   if x.shape[0] % config.windows_per_step:
     raise InputError(f"windows_per_step ({config.windows_per_step}) must divide the number of "
                      f"calibration windows ({x.shape[0]})")
+  if block is None:
+    block = DEFAULT_BLOCK if x.shape[1] > BLOCKED_ABOVE else None
+  else:
+    block = validation.check_positive_int("block", block)
   if method == "attn":
     schedule = ((sparsity, n_m),)
   else:
     schedule = prune_schedule(sparsity, n_m, config.rounds)
   dtype = jnp.promote_types(jnp.result_type(q_proj, k_proj, x), jnp.float32)
-  result = _solve_layer(q_proj.astype(dtype), k_proj.astype(dtype), x.astype(dtype),
+  # (steps' batches, windows_per_step, t, d): a step's windows are one slice of the first axis.
+  batches = x.astype(dtype).reshape(-1, config.windows_per_step, *x.shape[1:])
+  q_proj, k_proj = q_proj.astype(dtype), k_proj.astype(dtype)
+  if mesh is not None:
+    sharding.check_mesh(mesh, heads=num_kv_heads, windows=config.windows_per_step)
+    q_proj, k_proj = sharding.place(q_proj, mesh, "heads"), sharding.place(k_proj, mesh, "heads")
+    batches = sharding.place(batches, mesh, None, "windows")
+  result = _solve_layer(q_proj, k_proj, batches,
                         jnp.asarray(config.lam, dtype), jnp.asarray(config.reweight_lam, dtype),
                         jnp.asarray(config.lr, dtype), method=method, schedule=schedule,
                         optimizer=config.optimizer, steps=config.steps,
                         steps_per_round=config.steps_per_round,
                         reweight_steps=config.reweight_steps,
-                        windows_per_step=config.windows_per_step, num_kv_heads=num_kv_heads,
-                        head_dim=head_dim, rope_base=rope_base)
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
+                        block=block)
   if not validation.is_traced(result.loss) and not bool(jnp.isfinite(result.loss).all()):
     raise DivergenceError(f"{method} diverged: the loss or the masks became NaN or Inf with "
                           f"optimizer={config.optimizer} lr={config.lr:g}; use a smaller lr")
@@ -178,30 +198,34 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
 
 @functools.partial(jax.jit, static_argnames=(
     "method", "schedule", "optimizer", "steps", "steps_per_round", "reweight_steps",
-    "windows_per_step", "num_kv_heads", "head_dim", "rope_base"))
-def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, optimizer, steps,
-                 steps_per_round, reweight_steps, windows_per_step, num_kv_heads, head_dim,
-                 rope_base) -> LayerPruning:
+    "num_kv_heads", "head_dim", "rope_base", "block"))
+def _solve_layer(q_proj, k_proj, batches, lam, reweight_lam, lr, *, method, schedule, optimizer,
+                 steps, steps_per_round, reweight_steps, num_kv_heads, head_dim, rope_base,
+                 block) -> LayerPruning:
   q_groups, k_groups = kv_groups(q_proj, k_proj, num_kv_heads)
   weights = {"q_proj": q_groups, "k_proj": k_groups}
-  attention = functools.partial(layer_attention, head_dim=head_dim, rope_base=rope_base)
-  # Dense attention of every group on every window: (kv, windows, group, t, t).
-  target = jax.vmap(attention, in_axes=(None, 0, 0))(x, q_groups, k_groups)
-  group_loss_and_grad = jax.vmap(
-      jax.value_and_grad(functools.partial(factored_loss, head_dim=head_dim,
-                                           rope_base=rope_base)),
-      in_axes=(0, 0, 0, None, 0, None))
-  batches = x.shape[0] // windows_per_step
+  layout = {"head_dim": head_dim, "rope_base": rope_base}
+  vmap_groups = lambda loss, **shared: jax.vmap(  # KV groups side by side; x and λ shared
+      jax.value_and_grad(functools.partial(loss, **layout, **shared)),
+      in_axes=(0, 0, 0, None, 0, None) if block is None else (0, 0, 0, None, None))
+  if block is None:
+    # Dense attention of every group on every window: (kv, batches, windows_per_step, group, t, t).
+    target = jax.vmap(functools.partial(layer_attention, **layout),
+                      in_axes=(None, 0, 0))(batches, q_groups, k_groups)
+    dense_loss_and_grad = vmap_groups(factored_loss)
+    group_loss_and_grad = lambda masks, batch, lam: dense_loss_and_grad(
+        masks, q_groups, k_groups, batches[batch], target[:, batch], lam)
+  else:
+    blocked_loss_and_grad = vmap_groups(blocked_factored_loss, block=block)
+    group_loss_and_grad = lambda masks, batch, lam: blocked_loss_and_grad(
+        masks, q_groups, k_groups, batches[batch], lam)
 
   def loss_and_grad(masks, step, lam=lam):
-    start = (step % batches) * windows_per_step
-    x_batch = jax.lax.dynamic_slice_in_dim(x, start, windows_per_step, axis=0)
-    target_batch = jax.lax.dynamic_slice_in_dim(target, start, windows_per_step, axis=1)
-    loss, grads = group_loss_and_grad(masks, q_groups, k_groups, x_batch, target_batch, lam)
+    loss, grads = group_loss_and_grad(masks, step % batches.shape[0], lam)
     return jnp.sum(loss), grads
 
   # ‖X_j‖ over all calibration tokens: the activation factor of the score |M∘W|·‖X_j‖.
-  feature_norms = jnp.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
+  feature_norms = jnp.linalg.norm(batches.reshape(-1, batches.shape[-1]), axis=0)
 
   def prune(masks, keep, target):
     round_sparsity, round_n_m = target
@@ -222,7 +246,7 @@ def _solve_layer(q_proj, k_proj, x, lam, reweight_lam, lr, *, method, schedule, 
     if method == "attn-reweight":
       # Re-weighting starts from the binary mask (the dense values on the support), not from
       # the progressive rounds' values, which the L2 term has shrunk.
-      start = jax.tree.map(lambda k: k.astype(x.dtype), keep)
+      start = jax.tree.map(lambda k: k.astype(batches.dtype), keep)
       masks, _, extra, _ = minimize(functools.partial(loss_and_grad, lam=reweight_lam), start,
                                     optimizer=opt, steps=reweight_steps, keep=keep,
                                     first_step=len(schedule) * steps_per_round)

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from attnprune_jax.baselines import BASELINES, input_stats
 from attnprune_jax.errors import InputError
 from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
-from attnprune_jax.layer_masks import LayerPruning, MaskSolverConfig, solve_layer
+from attnprune_jax.layer_masks import DEFAULTS, LayerPruning, MaskSolverConfig, solve_layer
 from attnprune_jax.models.llama import LlamaConfig
+from attnprune_jax.sharding import problem_mesh
 
 METHODS = ("magnitude", "wanda", "sparsegpt") + ATTENTION_METHODS
 # Methods whose new weights differ from the dense ones on the support (weight updates).
@@ -22,7 +23,7 @@ REWEIGHTING = ("sparsegpt", "attn-reweight")
 
 def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
              n_m: tuple[int, int] | None, config: LlamaConfig,
-             solver: MaskSolverConfig | None = None) -> LayerPruning:
+             solver: MaskSolverConfig | None = None, devices=None) -> LayerPruning:
   """Prunes one layer's q_proj and k_proj (out, in) with `method`.
 
   Args:
@@ -34,13 +35,19 @@ def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
     config: the model's architecture (head layout, RoPE base).
     solver: settings of the attention-aware methods (None: their defaults); must be None for
       the baselines.
+    devices: devices to shard an attention-aware solve over (KV groups and each step's
+      windows, `sharding.problem_mesh`); None runs where the inputs are. The baselines run
+      where the inputs are.
   Returns:
     a `LayerPruning`; its loss is empty for the baselines.
   """
   if method in ATTENTION_METHODS:
+    solver = DEFAULTS[method] if solver is None else solver
+    mesh = None if devices is None else problem_mesh(config.num_kv_heads,
+                                                     solver.windows_per_step, devices)
     return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
                        config=solver, num_kv_heads=config.num_kv_heads,
-                       head_dim=config.head_dim, rope_base=config.rope_base)
+                       head_dim=config.head_dim, rope_base=config.rope_base, mesh=mesh)
   if method not in BASELINES:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
   if solver is not None:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.attention import layer_attention, softmax_attention
+from attnprune_jax.attention import (causal_probs, layer_attention, rotated_heads,
+                                     softmax_attention)
 from attnprune_jax.errors import InputError
 
 
@@ -191,11 +192,59 @@ def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array
   return 0.5 * jnp.sum((pruned - target)**2) + 0.5 * lam * penalty
 
 
+def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
+                          x: Float[Array, "b t d"], lam, *, head_dim: int, rope_base: float,
+                          block: int) -> jax.Array:
+  """`factored_loss` without the dense target, over blocks of `block` query rows. No checks.
+
+  Each block recomputes its rows of the dense attention next to the pruned one and is
+  rematerialized in the backward pass (`jax.checkpoint`), so neither value nor gradient stores
+  a (b, group, t, t) array: memory is O(b·group·block·t) per KV group.
+  """
+  gap = blocked_attention_gap(masks["q_proj"] * q_proj, masks["k_proj"] * k_proj, q_proj, k_proj,
+                              x, head_dim=head_dim, rope_base=rope_base, block=block)
+  penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
+  return 0.5 * jnp.sum(gap) + 0.5 * lam * penalty
+
+
+def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
+                          other_q_proj: Float[Array, "hq d"], other_k_proj: Float[Array, "hk d"],
+                          x: Float[Array, "b t d"], *, head_dim: int, rope_base: float,
+                          block: int) -> Float[Array, "b"]:
+  """Σ_h ‖A_h(q, k) − A_h(other q, other k)‖²_F per sequence, over blocks of query rows.
+
+  The keys (b, t, hk, hd) are computed once; each block of `block` query rows computes its rows
+  of both attentions, (b, hq, block, t), under `jax.checkpoint`. Rows are padded to a multiple
+  of `block` (repeating the last token); padded rows contribute nothing.
+  """
+  t = x.shape[-2]
+  heads = functools.partial(rotated_heads, head_dim=head_dim, rope_base=rope_base)
+  keys = heads(x, k_proj, jnp.arange(t)), heads(x, other_k_proj, jnp.arange(t))
+
+  @jax.checkpoint
+  def block_gap(rows, keys):
+    x_rows = jnp.take(x, jnp.minimum(rows, t - 1), axis=-2)
+    probs = [causal_probs(heads(x_rows, q, rows), k, rows)
+             for q, k in zip((q_proj, other_q_proj), keys)]
+    gap = jnp.where((rows < t)[:, None], probs[0] - probs[1], 0.0)
+    return jnp.sum(gap**2, axis=(-3, -2, -1))
+
+  def body(total, rows):
+    return total + block_gap(rows, keys), None
+
+  blocks = jnp.arange(-(-t // block) * block).reshape(-1, block)
+  return jax.lax.scan(body, jnp.zeros(x.shape[:-2], x.dtype), blocks)[0]
+
+
 def layer_attention_error(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
                           dense_q_proj: Float[Array, "hq d"], dense_k_proj: Float[Array, "hk d"],
-                          x: Float[Array, "b t d"], *, head_dim: int,
-                          rope_base: float) -> Float[Array, "b"]:
-  """Σ_h ‖A_h(pruned) − A_h(dense)‖²_F per sequence: a layer's attention error on inputs x."""
+                          x: Float[Array, "b t d"], *, head_dim: int, rope_base: float,
+                          block: int | None = None) -> Float[Array, "b"]:
+  """Σ_h ‖A_h(pruned) − A_h(dense)‖²_F per sequence: a layer's attention error on inputs x;
+  with `block`, over blocks of query rows (`blocked_attention_gap`)."""
+  if block is not None:
+    return blocked_attention_gap(q_proj, k_proj, dense_q_proj, dense_k_proj, x,
+                                 head_dim=head_dim, rope_base=rope_base, block=block)
   pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope_base=rope_base)
   dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope_base=rope_base)
   return jnp.sum((pruned - dense)**2, axis=(-3, -2, -1))

@@ -36,6 +36,7 @@ from attnprune_jax.models.llama import (Llama, LlamaConfig, attention_input, che
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import code_fingerprint
+from attnprune_jax.solver import BLOCKED_ABOVE, DEFAULT_BLOCK
 
 CHECKPOINT = "checkpoint.npz"
 # The modules a pruned layer depends on: a checkpoint of other code is not resumed.
@@ -102,7 +103,8 @@ _run_layer = jax.jit(decoder_layer, static_argnames="config")
 _attention_input = jax.jit(attention_input, static_argnames="config")
 
 
-_attention_error = jax.jit(layer_attention_error, static_argnames=("head_dim", "rope_base"))
+_attention_error = jax.jit(layer_attention_error,
+                           static_argnames=("head_dim", "rope_base", "block"))
 
 
 def fingerprint(*arrays) -> str:
@@ -153,7 +155,7 @@ def _read_checkpoint(folder: Path, key: dict, reporter: Reporter):
 
 def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
                 checkpoint_dir: str | os.PathLike | None = None,
-                reporter: Reporter = Reporter(quiet=True)) -> PrunedModel:
+                reporter: Reporter = Reporter(quiet=True), devices=None) -> PrunedModel:
   """Prunes q_proj and k_proj of `settings.layers`, layer after layer, with re-propagation.
 
   Args:
@@ -166,6 +168,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       checkpoint of other code (`CODE`'s fingerprint) is discarded, one of other settings,
       windows or model is an error.
     reporter: a progress bar per layer.
+    devices: devices that share each layer's attention-aware solve (`methods.prune_qk`); the
+      layers stay in order. None: one device.
   Returns:
     a `PrunedModel` (replacement weights and per-layer records).
   """
@@ -208,7 +212,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       try:
         result = prune_qk(settings.method, layer["q_proj"], layer["k_proj"], x,
                           sparsity=settings.sparsity, n_m=settings.n_m, config=config,
-                          solver=settings.solver)
+                          solver=settings.solver, devices=devices)
       except DivergenceError as err:
         raise DivergenceError(f"layer {index}: {err}; nothing was written for this layer, "
                               "the layers before it are in the checkpoint") from None
@@ -231,7 +235,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       # An unpruned layer keeps its dense q/k: its local error is 0 by definition.
       local = 0.0 if not record["pruned"] else float(jnp.mean(_attention_error(
           pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"], layer["k_proj"],
-          heldout_inputs, head_dim=config.head_dim, rope_base=config.rope_base)))
+          heldout_inputs, head_dim=config.head_dim, rope_base=config.rope_base,
+          block=DEFAULT_BLOCK if heldout.shape[1] > BLOCKED_ABOVE else None)))
       record |= {"attention_error": local,
                  "attention_error_end_to_end": float(jnp.mean(
                      jnp.sum((heldout_probs - dense_probs)**2, axis=(-3, -2, -1))))}

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 import numpy as np
 import optax
 
-from attnprune_jax import validation
+from attnprune_jax import sharding, validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
@@ -46,7 +46,7 @@ class MaskSolution(NamedTuple):
 
 def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
                optimizer: optax.GradientTransformation | None = None,
-               init=None, block: int | None = None) -> MaskSolution:
+               init=None, block: int | None = None, mesh=None) -> MaskSolution:
   """Runs Algorithm 1 from M₀ = 1 (or `init`) for `steps` steps.
 
   Args:
@@ -65,6 +65,9 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
       O(b·block·n) memory per head instead of O(b·n²), the same result to rounding); None keeps
       the dense (b, n, n) reference for n <= BLOCKED_ABOVE and uses blocks of DEFAULT_BLOCK
       rows beyond.
+    mesh: a `jax.sharding.Mesh` from `sharding.problem_mesh`: heads split over its "heads"
+      axis, the sequences of x over its "windows" axis (the same masks up to the rounding of
+      the window sum); None runs where the inputs are.
   Returns:
     a `MaskSolution` (mask, loss, grad_norm), in float32 for float16/bfloat16 inputs (the
     precision policy: steps of ~1e-3 vanish below half precision's resolution of 1).
@@ -96,8 +99,15 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     block = DEFAULT_BLOCK if x.shape[-2] > BLOCKED_ABOVE else None
   else:
     block = validation.check_positive_int("block", block)
-  solution = _solve(w, x, init.astype(w.dtype), jnp.asarray(lam, dtype=w.dtype),
-                    jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype), steps=steps,
+  lr = jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype)
+  init = init.astype(w.dtype)
+  if mesh is not None:
+    sharding.check_mesh(mesh, heads=w.shape[0] if w.ndim == 3 else 1, windows=x.shape[0])
+    heads = ("heads",) if w.ndim == 3 else ()
+    w, init = sharding.place(w, mesh, *heads), sharding.place(init, mesh, *heads)
+    lr = sharding.place(lr, mesh, *heads[:lr.ndim])
+    x = sharding.place(x, mesh, "windows")
+  solution = _solve(w, x, init, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
                     causal=causal, optimizer=optimizer, block=block)
   if not validation.is_traced(solution.loss):
     # The history holds the loss before each update; the last update is checked too.

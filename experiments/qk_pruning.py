@@ -93,11 +93,13 @@ def dense_row(model: Llama, token_windows: dict, config: DataConfig, reporter: R
 
 
 def prune_row(model: Llama, settings: PruneSettings, token_windows: dict, config: DataConfig,
-              out: Path, *, save_weights: bool = False, reporter: Reporter) -> dict:
-  """Prunes with `settings`, evaluates, and returns the row (checkpoints under `out`)."""
+              out: Path, *, save_weights: bool = False, reporter: Reporter,
+              devices=None) -> dict:
+  """Prunes with `settings` (each layer's solve sharded over `devices`, if given), evaluates,
+  and returns the row (checkpoints under `out`)."""
   start = time.perf_counter()
   pruned = prune_model(model, settings, token_windows["calibration"], token_windows["heldout"],
-                       checkpoint_dir=out, reporter=reporter)
+                       checkpoint_dir=out, reporter=reporter, devices=devices)
   pipeline_s = time.perf_counter() - start
   ppl = evaluate.perplexity(model, token_windows["evaluation"], batch_size=config.batch,
                             weights=pruned.weights, reporter=reporter)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnprune_jax import layer_masks
+from attnprune_jax import layer_masks, objective
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import DivergenceError
 from attnprune_jax.layer_masks import MaskSolverConfig, prune_schedule, solve_layer
@@ -234,3 +234,73 @@ def test_half_precision_layers_are_solved_in_float32():
   assert result.loss.dtype == jnp.float32
   np.testing.assert_array_equal(result.keep_q, reference.keep_q)
   np.testing.assert_array_equal(result.keep_k, reference.keep_k)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("block", [1, 4, 6, 16])  # one row, padded rows, one block, one big
+def test_row_blocked_factored_loss_and_gradient_equal_the_dense_ones(block):
+  config, _, _, weights, captured = layer_problem("gqa", seed=5, t=6, dtype=jnp.float64)
+  x = captured["attention_inputs"][1]
+  q_groups, k_groups = kv_groups(weights["q_proj"][1], weights["k_proj"][1], config.num_kv_heads)
+  rng = np.random.default_rng(3)
+  masks = {"q_proj": jnp.asarray(rng.uniform(0, 1.5, q_groups[0].shape)),
+           "k_proj": jnp.asarray(rng.uniform(0, 1.5, k_groups[0].shape))}
+  layout = {"head_dim": config.head_dim, "rope_base": config.rope_base}
+  target = layer_attention(x, q_groups[0], k_groups[0], **layout)
+  dense = jax.value_and_grad(factored_loss)(masks, q_groups[0], k_groups[0], x, target, 0.2,
+                                            **layout)
+  blocked = jax.jit(jax.value_and_grad(objective.blocked_factored_loss),
+                    static_argnames=("head_dim", "rope_base", "block"))(
+      masks, q_groups[0], k_groups[0], x, 0.2, **layout, block=block)
+  np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-12)
+  for name in masks:
+    np.testing.assert_allclose(blocked[1][name], dense[1][name], rtol=1e-10, atol=1e-14)
+  pruned = {name: masks[name] * w for name, w in (("q_proj", q_groups[0]),
+                                                 ("k_proj", k_groups[0]))}
+  np.testing.assert_allclose(
+      objective.layer_attention_error(pruned["q_proj"], pruned["k_proj"], q_groups[0],
+                                      k_groups[0], x, **layout, block=block),
+      objective.layer_attention_error(pruned["q_proj"], pruned["k_proj"], q_groups[0],
+                                      k_groups[0], x, **layout), rtol=1e-12)
+
+
+def test_row_blocked_factored_step_needs_far_less_memory_than_the_attention():
+  b, t, d, hd, group = 2, 2048, 32, 8, 3
+  x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+  q, k = jax.ShapeDtypeStruct((group * hd, d), jnp.float32), jax.ShapeDtypeStruct((hd, d),
+                                                                                   jnp.float32)
+  layout = {"head_dim": hd, "rope_base": 1e4}
+
+  def temp_bytes(loss):
+    step = jax.value_and_grad(lambda m, q, k, x: loss({"q_proj": m, "k_proj": jnp.ones(k.shape)},
+                                                      q, k, x))
+    return jax.jit(step).lower(q, q, k, x).compile().memory_analysis().temp_size_in_bytes
+
+  blocked = temp_bytes(lambda m, q, k, x: objective.blocked_factored_loss(
+      m, q, k, x, 0.1, **layout, block=32))
+  dense = temp_bytes(lambda m, q, k, x: factored_loss(
+      m, q, k, x, layer_attention(x, q, k, **layout), 0.1, **layout))
+  attention = b * group * t * t * 4
+  assert dense >= 2 * attention
+  assert blocked < attention / 4, (blocked, attention)  # O(b·group·block·t): about 1/8
+
+
+def test_solve_layer_blocks_long_windows_by_default_with_the_same_masks(monkeypatch):
+  config, _, _, weights, captured = layer_problem("gqa", seed=6, t=12)
+  x = captured["attention_inputs"][1]
+  solve = functools.partial(solve_layer, weights["q_proj"][1], weights["k_proj"][1], x,
+                            method="attn-progressive", sparsity=0.5, config=SMALL,
+                            num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  blocks = []
+  real = layer_masks._solve_layer
+  monkeypatch.setattr(layer_masks, "_solve_layer",
+                      lambda *a, **kw: blocks.append(kw["block"]) or real(*a, **kw))
+  dense = solve()
+  monkeypatch.setattr(layer_masks, "BLOCKED_ABOVE", 11)
+  blocked = solve()
+  explicit = solve(block=5)
+  assert blocks == [None, layer_masks.DEFAULT_BLOCK, 5]
+  for result in (blocked, explicit):
+    np.testing.assert_allclose(result.loss, dense.loss, rtol=1e-5)
+    np.testing.assert_array_equal(result.keep_q, dense.keep_q)
+    np.testing.assert_array_equal(result.keep_k, dense.keep_k)

@@ -1,0 +1,69 @@
+"""Sharding a pruning problem over devices: its heads (or KV groups) and its calibration windows.
+
+A problem mesh has two axes. "heads" splits independent problems (the heads of `solve_mask`,
+the KV groups of a layer): no communication. "windows" splits the calibration sequences, whose
+loss and gradient are sums over windows: XLA inserts one all-reduce of the (d, d) gradient per
+step. The solvers are the same jitted functions with or without a mesh; they follow the
+shardings of their inputs (`jax.jit` with `NamedSharding`s), so one device and many give the
+same masks up to the order of the window sum (float rounding).
+
+Several hosts: call `jax.distributed.initialize()` on every host first; `jax.devices()` then
+lists every host's devices and `problem_mesh` spans them. Every host runs the same program on
+the same inputs (the layer-sequential pipeline is deterministic), and layers stay in order.
+"""
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+from attnprune_jax import validation
+from attnprune_jax.errors import InputError, InputTypeError
+
+AXES = ("heads", "windows")
+
+
+def problem_mesh(heads: int, windows: int, devices=None) -> Mesh:
+  """The largest grid of devices that divides the problem: (heads axis, windows axis).
+
+  Args:
+    heads: independent problems (heads, or KV groups of a layer).
+    windows: calibration windows (per optimizer step, for minibatched solvers).
+    devices: the devices to use; None for all of `jax.devices()`.
+  Returns:
+    a `Mesh` with axes `AXES` of sizes (p, q), p | heads, q | windows, p·q <= devices, p·q as
+    large as possible and, among those, p (no communication) as large as possible.
+  """
+  heads = validation.check_positive_int("heads", heads)
+  windows = validation.check_positive_int("windows", windows)
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise InputError("devices must hold at least one device")
+  sizes = max(((p, q) for p in _divisors(heads) for q in _divisors(windows)
+               if p * q <= len(devices)), key=lambda pq: (pq[0] * pq[1], pq[0]))
+  return Mesh(np.asarray(devices[:sizes[0] * sizes[1]]).reshape(sizes), AXES)
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_mesh(mesh, *, heads: int, windows: int) -> Mesh:
+  """A `Mesh` with axes `AXES` whose sizes divide `heads` and `windows`."""
+  if not isinstance(mesh, Mesh):
+    raise InputTypeError(f"mesh must be a jax.sharding.Mesh (see sharding.problem_mesh), got "
+                         f"{type(mesh).__name__}")
+  if tuple(mesh.axis_names) != AXES:
+    raise InputError(f"mesh must have the axes {AXES}, got {tuple(mesh.axis_names)}")
+  for axis, size in zip(AXES, (heads, windows)):
+    if size % mesh.shape[axis]:
+      raise InputError(f"the mesh's {axis!r} axis ({mesh.shape[axis]} devices) must divide the "
+                       f"problem's {size} {axis}; sharding.problem_mesh picks sizes that do")
+  return mesh
+
+
+def place(array, mesh: Mesh | None, *axes):
+  """`array` on `mesh`, axis i split over the mesh axis `axes[i]` (None: not split); trailing
+  axes are not split. Without a mesh, the array as it is."""
+  if mesh is None:
+    return array
+  return jax.device_put(array, NamedSharding(mesh, PartitionSpec(*axes)))
