@@ -27,16 +27,27 @@ def masked_softmax(scores: Float[Array, "... n n"], *, causal: bool) -> Float[Ar
   return jax.nn.softmax(scores, axis=-1, where=jnp.tril(jnp.ones((n, n), bool)) if causal else None)
 
 
-def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"]) -> Float[Array, "... n n"]:
-  """S = X W Xᵀ for each leading index of x."""
-  return jnp.einsum("...ne,...me->...nm", x @ w, x)
+def product(spec: str, a, b, compute_dtype=None):
+  """`jnp.einsum(spec, a, b)`; with a `compute_dtype` (e.g. bfloat16) the operands are rounded
+  to it and the products accumulate in float32."""
+  if compute_dtype is None:
+    return jnp.einsum(spec, a, b)
+  return jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype),
+                    preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def softmax_attention(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
-                      causal: bool) -> Float[Array, "... n n"]:
+def attention_scores(x: Float[Array, "... n d"], w: Float[Array, "d d"],
+                     compute_dtype=None) -> Float[Array, "... n n"]:
+  """S = X W Xᵀ for each leading index of x (operands in `compute_dtype`, see `product`)."""
+  return product("...ne,...me->...nm", product("...nd,de->...ne", x, w, compute_dtype), x,
+                 compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "compute_dtype"))
+def softmax_attention(x: Float[Array, "... n d"], w: Float[Array, "d d"], *, causal: bool,
+                      compute_dtype=None) -> Float[Array, "... n n"]:
   """Softmax(X W Xᵀ) without input checks (jitted; inside other jitted code it is inlined)."""
-  return masked_softmax(attention_scores(x, w), causal=causal)
+  return masked_softmax(attention_scores(x, w, compute_dtype), causal=causal)
 
 
 def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.attention import (causal_probs, layer_attention, rotated_heads,
+from attnprune_jax.attention import (causal_probs, layer_attention, product, rotated_heads,
                                      softmax_attention)
 from attnprune_jax.errors import InputError
 
@@ -53,19 +53,22 @@ def check_problem(mask, w, x, *, w_ndim: int | tuple[int, ...] = 2
 
 def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
                          x: Float[Array, "b n d"], target: Float[Array, "b n n"], lam,
-                         causal: bool):
-  """L(M) and the closed-form ∇L(M), given the dense attention `target` = f(W). No checks."""
-  f = softmax_attention(x, mask * w, causal=causal)
+                         causal: bool, compute_dtype=None):
+  """L(M) and the closed-form ∇L(M), given the dense attention `target` = f(W). No checks.
+  With a `compute_dtype` the matmuls' operands are rounded to it (`attention.product`)."""
+  f = softmax_attention(x, mask * w, causal=causal, compute_dtype=compute_dtype)
   gap = f - target
   loss = 0.5 * jnp.sum(gap**2) + 0.5 * lam * jnp.sum(mask**2)
   row_dot = jnp.sum(gap * f, axis=-1, keepdims=True)
   g = f * (gap - row_dot)
-  xt_g_x = jnp.einsum("bnd,bne->de", x, g @ x)
+  xt_g_x = product("bnd,bne->de", x, product("bnm,bme->bne", g, x, compute_dtype),
+                   compute_dtype)
   return loss, w * xt_g_x + lam * mask
 
 
 def blocked_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
-                          x: Float[Array, "b n d"], lam, causal: bool, block: int):
+                          x: Float[Array, "b n d"], lam, causal: bool, block: int,
+                          compute_dtype=None):
   """`merged_loss_and_grad` over blocks of `block` query rows, in O(b·block·n) memory. No checks.
 
   Softmax is row-wise, so the loss and X_bᵀ G_b X_b are sums over query rows. Each block
@@ -84,33 +87,35 @@ def blocked_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
     loss, xt_g_x = carry
     x_rows, row = inputs
     allowed = jnp.arange(n)[None, :] <= row[:, None] if causal else jnp.ones((block, n), bool)
-    scores = lambda v: jnp.einsum("brd,bnd->brn", x_rows @ v, x)
+    scores = lambda v: product("brd,bnd->brn", product("brd,de->bre", x_rows, v, compute_dtype),
+                               x, compute_dtype)
     f = jax.nn.softmax(scores(masked), axis=-1, where=allowed)
     target = jax.nn.softmax(scores(w), axis=-1, where=allowed)
     gap = jnp.where((row < n)[:, None], f - target, 0.0)
     g = f * (gap - jnp.sum(gap * f, axis=-1, keepdims=True))
-    xt_g_x = xt_g_x + jnp.einsum("brd,bre->de", x_rows, g @ x)
+    xt_g_x = xt_g_x + product("brd,bre->de", x_rows, product("brn,bnd->brd", g, x, compute_dtype),
+                              compute_dtype)
     return (loss + 0.5 * jnp.sum(gap**2), xt_g_x), None
 
-  zero = jnp.zeros((), x.dtype), jnp.zeros((d, d), x.dtype)
+  zero = jnp.zeros((), w.dtype), jnp.zeros((d, d), w.dtype)
   (gap_loss, xt_g_x), _ = jax.lax.scan(body, zero, (rows, index))
   return gap_loss + 0.5 * lam * jnp.sum(mask**2), w * xt_g_x + lam * mask
 
 
-@functools.partial(jax.jit, static_argnames="causal")
+@functools.partial(jax.jit, static_argnames=("causal", "compute_dtype"))
 def squared_gap(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
-                causal: bool) -> jax.Array:
+                causal: bool, compute_dtype=None) -> jax.Array:
   """Σ_b ‖f_b(M∘W) − f_b(W)‖²_F without input checks."""
-  pruned = softmax_attention(x, mask * w, causal=causal)
-  dense = softmax_attention(x, w, causal=causal)
+  pruned = softmax_attention(x, mask * w, causal=causal, compute_dtype=compute_dtype)
+  dense = softmax_attention(x, w, causal=causal, compute_dtype=compute_dtype)
   return jnp.sum((pruned - dense)**2)
 
 
-@functools.partial(jax.jit, static_argnames="causal")
+@functools.partial(jax.jit, static_argnames=("causal", "compute_dtype"))
 def merged_loss(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"], lam,
-                causal: bool) -> jax.Array:
+                causal: bool, compute_dtype=None) -> jax.Array:
   """L(M) without input checks."""
-  return 0.5 * squared_gap(mask, w, x, causal) + 0.5 * lam * jnp.sum(mask**2)
+  return 0.5 * squared_gap(mask, w, x, causal, compute_dtype) + 0.5 * lam * jnp.sum(mask**2)
 
 
 @functools.partial(jax.jit, static_argnames="causal")

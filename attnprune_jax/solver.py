@@ -46,7 +46,8 @@ class MaskSolution(NamedTuple):
 
 def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
                optimizer: optax.GradientTransformation | None = None,
-               init=None, block: int | None = None, mesh=None) -> MaskSolution:
+               init=None, block: int | None = None, mesh=None,
+               compute_dtype=None) -> MaskSolution:
   """Runs Algorithm 1 from M₀ = 1 (or `init`) for `steps` steps.
 
   Args:
@@ -68,6 +69,9 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     mesh: a `jax.sharding.Mesh` from `sharding.problem_mesh`: heads split over its "heads"
       axis, the sequences of x over its "windows" axis (the same masks up to the rounding of
       the window sum); None runs where the inputs are.
+    compute_dtype: None (the working dtype, at least float32) or "bfloat16": x is stored and
+      the matmuls' operands are rounded to bfloat16, products accumulate in float32; softmax,
+      mask, loss and updates stay in float32 (benchmarks/RESULTS.md measures the cost).
   Returns:
     a `MaskSolution` (mask, loss, grad_norm), in float32 for float16/bfloat16 inputs (the
     precision policy: steps of ~1e-3 vanish below half precision's resolution of 1).
@@ -99,6 +103,9 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     block = DEFAULT_BLOCK if x.shape[-2] > BLOCKED_ABOVE else None
   else:
     block = validation.check_positive_int("block", block)
+  compute_dtype = _check_compute_dtype(compute_dtype)
+  if compute_dtype is not None:
+    x = x.astype(compute_dtype)
   lr = jnp.asarray(0.0 if lr is None else lr, dtype=w.dtype)
   init = init.astype(w.dtype)
   if mesh is not None:
@@ -108,14 +115,31 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     lr = sharding.place(lr, mesh, *heads[:lr.ndim])
     x = sharding.place(x, mesh, "windows")
   solution = _solve(w, x, init, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
-                    causal=causal, optimizer=optimizer, block=block)
+                    causal=causal, optimizer=optimizer, block=block,
+                    compute_dtype=compute_dtype)
   if not validation.is_traced(solution.loss):
     # The history holds the loss before each update; the last update is checked too.
-    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal, block)
+    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal, block,
+                     compute_dtype)
     step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
     check_descent(jnp.concatenate([solution.loss, final[..., None]], axis=-1),
                   (solution.mask,), step_size=step_size)
   return solution
+
+
+def _check_compute_dtype(compute_dtype):
+  """None, or bfloat16 (by name or dtype); float32 and float64 mean the working dtype (None)."""
+  if compute_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(compute_dtype)
+  except TypeError:
+    dtype = None
+  if dtype == jnp.bfloat16:
+    return jnp.bfloat16
+  if dtype in (jnp.float32, jnp.float64):
+    return None
+  raise InputError(f"compute_dtype must be None, 'float32' or 'bfloat16', got {compute_dtype!r}")
 
 
 def _check_lr(lr, w):
@@ -135,11 +159,13 @@ def _check_lr(lr, w):
   return lr
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer", "block"))
-def _solve(w, x, init, lam, lr, *, steps, causal, optimizer, block):
+@functools.partial(jax.jit, static_argnames=("steps", "causal", "optimizer", "block",
+                                             "compute_dtype"))
+def _solve(w, x, init, lam, lr, *, steps, causal, optimizer, block, compute_dtype=None):
   def solve_head(w, init, lr):
     return _solve_head(w, init, x=x, lam=lam, steps=steps, causal=causal,
-                       optimizer=optax.sgd(lr) if optimizer is None else optimizer, block=block)
+                       optimizer=optax.sgd(lr) if optimizer is None else optimizer, block=block,
+                       compute_dtype=compute_dtype)
 
   if w.ndim == 2:
     return solve_head(w, init, lr)
@@ -185,13 +211,15 @@ def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
                   "1/L_s", RuntimeWarning, stacklevel=3)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "block"))
-def _loss_at(masks, w, x, lam, causal, block=None):
+@functools.partial(jax.jit, static_argnames=("causal", "block", "compute_dtype"))
+def _loss_at(masks, w, x, lam, causal, block=None, compute_dtype=None):
   """L(M) of one mask (d, d) or of each head (h, d, d), row-blocked if `block` is given."""
   if block is None:
-    loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal)
+    loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal,
+                             compute_dtype=compute_dtype)
   else:
-    loss = lambda mask, w: blocked_loss_and_grad(mask, w, x, lam, causal, block)[0]
+    loss = lambda mask, w: blocked_loss_and_grad(mask, w, x, lam, causal, block,
+                                                 compute_dtype)[0]
   return jax.vmap(loss)(masks, w) if w.ndim == 3 else loss(masks, w)
 
 
@@ -257,15 +285,17 @@ def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTrans
   return keep, params, jnp.concatenate(losses)
 
 
-def _solve_head(w, mask, *, x, lam, steps, causal, optimizer, block=None) -> MaskSolution:
+def _solve_head(w, mask, *, x, lam, steps, causal, optimizer, block=None,
+                compute_dtype=None) -> MaskSolution:
   # The dense reference f(W) is computed once, or (blocked) per block of rows at every step.
-  target = softmax_attention(x, w, causal=causal) if block is None else None
+  target = (softmax_attention(x, w, causal=causal, compute_dtype=compute_dtype)
+            if block is None else None)
 
   def loss_and_grad(mask, step):
     del step
     if block is None:
-      return merged_loss_and_grad(mask, w, x, target, lam, causal)
-    return blocked_loss_and_grad(mask, w, x, lam, causal, block)
+      return merged_loss_and_grad(mask, w, x, target, lam, causal, compute_dtype)
+    return blocked_loss_and_grad(mask, w, x, lam, causal, block, compute_dtype)
 
   mask, _, loss, grad_norm = minimize(loss_and_grad, mask, optimizer=optimizer, steps=steps)
   return MaskSolution(mask, loss, grad_norm)

@@ -5,11 +5,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 import attnprune_jax as ap
 from attnprune_jax import objective
+from attnprune_jax.attention import softmax_attention
 from conftest import random_problem
 import reference_numpy
 
@@ -176,3 +178,41 @@ def test_row_blocked_step_needs_far_less_memory_than_one_attention_matrix():
   attention_matrix = b * n * n * 4
   assert dense >= 2 * attention_matrix  # f(M∘W) and f(W) at least
   assert blocked < attention_matrix / 2, (blocked, attention_matrix)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block", [None, 4])
+def test_bfloat16_compute_rounds_the_matmul_operands_and_nothing_else(causal, block):
+  mask, w, x = random_problem(3, n=10, d=6, batch=2, scale=2.0)
+  lam = 0.07
+  # Independent reference in float64 numpy, each matmul operand rounded to bfloat16.
+  bf16 = lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+  allowed = np.tril(np.ones((10, 10), bool)) | (not causal)
+
+  def attention(v):
+    scores = np.einsum("bne,bme->bnm", bf16(np.einsum("bnd,de->bne", bf16(x), bf16(v))), bf16(x))
+    scores = np.where(allowed, scores, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  f = attention(mask * w)
+  gap = f - attention(w)
+  g = f * (gap - (gap * f).sum(-1, keepdims=True))
+  expected_grad = w * np.einsum("bnd,bne->de", bf16(x),
+                                bf16(np.einsum("bnm,bme->bne", bf16(g), bf16(x)))) + lam * mask
+  expected_loss = 0.5 * np.sum(gap**2) + 0.5 * lam * np.sum(mask**2)
+  x_bf16 = jnp.asarray(x, jnp.bfloat16)
+  if block is None:
+    target = softmax_attention(x_bf16, w, causal=causal, compute_dtype=jnp.bfloat16)
+    loss, grad = objective.merged_loss_and_grad(mask, w, x_bf16, target, lam, causal,
+                                                jnp.bfloat16)
+  else:
+    loss, grad = objective.blocked_loss_and_grad(mask, w, x_bf16, lam, causal, block,
+                                                 jnp.bfloat16)
+  assert loss.dtype == grad.dtype == jnp.float32
+  scale = np.abs(expected_grad).max()
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-5 * scale)
+  # The float32 gradient is farther away by orders of magnitude: bfloat16 was really used.
+  float32_grad = ap.pruning_grad(mask, w, x, lam=lam, causal=causal)
+  assert np.abs(float32_grad - expected_grad).max() > 1e-3 * scale

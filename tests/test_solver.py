@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import attnprune_jax as ap
-from attnprune_jax import solver
+from attnprune_jax import objective, solver
+from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.theory import smoothness_measured
 from conftest import random_problem
@@ -227,6 +228,34 @@ def test_half_precision_inputs_are_solved_in_float32(dtype):
   np.testing.assert_array_equal(progressive.keep, reference.keep)
   loss = ap.pruning_loss(half.mask, half_w, half_x, lam=1e-2)
   assert loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("block", [None, 5])
+def test_bfloat16_compute_follows_its_own_gradient_in_float32(block):
+  _, w, x = random_problem(33, n=12, d=6, batch=2, scale=3.0, dtype=np.float32)
+  solution = ap.solve_mask(w, x, lam=1e-2, steps=6, lr=0.1, block=block,
+                           compute_dtype="bfloat16")
+  assert solution.mask.dtype == solution.loss.dtype == jnp.float32
+  # Step by step with the objective's bfloat16 gradient (checked against numpy there).
+  mask, x_bf16 = jnp.ones_like(w), jnp.asarray(x, jnp.bfloat16)
+  target = softmax_attention(x_bf16, w, causal=True, compute_dtype=jnp.bfloat16)
+  for step in range(6):
+    loss, grad = objective.merged_loss_and_grad(mask, w, x_bf16, target, 1e-2, True,
+                                                jnp.bfloat16)
+    np.testing.assert_allclose(solution.loss[step], loss, rtol=1e-5)
+    mask = mask - 0.1 * grad
+  np.testing.assert_allclose(solution.mask, mask, rtol=0, atol=1e-5)
+  float32 = ap.solve_mask(w, x, lam=1e-2, steps=6, lr=0.1, block=block)
+  assert float(jnp.abs(float32.mask - solution.mask).max()) > 1e-4
+  assert ap.solve_mask(w, x, lam=1e-2, steps=6, lr=0.1, block=block,
+                       compute_dtype="float32").mask.tolist() == float32.mask.tolist()
+
+
+@pytest.mark.parametrize("bad", ["float16", "int8", "fast", 3])
+def test_bad_compute_dtype_is_named(bad):
+  _, w, x = random_problem(34, n=6, d=4)
+  with pytest.raises(InputError, match="compute_dtype must be None, 'float32' or 'bfloat16'"):
+    ap.solve_mask(w, x, lam=1e-2, steps=2, lr=0.1, compute_dtype=bad)
 
 
 def test_divergence_is_an_error_naming_the_step_size():
