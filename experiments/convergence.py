@@ -155,12 +155,12 @@ def sparsity_comparison(w, x, heldout, *, sparsities, attn_lam: float, attn_step
                                 lr=_per_head(w, attn_lr)).mask)
   progressive_lr = 1.0 / smoothness_at(ones, w, x, lam=progressive_lam, key=key, causal=True,
                                        iters=power_iters)
+  scores = [{"magnitude": jnp.abs(head), "wanda-merged": merged_activation_score(head, x),
+             "attn": jnp.abs(solved[h])} for h, head in enumerate(heads)]
   rows = []
   for sparsity in sparsities:
     for h, head in enumerate(heads):
-      scores = {"magnitude": jnp.abs(head), "wanda-merged": merged_activation_score(head, x),
-                "attn": jnp.abs(solved[h])}
-      keeps = {method: ap.binarize(score, sparsity) for method, score in scores.items()}
+      keeps = {method: ap.binarize(score, sparsity) for method, score in scores[h].items()}
       keeps["attn-progressive"] = solve_mask_progressive(
           head, x, sparsity=sparsity, lam=progressive_lam, lr=progressive_lr[h],
           rounds=progressive_rounds, steps_per_round=progressive_steps).keep
