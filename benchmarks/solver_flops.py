@@ -1,19 +1,25 @@
-"""FLOP rate of `solve_mask` against a dense matmul, both measured in this run on this machine.
+"""FLOP rate of `solve_mask` against a dense matmul, both measured in this run on this machine;
+and what solving in bfloat16 (`compute_dtype="bfloat16"`) costs in accuracy and gains in time.
 
-Problem (issue 2): h=9 heads, b=4 sequences, n=512 tokens, d=576 (SmolLM2-135M's shape).
-The solver's FLOPs per step and head are counted analytically, 4bnd² + 4bn²d (two products for
-the scores, two for the closed-form gradient); XLA's own cost analysis is printed beside it.
-The reference is a jitted float32 matmul of the solver's largest operand shape,
-(b·n, d) @ (d, h·d), and a square 2048³ one. Prints the ratio solver / matmul rate.
+Problems: h=9 heads, d=576 (SmolLM2-135M's shape), n=512 tokens × b=4 sequences (the dense
+objective) and n=4096 × b=1 (the row-blocked objective, blocks of 64 rows). FLOPs are counted
+analytically per step and head, 4bnd² + 4bn²d (two products for the scores, two for the
+closed-form gradient), plus the dense reference f(W) once (2bnd² + 2bn²d), which the blocked
+objective recomputes at every step (counted apart as "executed"). The reference is a jitted
+float32 matmul of the solver's largest operand shape, (b·n, d) @ (d, h·d), timed in the same
+run. Each of `--runs` runs times the solver once and the matmul (best of 3); the ratio printed
+last is the median over runs.
 
-  python benchmarks/solver_flops.py [--steps 5] [--repeats 3]
+  python benchmarks/solver_flops.py [--sizes 512:4 4096:1] [--steps 5] [--runs 3]
 """
 
 import argparse
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attnprune_jax as ap
 from attnprune_jax import solver
@@ -21,8 +27,8 @@ from attnprune_jax.synthetic import synthetic_problem
 from timing import best_time
 
 
-def matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
-  """FLOP/s of a jitted float32 (m, k) @ (k, n) matmul."""
+def matmul_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
+  """FLOP/s of a jitted float32 (m, k) @ (k, n) matmul (best of `repeats`)."""
   key_a, key_b = jax.random.split(jax.random.key(1))
   a = jax.random.normal(key_a, (m, k), jnp.float32)
   b = jax.random.normal(key_b, (k, n), jnp.float32)
@@ -30,45 +36,81 @@ def matmul_rate(m: int, k: int, n: int, repeats: int) -> float:
   return 2 * m * k * n / best_time(lambda: matmul(a, b), repeats)
 
 
+def flop_counts(h: int, b: int, n: int, d: int, steps: int, blocked: bool) -> tuple[int, int]:
+  """(useful, executed) FLOPs of `steps` solver steps: the dense count, and with the blocked
+  objective's recomputed reference."""
+  reference = h * (2 * b * n * d * d + 2 * b * n * n * d)
+  useful = steps * h * (4 * b * n * d * d + 4 * b * n * n * d) + reference
+  return useful, useful + (steps - 1) * reference if blocked else useful
+
+
+def rate_runs(w, x, *, steps: int, runs: int, compute_dtype=None) -> dict:
+  """Times `solve_mask` once per run after a compiling call, beside the matmul of the run."""
+  h, d = w.shape[0], w.shape[-1]
+  b, n = x.shape[0], x.shape[1]
+  blocked = n > solver.BLOCKED_ABOVE
+  useful, executed = flop_counts(h, b, n, d, steps, blocked)
+  solve = lambda: ap.solve_mask(w, x, lam=1e-3, steps=steps, lr=1e-3,
+                                compute_dtype=compute_dtype)
+  start = time.perf_counter()
+  solution = jax.block_until_ready(solve())
+  compile_s = time.perf_counter() - start
+  seconds, ratios = [], []
+  for _ in range(runs):
+    seconds.append(best_time(solve, 1, warmup=False))
+    ratios.append(useful / seconds[-1] / matmul_rate(b * n, d, h * d))
+  return {"solution": solution, "seconds": seconds, "ratios": ratios, "compile_s": compile_s,
+          "useful": useful, "executed": executed, "blocked": blocked}
+
+
+def agreement(a, b, w, sparsity: float) -> tuple[float, float]:
+  """Fractions of equal binary masks per row from the two solutions: by |M∘W| and by |M|."""
+  same = lambda score_a, score_b: float(np.mean(
+      np.asarray(ap.binarize(score_a, sparsity)) == np.asarray(ap.binarize(score_b, sparsity))))
+  return same(jnp.abs(a * w), jnp.abs(b * w)), same(jnp.abs(a), jnp.abs(b))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--heads", type=int, default=9)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--n", type=int, default=512)
   parser.add_argument("--d", type=int, default=576)
+  parser.add_argument("--sizes", nargs="+", default=["512:4", "4096:1"],
+                      help="problems as n:b (tokens:sequences)")
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--no-bfloat16", dest="bfloat16", action="store_false",
+                      help="skip the bfloat16 comparison (run on the first size)")
   args = parser.parse_args()
-  h, b, n, d = args.heads, args.batch, args.n, args.d
-
-  w, x = synthetic_problem(jax.random.key(0), n=n, d=d, batch=b, rank=64, heads=h)
-  run = lambda: ap.solve_mask(w, x, lam=1e-3, steps=args.steps, lr=1e-3)
-  compile_start = time.perf_counter()
-  jax.block_until_ready(run())
-  compile_s = time.perf_counter() - compile_start
-  seconds = best_time(run, args.repeats, warmup=False)
-
-  per_step = h * (4 * b * n * d * d + 4 * b * n * n * d)
-  reference_once = h * (2 * b * n * d * d + 2 * b * n * n * d)
-  flops = args.steps * per_step + reference_once
-  xla_flops = solver._solve.lower(
-      w, x, jnp.ones_like(w), jnp.float32(1e-3), jnp.float32(1e-3), steps=args.steps,
-      causal=True, optimizer=None).compile().cost_analysis().get("flops")
-  solver_rate = flops / seconds
-  operand_rate = matmul_rate(b * n, d, h * d, args.repeats)
-  square_rate = matmul_rate(2048, 2048, 2048, args.repeats)
-
+  h, d = args.heads, args.d
   print(f"devices: {jax.devices()}  jax {jax.__version__}")
-  print(f"solve_mask h={h} b={b} n={n} d={d} steps={args.steps}: {seconds:.3f} s "
-        f"({seconds / args.steps * 1e3:.1f} ms/step; first call incl. compile {compile_s:.2f} s)")
-  print(f"  FLOPs counted: {flops:.3e} in all, {per_step + reference_once:.3e} for one step "
-        f"plus the dense reference; XLA's cost analysis of the same (scan body counted once): "
-        f"{xla_flops:.3e}")
-  print(f"  solver rate             {solver_rate / 1e9:8.1f} GFLOP/s")
-  print(f"  matmul ({b * n}x{d})@({d}x{h * d}) {operand_rate / 1e9:8.1f} GFLOP/s")
-  print(f"  matmul 2048^3           {square_rate / 1e9:8.1f} GFLOP/s")
-  print(f"ratio solver / matmul of the same operand shape: {solver_rate / operand_rate:.2f}")
-  print(f"ratio solver / square matmul:                    {solver_rate / square_rate:.2f}")
+  for index, size in enumerate(args.sizes):
+    n, b = (int(v) for v in size.split(":"))
+    w, x = synthetic_problem(jax.random.key(0), n=n, d=d, batch=b, rank=64, heads=h)
+    result = rate_runs(w, x, steps=args.steps, runs=args.runs)
+    best = min(result["seconds"])
+    kind = "row-blocked, blocks of 64" if result["blocked"] else "dense"
+    print(f"solve_mask h={h} b={b} n={n} d={d} steps={args.steps} ({kind}): "
+          f"{best / args.steps * 1e3:.0f} ms/step (first call incl. compile "
+          f"{result['compile_s']:.1f} s)")
+    print(f"  useful {result['useful'] / best / 1e9:.1f} GFLOP/s, executed "
+          f"{result['executed'] / best / 1e9:.1f} GFLOP/s; ratio to the matmul "
+          f"({b * n}x{d})@({d}x{h * d}) per run: "
+          + ", ".join(f"{r:.2f}" for r in result["ratios"]))
+    print(f"  median ratio solver / matmul (useful FLOPs), n={n}: "
+          f"{statistics.median(result['ratios']):.2f}")
+    if index == 0 and args.bfloat16:
+      low = rate_runs(w, x, steps=args.steps, runs=args.runs, compute_dtype="bfloat16")
+      full, half = result["solution"], low["solution"]
+      loss_gap = np.abs(np.asarray(half.loss) / np.asarray(full.loss) - 1)
+      print(f"  bfloat16 compute, n={n}: time ratio bf16 / f32 "
+            f"{statistics.median(low['seconds']) / statistics.median(result['seconds']):.2f}; "
+            f"loss rel. diff max {loss_gap.max():.1e} (final {loss_gap[:, -1].max():.1e}); "
+            f"mask max |diff| {float(jnp.abs(half.mask - full.mask).max()):.1e} "
+            f"(|M - 1| max {float(jnp.abs(full.mask - 1).max()):.1e})")
+      for sparsity in (0.5, 0.7, 0.9):
+        by_score, by_mask = agreement(full.mask, half.mask, w, sparsity)
+        print(f"    binary masks equal at sparsity {sparsity}: {by_score:.4f} by |M∘W|, "
+              f"{by_mask:.4f} by |M|")
 
 
 if __name__ == "__main__":

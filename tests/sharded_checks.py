@@ -44,7 +44,7 @@ def check_solve_mask():
   w, x = synthetic_problem(jax.random.key(0), n=48, d=16, batch=4, rank=8, heads=4)
   lr = jnp.asarray([2e-3, 3e-3, 1e-3, 2e-3])
   solve = functools.partial(ap.solve_mask, w, x, lam=1e-2, steps=15, lr=lr)
-  for block, meshes in ((None, ((4, 1), (1, 4))), (16, ((2, 2),))):
+  for block, meshes in ((None, ((1, 4),)), (16, ((2, 2),))):
     single = solve(block=block)
     for heads, windows in meshes:
       mesh = mesh_of(heads, windows)
@@ -79,9 +79,9 @@ def check_solve_layer():
   x = jax.random.normal(keys[2], (4, 24, 32))
   config = MaskSolverConfig(steps=6, rounds=3, steps_per_round=4, reweight_steps=3,
                             windows_per_step=2)
-  # The reweighting method runs every solver stage; the one-cut method the blocked loss.
-  for method, block, meshes in (("attn-reweight", None, ((2, 2),)),
-                                ("attn", 8, ((2, 1), (1, 2)))):
+  # Sharding is the same for every method (one solver loop): the one-cut method, dense and
+  # row-blocked.
+  for method, block, meshes in (("attn", None, ((2, 2),)), ("attn", 8, ((1, 2),))):
     solve = functools.partial(layer_masks.solve_layer, q, k, x, method=method, sparsity=0.5,
                               config=config, num_kv_heads=2, head_dim=8, rope_base=100.0,
                               block=block)
@@ -99,8 +99,8 @@ def check_prune_model():
   model = Llama.random(TINY_LLAMA, jax.random.key(0), scale=0.5)
   rng = np.random.default_rng(0)
   calibration, heldout = rng.integers(0, 64, (4, 12)), rng.integers(0, 64, (2, 12))
-  settings = PruneSettings("attn-progressive", 0.5, None, (0, 2), MaskSolverConfig(
-      rounds=2, steps_per_round=3, windows_per_step=2))
+  settings = PruneSettings("attn", 0.5, None, (1,), MaskSolverConfig(steps=4,
+                                                                     windows_per_step=2))
   single = prune_model(model, settings, calibration, heldout)
   sharded = prune_model(model, settings, calibration, heldout, devices=jax.devices())
   for name in ("q_proj", "k_proj"):

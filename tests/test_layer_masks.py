@@ -289,8 +289,8 @@ def test_solve_layer_blocks_long_windows_by_default_with_the_same_masks(monkeypa
   config, _, _, weights, captured = layer_problem("gqa", seed=6, t=12)
   x = captured["attention_inputs"][1]
   solve = functools.partial(solve_layer, weights["q_proj"][1], weights["k_proj"][1], x,
-                            method="attn-progressive", sparsity=0.5, config=SMALL,
-                            num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+                            method="attn", sparsity=0.5, config=SMALL, num_kv_heads=2,
+                            head_dim=4, rope_base=config.rope_base)
   blocks = []
   real = layer_masks._solve_layer
   monkeypatch.setattr(layer_masks, "_solve_layer",
