@@ -190,6 +190,8 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                         reweight_steps=config.reweight_steps,
                         num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
                         block=block)
+  if mesh is not None:
+    result = sharding.replicate(result, mesh)
   if not validation.is_traced(result.loss) and not bool(jnp.isfinite(result.loss).all()):
     raise DivergenceError(f"{method} diverged: the loss or the masks became NaN or Inf with "
                           f"optimizer={config.optimizer} lr={config.lr:g}; use a smaller lr")

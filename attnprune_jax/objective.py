@@ -74,7 +74,8 @@ def blocked_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
   Softmax is row-wise, so the loss and X_bᵀ G_b X_b are sums over query rows. Each block
   computes its rows of f_b(M∘W) and of the dense reference f_b(W) from the block's queries
   X_rows (M∘W) and X_rows W: no (b, n, n) array and no per-head (b, n, d) array is stored.
-  Rows are padded to a multiple of `block`; padded rows contribute nothing.
+  Rows are padded to a multiple of `block`; padded rows contribute nothing. `compute_dtype` as
+  in `merged_loss_and_grad`.
   """
   b, n, d = x.shape
   blocks = -(-n // block)
@@ -238,7 +239,8 @@ def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk
     return total + block_gap(rows, keys), None
 
   blocks = jnp.arange(-(-t // block) * block).reshape(-1, block)
-  return jax.lax.scan(body, jnp.zeros(x.shape[:-2], x.dtype), blocks)[0]
+  dtype = jnp.result_type(x, q_proj, k_proj, other_q_proj, other_k_proj)
+  return jax.lax.scan(body, jnp.zeros(x.shape[:-2], dtype), blocks)[0]
 
 
 def layer_attention_error(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import validation
+from attnprune_jax import sharding, validation
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.methods import METHODS, prune_qk
@@ -174,6 +174,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     a `PrunedModel` (replacement weights and per-layer records).
   """
   config: LlamaConfig = model.config
+  if devices is not None:
+    devices = sharding.check_devices(devices)
   if settings.layers[-1] >= config.num_layers or settings.layers[0] < 0:
     raise InputError(f"layers must be in [0, {config.num_layers}), got {settings.layers}")
   for name, windows in (("calibration", calibration), ("heldout", heldout)):

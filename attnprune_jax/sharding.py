@@ -5,12 +5,17 @@ the KV groups of a layer): no communication. "windows" splits the calibration se
 loss and gradient are sums over windows: XLA inserts one all-reduce of the (d, d) gradient per
 step. The solvers are the same jitted functions with or without a mesh; they follow the
 shardings of their inputs (`jax.jit` with `NamedSharding`s), so one device and many give the
-same masks up to the order of the window sum (float rounding).
+same masks up to the order of the window sum (float rounding). Their results are replicated on
+every device of the mesh (masks are small), so every process can read them.
 
 Several hosts: call `jax.distributed.initialize()` on every host first; `jax.devices()` then
 lists every host's devices and `problem_mesh` spans them. Every host runs the same program on
-the same inputs (the layer-sequential pipeline is deterministic), and layers stay in order.
+the same inputs (the layer-sequential pipeline is deterministic): `place` builds the global
+arrays from the data every host holds, and layers stay in order. (Tested here on one host with
+simulated devices only.)
 """
+
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -20,6 +25,17 @@ from attnprune_jax import validation
 from attnprune_jax.errors import InputError, InputTypeError
 
 AXES = ("heads", "windows")
+
+
+def check_devices(devices) -> list:
+  """A non-empty sequence of `jax.Device`s, as a list."""
+  if (not isinstance(devices, Sequence) or isinstance(devices, str)
+      or not all(isinstance(device, jax.Device) for device in devices)):
+    raise InputTypeError(f"devices must be a list of jax devices (e.g. jax.devices()), got "
+                         f"{devices!r}")
+  if not devices:
+    raise InputError("devices must hold at least one device")
+  return list(devices)
 
 
 def problem_mesh(heads: int, windows: int, devices=None) -> Mesh:
@@ -35,9 +51,7 @@ def problem_mesh(heads: int, windows: int, devices=None) -> Mesh:
   """
   heads = validation.check_positive_int("heads", heads)
   windows = validation.check_positive_int("windows", windows)
-  devices = list(jax.devices() if devices is None else devices)
-  if not devices:
-    raise InputError("devices must hold at least one device")
+  devices = check_devices(jax.devices() if devices is None else devices)
   sizes = max(((p, q) for p in _divisors(heads) for q in _divisors(windows)
                if p * q <= len(devices)), key=lambda pq: (pq[0] * pq[1], pq[0]))
   return Mesh(np.asarray(devices[:sizes[0] * sizes[1]]).reshape(sizes), AXES)
@@ -61,9 +75,13 @@ def check_mesh(mesh, *, heads: int, windows: int) -> Mesh:
   return mesh
 
 
-def place(array, mesh: Mesh | None, *axes):
-  """`array` on `mesh`, axis i split over the mesh axis `axes[i]` (None: not split); trailing
-  axes are not split. Without a mesh, the array as it is."""
-  if mesh is None:
-    return array
-  return jax.device_put(array, NamedSharding(mesh, PartitionSpec(*axes)))
+def place(array, mesh: Mesh, *axes) -> jax.Array:
+  """`array` (the same on every process) as a global array on `mesh`, axis i split over the
+  mesh axis `axes[i]` (None: not split); trailing axes are not split."""
+  sharding = NamedSharding(mesh, PartitionSpec(*axes))
+  return jax.make_array_from_callback(np.shape(array), sharding, lambda index: array[index])
+
+
+def replicate(tree, mesh: Mesh):
+  """Every array of `tree` gathered whole onto each device of `mesh`."""
+  return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)

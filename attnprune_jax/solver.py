@@ -69,9 +69,10 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     mesh: a `jax.sharding.Mesh` from `sharding.problem_mesh`: heads split over its "heads"
       axis, the sequences of x over its "windows" axis (the same masks up to the rounding of
       the window sum); None runs where the inputs are.
-    compute_dtype: None (the working dtype, at least float32) or "bfloat16": x is stored and
-      the matmuls' operands are rounded to bfloat16, products accumulate in float32; softmax,
-      mask, loss and updates stay in float32 (benchmarks/RESULTS.md measures the cost).
+    compute_dtype: None, "float32" or "float64" (no rounding: the working dtype, at least
+      float32), or "bfloat16": x is stored and the matmuls' operands are rounded to bfloat16,
+      products accumulate in float32; softmax, mask, loss and updates stay in float32
+      (benchmarks/RESULTS.md measures the cost).
   Returns:
     a `MaskSolution` (mask, loss, grad_norm), in float32 for float16/bfloat16 inputs (the
     precision policy: steps of ~1e-3 vanish below half precision's resolution of 1).
@@ -117,6 +118,8 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
   solution = _solve(w, x, init, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
                     causal=causal, optimizer=optimizer, block=block,
                     compute_dtype=compute_dtype)
+  if mesh is not None:
+    solution = sharding.replicate(solution, mesh)
   if not validation.is_traced(solution.loss):
     # The history holds the loss before each update; the last update is checked too.
     final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal, block,
@@ -139,7 +142,8 @@ def _check_compute_dtype(compute_dtype):
     return jnp.bfloat16
   if dtype in (jnp.float32, jnp.float64):
     return None
-  raise InputError(f"compute_dtype must be None, 'float32' or 'bfloat16', got {compute_dtype!r}")
+  raise InputError("compute_dtype must be None, 'float32', 'float64' or 'bfloat16', got "
+                   f"{compute_dtype!r}")
 
 
 def _check_lr(lr, w):

@@ -22,7 +22,9 @@ step() {  # step SECONDS TITLE COMMAND...: runs COMMAND, its output and status g
   shift 2
   echo "== $title ($(($(date +%s) - start)) s in): $*" | tee -a "$RESULT"
   timeout "$limit" "$@" 2>&1 | tee -a "$RESULT"
-  echo "== exit ${PIPESTATUS[0]}" | tee -a "$RESULT"
+  local status=${PIPESTATUS[0]}
+  echo "== exit $status" | tee -a "$RESULT"
+  return "$status"
 }
 
 {

@@ -46,8 +46,8 @@ def main() -> None:
     jax.block_until_ready(pruned.weights)
     times[method] = time.perf_counter() - start
     solve = sum(r.get("prune_time_s", 0.0) for r in pruned.layers)
-    print(f"  {method:17s} {times[method]:7.1f} s  ({times[method] / len(layers):5.2f} s/layer; "
-          f"the methods' own calls {solve:6.1f} s)", flush=True)
+    print(f"  {method:17s} {times[method]:7.1f} s in all; the method's own calls {solve:6.1f} s "
+          f"({solve / len(layers):5.2f} s per pruned layer)", flush=True)
   if "magnitude" in times:
     print("ratio to magnitude: " + ", ".join(f"{m} {t / times['magnitude']:.1f}"
                                              for m, t in times.items()))

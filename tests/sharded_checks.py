@@ -14,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec
 import numpy as np
 
 import attnprune_jax as ap
-from attnprune_jax import layer_masks, sharding
+from attnprune_jax import layer_masks, sharding, solver
 from attnprune_jax.errors import InputError
 from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models.llama import Llama
@@ -42,15 +42,16 @@ def check_problem_mesh():
 
 def check_solve_mask():
   w, x = synthetic_problem(jax.random.key(0), n=48, d=16, batch=4, rank=8, heads=4)
-  lr = jnp.asarray([2e-3, 3e-3, 1e-3, 2e-3])
-  solve = functools.partial(ap.solve_mask, w, x, lam=1e-2, steps=15, lr=lr)
-  for block, meshes in ((None, ((1, 4),)), (16, ((2, 2),))):
+  per_head = jnp.asarray([2e-3, 3e-3, 1e-3, 2e-3])
+  for lr, block, meshes in ((per_head, None, ((1, 4),)), (2e-3, 16, ((2, 2),))):
+    solve = functools.partial(ap.solve_mask, w, x, lam=1e-2, steps=15, lr=lr)
     single = solve(block=block)
     for heads, windows in meshes:
       mesh = mesh_of(heads, windows)
       sharded = solve(block=block, mesh=mesh)
-      assert sharded.mask.sharding.spec == PartitionSpec("heads"), sharded.mask.sharding
-      assert sharded.mask.sharding.mesh.shape == mesh.shape
+      # Computed on the mesh, returned whole on each of its devices.
+      assert sharded.mask.sharding.is_fully_replicated, sharded.mask.sharding
+      assert sharded.mask.sharding.device_set == set(mesh.devices.flat)
       np.testing.assert_allclose(sharded.mask, single.mask, rtol=0, atol=ATOL)
       np.testing.assert_allclose(sharded.loss, single.loss, rtol=1e-5)
       for sparsity in (0.5, 0.8):
@@ -58,18 +59,20 @@ def check_solve_mask():
         assert (keep(sharded.mask) == keep(single.mask)).mean() > 0.999
 
 
-def check_windows_are_split():
-  """With windows on the mesh each device holds its windows only, and the gradient's sum over
-  windows is an all-reduce in the compiled step."""
+def check_the_solve_is_split():
+  """Each device holds its windows and heads only; the compiled solve keeps the heads split
+  and sums the gradient over windows with an all-reduce."""
   w, x = synthetic_problem(jax.random.key(1), n=32, d=8, batch=4, rank=4, heads=2)
-  mesh = mesh_of(1, 4)
-  placed = sharding.place(x, mesh, "windows")
-  assert {shard.data.shape for shard in placed.addressable_shards} == {(1, 32, 8)}
-  from attnprune_jax import solver
-  hlo = solver._solve.lower(sharding.place(w, mesh, "heads"), placed, jnp.ones_like(w),
-                            jnp.float32(0.0), jnp.float32(1e-3), steps=2, causal=True,
-                            optimizer=None, block=None).compile().as_text()
-  assert "all-reduce" in hlo
+  mesh = mesh_of(2, 2)
+  placed_w, placed_x = sharding.place(w, mesh, "heads"), sharding.place(x, mesh, "windows")
+  assert {shard.data.shape for shard in placed_x.addressable_shards} == {(2, 32, 8)}
+  assert {shard.data.shape for shard in placed_w.addressable_shards} == {(1, 8, 8)}
+  ones = sharding.place(jnp.ones_like(w), mesh, "heads")
+  compiled = solver._solve.lower(placed_w, placed_x, ones, jnp.float32(0.0),
+                                 jnp.float32(1e-3), steps=2, causal=True, optimizer=None,
+                                 block=None).compile()
+  assert compiled.output_shardings.mask.spec == PartitionSpec("heads")
+  assert "all-reduce" in compiled.as_text()
 
 
 def check_solve_layer():
@@ -80,8 +83,8 @@ def check_solve_layer():
   config = MaskSolverConfig(steps=6, rounds=3, steps_per_round=4, reweight_steps=3,
                             windows_per_step=2)
   # Sharding is the same for every method (one solver loop): the one-cut method, dense and
-  # row-blocked.
-  for method, block, meshes in (("attn", None, ((2, 2),)), ("attn", 8, ((1, 2),))):
+  # row-blocked (t = 24 in blocks of 5: padded rows).
+  for method, block, meshes in (("attn", None, ((2, 2),)), ("attn", 5, ((2, 2),))):
     solve = functools.partial(layer_masks.solve_layer, q, k, x, method=method, sparsity=0.5,
                               config=config, num_kv_heads=2, head_dim=8, rope_base=100.0,
                               block=block)
@@ -120,8 +123,8 @@ def check_mesh_must_divide_the_problem():
       raise AssertionError("a mesh that does not divide the problem was accepted")
 
 
-CHECKS = [check_problem_mesh, check_mesh_must_divide_the_problem, check_solve_mask, check_windows_are_split, check_solve_layer,
-          check_prune_model]
+CHECKS = [check_problem_mesh, check_mesh_must_divide_the_problem, check_solve_mask,
+          check_the_solve_is_split, check_solve_layer, check_prune_model]
 
 if __name__ == "__main__":
   if len(jax.devices()) != 4:

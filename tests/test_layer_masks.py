@@ -302,3 +302,14 @@ def test_solve_layer_blocks_long_windows_by_default_with_the_same_masks(monkeypa
   np.testing.assert_allclose(blocked.loss, dense.loss, rtol=1e-5)
   np.testing.assert_array_equal(blocked.keep_q, dense.keep_q)
   np.testing.assert_array_equal(blocked.keep_k, dense.keep_k)
+
+
+def test_blocked_attention_error_takes_bfloat16_inputs_like_the_dense_one():
+  config, _, _, weights, captured = layer_problem("gqa", seed=8, t=6)
+  x = captured["attention_inputs"][1].astype(jnp.bfloat16)
+  q, k = weights["q_proj"][1], weights["k_proj"][1]
+  layout = {"head_dim": config.head_dim, "rope_base": config.rope_base}
+  dense = objective.layer_attention_error(0.5 * q, k, q, k, x, **layout)
+  blocked = objective.layer_attention_error(0.5 * q, k, q, k, x, **layout, block=4)
+  assert blocked.dtype == dense.dtype == jnp.float32
+  np.testing.assert_allclose(blocked, dense, rtol=1e-5)

@@ -54,3 +54,6 @@ def test_problem_mesh_checks_its_arguments():
     sharding.problem_mesh(0, 2)
   with pytest.raises(InputError, match="devices must hold at least one device"):
     sharding.problem_mesh(2, 2, devices=[])
+  for bad in (4, "cpu", [0, 1]):
+    with pytest.raises(InputTypeError, match="devices must be a list of jax devices"):
+      sharding.problem_mesh(2, 2, devices=bad)

@@ -254,7 +254,8 @@ def test_bfloat16_compute_follows_its_own_gradient_in_float32(block):
 @pytest.mark.parametrize("bad", ["float16", "int8", "fast", 3])
 def test_bad_compute_dtype_is_named(bad):
   _, w, x = random_problem(34, n=6, d=4)
-  with pytest.raises(InputError, match="compute_dtype must be None, 'float32' or 'bfloat16'"):
+  with pytest.raises(InputError,
+                     match="compute_dtype must be None, 'float32', 'float64' or 'bfloat16'"):
     ap.solve_mask(w, x, lam=1e-2, steps=2, lr=0.1, compute_dtype=bad)
 
 
