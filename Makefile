@@ -3,7 +3,7 @@
 # make demo:  setup + the main job on the embedded default: a synthetic head, then the real
 #             model's q/k pruned in three layers by Wanda, SparseGPT and the attention-aware
 #             methods (a few minutes on 2 cores).
-# make bench: setup + the benchmark scripts.
+# make bench: setup + the benchmark scripts (about 40 min on 2 cores; benchmarks/RESULTS.md).
 
 PYTHON ?= python3
 VENV := .venv
@@ -31,8 +31,10 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/solver_flops.py
+	$(PY) benchmarks/solver_memory.py
 	$(PY) benchmarks/baselines_speed.py
 	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/prune_time.py
 
 clean:
 	rm -rf $(VENV)
