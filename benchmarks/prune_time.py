@@ -29,6 +29,8 @@ def main() -> None:
   parser.add_argument("--devices", type=int, default=1,
                       help="devices sharing each layer's attention-aware solve")
   args = parser.parse_args()
+  if not 1 <= args.devices <= len(jax.devices()):
+    parser.error(f"--devices must be in [1, {len(jax.devices())}], got {args.devices}")
   model = models.load("smollm2")
   num_layers = model.config.num_layers
   first, last = (0, num_layers - 1) if args.layers is None else map(int, args.layers.split("-"))
