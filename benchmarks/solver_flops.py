@@ -7,14 +7,16 @@ analytically per step and head, 4bnd² + 4bn²d (two products for the scores, tw
 closed-form gradient), plus the dense reference f(W) once (2bnd² + 2bn²d), which the blocked
 objective recomputes at every step (counted apart as "executed"). The reference is a jitted
 float32 matmul of the solver's largest operand shape, (b·n, d) @ (d, h·d), timed in the same
-run. Each of `--runs` runs times the jitted solve (`solver._solve`, without `solve_mask`'s input
-checks and final loss) once and the matmul (best of 3); the ratio printed last is the median
-over runs.
+run. Each of `--runs` runs takes the best of `--repeats` timings of the jitted solve
+(`solver._solve`, without `solve_mask`'s input checks and final loss) and of the matmul; the
+ratio printed last is the median over runs. The row-blocked problem runs `--blocked-steps`
+steps (its steps take seconds each).
 
-  python benchmarks/solver_flops.py [--sizes 512:4 4096:1] [--steps 5] [--runs 3]
+  python benchmarks/solver_flops.py [--sizes 512:4 4096:1] [--steps 5] [--runs 3] [--repeats 3]
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnprune_jax as ap
-from attnprune_jax import solver
+from attnprune_jax import solver, theory
 from attnprune_jax.synthetic import synthetic_problem
 from timing import best_time
 
@@ -45,8 +47,9 @@ def flop_counts(h: int, b: int, n: int, d: int, steps: int, blocked: bool) -> tu
   return useful, useful + (steps - 1) * reference if blocked else useful
 
 
-def rate_runs(w, x, *, steps: int, runs: int, compute_dtype=None) -> dict:
-  """Times `solve_mask` once per run after a compiling call, beside the matmul of the run."""
+def rate_runs(w, x, *, steps: int, runs: int, repeats: int, compute_dtype=None) -> dict:
+  """Per run, the best of `repeats` timed solves (after one compiling call) against the best of
+  `repeats` matmuls of the operand shape: the same statistic on both sides."""
   h, d = w.shape[0], w.shape[-1]
   b, n = x.shape[0], x.shape[1]
   blocked = n > solver.BLOCKED_ABOVE
@@ -62,8 +65,8 @@ def rate_runs(w, x, *, steps: int, runs: int, compute_dtype=None) -> dict:
   compile_s = time.perf_counter() - start
   seconds, ratios = [], []
   for _ in range(runs):
-    seconds.append(best_time(solve, 1, warmup=False))
-    ratios.append(useful / seconds[-1] / matmul_rate(b * n, d, h * d))
+    seconds.append(best_time(solve, repeats, warmup=False))
+    ratios.append(useful / seconds[-1] / matmul_rate(b * n, d, h * d, repeats))
   return {"solution": solution, "seconds": seconds, "ratios": ratios, "compile_s": compile_s,
           "useful": useful, "executed": executed, "blocked": blocked}
 
@@ -75,6 +78,27 @@ def agreement(a, b, w, sparsity: float) -> tuple[float, float]:
   return same(jnp.abs(a * w), jnp.abs(b * w)), same(jnp.abs(a), jnp.abs(b))
 
 
+def bfloat16_accuracy(w, x, *, steps: int, lam: float = 1e-2) -> None:
+  """Prints how far a bfloat16 solve lands from the float32 one: `steps` steps of η = 0.5/L̂ per
+  head (L̂ by 20 power iterations at M₀, our choice), far enough for M to move from 1."""
+  smoothness = theory.smoothness_measured(jnp.ones_like(w), w, x, lam=lam,
+                                          key=jax.random.key(2), iters=20)
+  solve = functools.partial(ap.solve_mask, w, x, lam=lam, steps=steps, lr=0.5 / smoothness)
+  full, half = solve(), solve(compute_dtype="bfloat16")
+  loss_gap = np.abs(np.asarray(half.loss) / np.asarray(full.loss) - 1)
+  decrease = np.asarray(full.loss[:, 0] - full.loss[:, -1])
+  decrease_gap = np.abs(np.asarray(half.loss[:, 0] - half.loss[:, -1]) / decrease - 1)
+  moved = float(jnp.abs(full.mask - 1).max())
+  print(f"  bfloat16 accuracy, {steps} steps of 0.5/L per head, lam={lam:g}: loss rel. diff "
+        f"max {loss_gap.max():.1e} (final {loss_gap[:, -1].max():.1e}); loss decrease rel. "
+        f"diff max {decrease_gap.max():.1e}; mask max |diff| "
+        f"{float(jnp.abs(half.mask - full.mask).max()):.1e} against max |M - 1| {moved:.1e}")
+  for sparsity in (0.5, 0.7, 0.9):
+    by_score, by_mask = agreement(full.mask, half.mask, w, sparsity)
+    print(f"    binary masks equal at sparsity {sparsity}: {by_score:.4f} by |M∘W|, "
+          f"{by_mask:.4f} by |M|")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--heads", type=int, default=9)
@@ -82,20 +106,25 @@ def main() -> None:
   parser.add_argument("--sizes", nargs="+", default=["512:4", "4096:1"],
                       help="problems as n:b (tokens:sequences)")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--blocked-steps", type=int, default=2)
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-bfloat16", dest="bfloat16", action="store_false",
                       help="skip the bfloat16 comparison (run on the first size)")
+  parser.add_argument("--accuracy-steps", type=int, default=50,
+                      help="steps of the bfloat16-vs-float32 accuracy comparison")
   args = parser.parse_args()
   h, d = args.heads, args.d
   print(f"devices: {jax.devices()}  jax {jax.__version__}")
   for index, size in enumerate(args.sizes):
     n, b = (int(v) for v in size.split(":"))
     w, x = synthetic_problem(jax.random.key(0), n=n, d=d, batch=b, rank=64, heads=h)
-    result = rate_runs(w, x, steps=args.steps, runs=args.runs)
+    steps = args.blocked_steps if n > solver.BLOCKED_ABOVE else args.steps
+    result = rate_runs(w, x, steps=steps, runs=args.runs, repeats=args.repeats)
     best = min(result["seconds"])
     kind = "row-blocked, blocks of 64" if result["blocked"] else "dense"
-    print(f"solve_mask h={h} b={b} n={n} d={d} steps={args.steps} ({kind}): "
-          f"{best / args.steps * 1e3:.0f} ms/step (first call incl. compile "
+    print(f"solve_mask h={h} b={b} n={n} d={d} steps={steps} ({kind}): "
+          f"{best / steps * 1e3:.0f} ms/step (first call incl. compile "
           f"{result['compile_s']:.1f} s)")
     print(f"  useful {result['useful'] / best / 1e9:.1f} GFLOP/s, executed "
           f"{result['executed'] / best / 1e9:.1f} GFLOP/s; ratio to the matmul "
@@ -104,18 +133,10 @@ def main() -> None:
     print(f"  median ratio solver / matmul (useful FLOPs), n={n}: "
           f"{statistics.median(result['ratios']):.2f}")
     if index == 0 and args.bfloat16:
-      low = rate_runs(w, x, steps=args.steps, runs=args.runs, compute_dtype="bfloat16")
-      full, half = result["solution"], low["solution"]
-      loss_gap = np.abs(np.asarray(half.loss) / np.asarray(full.loss) - 1)
+      low = rate_runs(w, x, steps=steps, runs=1, repeats=args.repeats, compute_dtype="bfloat16")
       print(f"  bfloat16 compute, n={n}: time ratio bf16 / f32 "
-            f"{statistics.median(low['seconds']) / statistics.median(result['seconds']):.2f}; "
-            f"loss rel. diff max {loss_gap.max():.1e} (final {loss_gap[:, -1].max():.1e}); "
-            f"mask max |diff| {float(jnp.abs(half.mask - full.mask).max()):.1e} "
-            f"(|M - 1| max {float(jnp.abs(full.mask - 1).max()):.1e})")
-      for sparsity in (0.5, 0.7, 0.9):
-        by_score, by_mask = agreement(full.mask, half.mask, w, sparsity)
-        print(f"    binary masks equal at sparsity {sparsity}: {by_score:.4f} by |M∘W|, "
-              f"{by_mask:.4f} by |M|")
+            f"{min(low['seconds']) / min(result['seconds']):.2f}")
+      bfloat16_accuracy(w, x, steps=args.accuracy_steps)
 
 
 if __name__ == "__main__":
