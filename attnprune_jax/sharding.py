@@ -16,6 +16,7 @@ simulated devices only.)
 """
 
 from collections.abc import Sequence
+import functools
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -84,4 +85,11 @@ def place(array, mesh: Mesh, *axes) -> jax.Array:
 
 def replicate(tree, mesh: Mesh):
   """Every array of `tree` gathered whole onto each device of `mesh`."""
-  return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+  return _replicator(mesh)(tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _replicator(mesh: Mesh):
+  # One jitted identity per mesh: a new lambda at every call would be traced and compiled anew
+  # (once per pruned layer in the pipeline).
+  return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))
