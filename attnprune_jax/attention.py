@@ -1,4 +1,4 @@
-"""Softmax attention matrices, computed stably; rotary position embeddings; the attention
+"""Softmax attention matrices, computed stably; rotary position embeddings (`Rope`); the attention
 probabilities of one Llama layer (`layer_attention`, the single copy the model, the factored
 pruning objective and the pipeline all call).
 
@@ -7,14 +7,16 @@ over the allowed entries and excludes the others before the exponential, so it n
 logits of order 1e4 give finite, exact attention in float32.
 """
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.errors import InputError
+from attnprune_jax.errors import InputError, InputTypeError
 
 
 def masked_softmax(scores: Float[Array, "... n n"], *, causal: bool) -> Float[Array, "... n n"]:
@@ -75,21 +77,85 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
                            causal=validation.check_bool("causal", causal))
 
 
+@dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+  """Llama 3.1's RoPE frequency scaling (`rope_type` "llama3" in Hugging Face configs).
+
+  Frequencies whose wavelength 2π/ω exceeds original_max_positions / low_freq_factor are divided
+  by `factor`; those below original_max_positions / high_freq_factor are kept; in between they
+  are interpolated linearly in original_max_positions / wavelength.
+  """
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_positions: int
+
+  def __post_init__(self):
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      validation.check_scalar(name, getattr(self, name), minimum=0.0, strict=True)
+      object.__setattr__(self, name, float(getattr(self, name)))  # equal ones compare equal
+    object.__setattr__(self, "original_max_positions", validation.check_positive_int(
+        "original_max_positions", self.original_max_positions))
+    if not self.high_freq_factor > self.low_freq_factor:
+      raise InputError(f"high_freq_factor must be > low_freq_factor ({self.low_freq_factor}), "
+                       f"got {self.high_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary embedding frequencies: ω_i = base^(−2i/hd), rescaled by `scaling` if given.
+
+  Hashable, so jitted functions take it as a static argument; a plain float stands for
+  `Rope(base=that float)` wherever a `Rope` is asked for.
+  """
+  base: float
+  scaling: Llama3Scaling | None = None
+
+  def __post_init__(self):
+    validation.check_scalar("rope base", self.base, minimum=0.0, strict=True)
+    object.__setattr__(self, "base", float(self.base))
+    if self.scaling is not None and not isinstance(self.scaling, Llama3Scaling):
+      raise InputTypeError(f"rope scaling must be a Llama3Scaling or None, got "
+                           f"{self.scaling!r}")
+
+  def inverse_frequencies(self, half: int, dtype) -> jax.Array:
+    """ω_0..ω_{half−1}, (half,) in `dtype`."""
+    inv_freq = self.base ** (-jnp.arange(half, dtype=dtype) / half)
+    if self.scaling is None:
+      return inv_freq
+    s = self.scaling
+    wavelength = 2 * math.pi / inv_freq
+    long = wavelength > s.original_max_positions / s.low_freq_factor
+    short = wavelength < s.original_max_positions / s.high_freq_factor
+    smooth = ((s.original_max_positions / wavelength - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    between = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return jnp.where(long, inv_freq / s.factor, jnp.where(short, inv_freq, between))
+
+
+def as_rope(rope: "Rope | float") -> Rope:
+  """`rope` itself, or a plain base θ as `Rope(θ)` (InputError for anything else)."""
+  if isinstance(rope, Rope):
+    return rope
+  validation.check_scalar("rope", rope, minimum=0.0, strict=True)
+  return Rope(float(rope))
+
+
 def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
-                     base: float) -> Float[Array, "... t heads hd"]:
+                     rope: Rope | float) -> Float[Array, "... t heads hd"]:
   """RoPE in the rotate-half convention (Hugging Face Llama order of q/k rows).
 
   Channel i of the first half and channel i of the second half form a pair rotated by the angle
-  position·base^(−2i/hd).
+  position·ω_i (`Rope.inverse_frequencies`; without scaling ω_i = base^(−2i/hd)).
 
   Args:
     x: queries or keys, (..., t, heads, head_dim).
     positions: (t,) token positions.
-    base: the RoPE base θ.
+    rope: the frequencies, or a plain base θ.
   """
   half = x.shape[-1] // 2
   dtype = jnp.promote_types(x.dtype, jnp.float32)
-  inv_freq = base ** (-jnp.arange(half, dtype=dtype) / half)
+  inv_freq = as_rope(rope).inverse_frequencies(half, dtype)
   angles = positions.astype(dtype)[:, None] * inv_freq[None, :]
   cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
   sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
@@ -98,11 +164,11 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
 
 
 def rotated_heads(x: Float[Array, "... t d"], proj: Float[Array, "heads·hd d"], positions, *,
-                  head_dim: int, rope_base: float) -> Float[Array, "... t heads hd"]:
+                  head_dim: int, rope: Rope | float) -> Float[Array, "... t heads hd"]:
   """Queries or keys of a Llama layer: X Wᵀ split into heads of `head_dim` (rows in the Hugging
   Face order), rotated by RoPE at `positions` ((t,) ints, the tokens' positions)."""
   heads = (x @ proj.T).reshape(*x.shape[:-1], -1, head_dim)
-  return rotary_embedding(heads, positions, base=rope_base)
+  return rotary_embedding(heads, positions, rope=rope)
 
 
 def causal_probs(q: Float[Array, "... r hq hd"], k: Float[Array, "... t hk hd"],
@@ -120,7 +186,7 @@ def causal_probs(q: Float[Array, "... r hq hd"], k: Float[Array, "... t hk hd"],
 
 def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
                     k_proj: Float[Array, "hk d"], *, head_dim: int,
-                    rope_base: float) -> Float[Array, "... heads t t"]:
+                    rope: Rope | float) -> Float[Array, "... heads t t"]:
   """Causal attention probabilities of one Llama attention layer (no V, no output projection).
 
   q = X W_Qᵀ and k = X W_Kᵀ split into heads of `head_dim` (rows in the Hugging Face order),
@@ -133,11 +199,11 @@ def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
     q_proj: (q_heads·head_dim, d) query weight, (out, in).
     k_proj: (k_heads·head_dim, d) key weight; q_heads must be a multiple of k_heads.
     head_dim: channels per head.
-    rope_base: the RoPE base θ.
+    rope: the RoPE frequencies (`Rope`), or a plain base θ.
   Returns:
     (..., q_heads, t, t) row-stochastic, lower-triangular matrices.
   """
   positions = jnp.arange(x.shape[-2])
   heads = functools.partial(rotated_heads, x, positions=positions, head_dim=head_dim,
-                            rope_base=rope_base)
+                            rope=rope)
   return causal_probs(heads(q_proj), heads(k_proj), positions)

@@ -118,9 +118,12 @@ def _demo_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, int]:
   return results, config.seed
 
 
+MODEL_HELP = ("smollm2 (the embedded default), a local Hugging Face Llama checkpoint folder (e.g. "
+              "Llama 3.2-1B: config.json, *.safetensors, tokenizer.json) or a Llama GGUF file")
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", default="smollm2",
-                      help="a known model name (smollm2) or a path to a Llama GGUF file")
+  parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
   parser.add_argument("--tokens", type=int, default=32768,
                       help="evaluation budget: tokens // ctx windows of Pride and Prejudice")
   parser.add_argument("--ctx", type=int, default=512, help="window length (start token + text)")
@@ -128,8 +131,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_text_fits(model, text: str, count: int, ctx: int, options: str) -> None:
-  """An InputError naming `options` unless `count` windows of `ctx` tokens fit in `text`."""
+  """An InputError naming `options` unless `count` windows of `ctx` tokens fit in `text` and
+  `ctx` in the model's longest sequence."""
   from attnprune_jax import data
+  longest = model.config.max_positions
+  if longest is not None and ctx > longest:
+    raise InputError(f"{options} ask for windows of {ctx} tokens; the model handles at most "
+                     f"{longest} (its max_position_embeddings / context length)")
   needed, available = count * (ctx - 1), data.text_tokens(model.tokenizer, text).size
   if needed > available:
     raise InputError(f"{options} ask for {count} windows of {ctx} tokens, {needed} tokens of "
@@ -214,8 +222,7 @@ def _write_convergence(kind: str, results: dict, plot, args: argparse.Namespace,
 def _convergence_arguments(parser: argparse.ArgumentParser) -> None:
   from experiments.real_convergence import RealConfig
   defaults = RealConfig()
-  parser.add_argument("--model", default="smollm2",
-                      help="a known model name (smollm2), a Llama GGUF file or a saved folder")
+  parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
   parser.add_argument("--layers", default=None,
                       help="layers to run, e.g. 0,5,10-12, or 'all' (default: six evenly "
                            "spaced from the first to the last)")
@@ -284,8 +291,7 @@ def _layers(ranges: list[range], text: str, num_layers: int) -> tuple[int, ...]:
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
   from experiments.qk_pruning import DataConfig
   defaults = DataConfig()
-  parser.add_argument("--model", default="smollm2",
-                      help="a known model name (smollm2), a Llama GGUF file or a saved folder")
+  parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
   parser.add_argument("--calib-seqs", type=int, default=defaults.calib_seqs,
                       help="calibration windows of Emma the methods see")
   parser.add_argument("--calib-len", type=int, default=defaults.calib_len,
@@ -427,8 +433,11 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
   size = parser.add_mutually_exclusive_group()
   size.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
   size.add_argument("--quick", action="store_true",
-                    help="layers 5, 15, 25 at 0.7, four methods, 4k evaluation tokens: a few "
-                         "minutes (make demo)")
+                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth) at 0.7, "
+                         "four methods, 4k evaluation tokens: a few minutes (make demo)")
+  parser.add_argument("--model", default="smollm2",
+                      help=MODEL_HELP + "; for a model other than smollm2, --results, --work "
+                      "and --figures default to out/models/NAME/ (NAME: the folder or file name)")
   parser.add_argument("--results", help="the table of rows, resumable row by row (default "
                       "results/qk_pruning.json; out/quick/qk_pruning.json with --quick)")
   parser.add_argument("--work", help="layer checkpoints of the rows (default out/reproduce; "
@@ -455,7 +464,7 @@ def _stored_rows(path: Path) -> list[dict]:
 
 
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import models
+  from attnprune_jax import data, models
   from attnprune_jax.methods import METHODS
   from experiments import qk_pruning, qk_report
   grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
@@ -465,17 +474,28 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
     if unknown:
       raise InputError(f"--methods must be among {METHODS}, got {unknown}")
     grid = dataclasses.replace(grid, methods=tuple(args.methods))
-  results = check_output_path("--results", args.results or (
-      "out/quick/qk_pruning.json" if args.quick else "results/qk_pruning.json"))
-  work = check_output_path("--work", args.work or ("out/quick" if args.quick
-                                                   else "out/reproduce"), folder=True)
-  figures = args.figures or (None if args.quick else "figures/real")
+  if args.model == "smollm2":
+    defaults = ("out/quick/qk_pruning.json", "out/quick", None) if args.quick else (
+        "results/qk_pruning.json", "out/reproduce", "figures/real")
+  else:  # another model's rows must not mix with (or overwrite) the embedded model's
+    name = Path(args.model).name or "model"
+    base = Path("out/models") / (f"{name}-quick" if args.quick else name)
+    defaults = (str(base / "qk_pruning.json"), str(base / "work"),
+                None if args.quick else str(base / "figures"))
+  results = check_output_path("--results", args.results or defaults[0])
+  work = check_output_path("--work", args.work or defaults[1], folder=True)
+  figures = args.figures or defaults[2]
   if figures:
     check_output_path("--figures", figures, folder=True)
   rows = _stored_rows(results) if results.is_file() else None
   if args.report_only and rows is None:
     raise InputError(f"--report-only needs stored rows; {results} does not exist")
-  model = models.load("smollm2")
+  model = models.load(args.model)
+  if args.quick:
+    grid = dataclasses.replace(grid, layers=qk_pruning.quick_layers(model.config.num_layers))
+  if not args.report_only:
+    _check_text_fits(model, data.CALIBRATION_TEXT, grid.data.calib_seqs + grid.data.heldout_seqs,
+                     grid.data.calib_len, "reproduce's calibration windows")
   if args.report_only:
     results.with_suffix(".md").write_text(qk_report.markdown_tables(rows))
   else:

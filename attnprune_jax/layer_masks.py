@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float
 import optax
 
 from attnprune_jax import sharding, validation
-from attnprune_jax.attention import layer_attention
+from attnprune_jax.attention import Rope, as_rope, layer_attention
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.masks import binarize, check_n_m
 from attnprune_jax.objective import blocked_factored_loss, factored_loss, kv_groups
@@ -120,7 +120,7 @@ def prune_schedule(sparsity: float, n_m: tuple[int, int] | None, rounds: int) ->
 
 def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                 n_m: tuple[int, int] | None = None, config: MaskSolverConfig | None = None,
-                num_kv_heads: int, head_dim: int, rope_base: float, block: int | None = None,
+                num_kv_heads: int, head_dim: int, rope: Rope | float, block: int | None = None,
                 mesh=None) -> LayerPruning:
   """Prunes one layer's q_proj and k_proj with an attention-aware method.
 
@@ -131,7 +131,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     sparsity: fraction removed per output row, in [0, 1); n/m with `n_m`.
     n_m: (n, m) structure along the input axis, or None.
     config: solver settings; None takes `DEFAULTS[method]`.
-    num_kv_heads, head_dim, rope_base: the model's attention layout.
+    num_kv_heads, head_dim, rope: the model's attention layout.
     block: query rows per block of the row-blocked loss (`objective.blocked_factored_loss`,
       O(windows·group·block·t) memory per KV group instead of O(windows·group·t²), the same
       result to rounding); None keeps the dense targets for t <= solver.BLOCKED_ABOVE and
@@ -147,6 +147,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   if method not in METHODS:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
   config = DEFAULTS[method] if config is None else config
+  rope = as_rope(rope)  # one static value per frequency set: 1e4 and Rope(1e4) compile once
   q_proj = validation.check_array("q_proj", q_proj, ndim=2)
   k_proj = validation.check_array("k_proj", k_proj, ndim=2)
   x = validation.check_array("x", x, ndim=3)
@@ -188,7 +189,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                         optimizer=config.optimizer, steps=config.steps,
                         steps_per_round=config.steps_per_round,
                         reweight_steps=config.reweight_steps,
-                        num_kv_heads=num_kv_heads, head_dim=head_dim, rope_base=rope_base,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope,
                         block=block)
   if mesh is not None:
     result = sharding.replicate(result, mesh)
@@ -200,13 +201,13 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
 
 @functools.partial(jax.jit, static_argnames=(
     "method", "schedule", "optimizer", "steps", "steps_per_round", "reweight_steps",
-    "num_kv_heads", "head_dim", "rope_base", "block"))
+    "num_kv_heads", "head_dim", "rope", "block"))
 def _solve_layer(q_proj, k_proj, batches, lam, reweight_lam, lr, *, method, schedule, optimizer,
-                 steps, steps_per_round, reweight_steps, num_kv_heads, head_dim, rope_base,
+                 steps, steps_per_round, reweight_steps, num_kv_heads, head_dim, rope,
                  block) -> LayerPruning:
   q_groups, k_groups = kv_groups(q_proj, k_proj, num_kv_heads)
   weights = {"q_proj": q_groups, "k_proj": k_groups}
-  layout = {"head_dim": head_dim, "rope_base": rope_base}
+  layout = {"head_dim": head_dim, "rope": rope}
   vmap_groups = lambda loss, **shared: jax.vmap(  # KV groups side by side; x and λ shared
       jax.value_and_grad(functools.partial(loss, **layout, **shared)),
       in_axes=(0, 0, 0, None, 0, None) if block is None else (0, 0, 0, None, None))

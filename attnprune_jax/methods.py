@@ -47,7 +47,7 @@ def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
                                                      solver.windows_per_step, devices)
     return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
                        config=solver, num_kv_heads=config.num_kv_heads,
-                       head_dim=config.head_dim, rope_base=config.rope_base, mesh=mesh)
+                       head_dim=config.head_dim, rope=config.rope, mesh=mesh)
   if method not in BASELINES:
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
   if solver is not None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attnprune_jax import validation
-from attnprune_jax.attention import (causal_probs, layer_attention, product, rotated_heads,
+from attnprune_jax.attention import (Rope, causal_probs, layer_attention, product, rotated_heads,
                                      softmax_attention)
 from attnprune_jax.errors import InputError
 
@@ -181,7 +181,7 @@ def kv_groups(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"], num_kv
 
 def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
                   x: Float[Array, "b t d"], target: Float[Array, "b g t t"], lam, *,
-                  head_dim: int, rope_base: float) -> jax.Array:
+                  head_dim: int, rope: Rope | float) -> jax.Array:
   """The factored loss of one KV group, given its dense attention `target`. No checks.
 
   Args:
@@ -190,16 +190,16 @@ def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array
     x: calibration attention inputs, (b, t, d).
     target: layer_attention(x, q_proj, k_proj), (b, group, t, t).
     lam: λ >= 0.
-    head_dim, rope_base: from the model's config.
+    head_dim, rope: from the model's config.
   """
   pruned = layer_attention(x, masks["q_proj"] * q_proj, masks["k_proj"] * k_proj,
-                           head_dim=head_dim, rope_base=rope_base)
+                           head_dim=head_dim, rope=rope)
   penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
   return 0.5 * jnp.sum((pruned - target)**2) + 0.5 * lam * penalty
 
 
 def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
-                          x: Float[Array, "b t d"], lam, *, head_dim: int, rope_base: float,
+                          x: Float[Array, "b t d"], lam, *, head_dim: int, rope: Rope | float,
                           block: int) -> jax.Array:
   """`factored_loss` without the dense target, over blocks of `block` query rows. No checks.
 
@@ -208,14 +208,14 @@ def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Flo
   a (b, group, t, t) array: memory is O(b·group·block·t) per KV group.
   """
   gap = blocked_attention_gap(masks["q_proj"] * q_proj, masks["k_proj"] * k_proj, q_proj, k_proj,
-                              x, head_dim=head_dim, rope_base=rope_base, block=block)
+                              x, head_dim=head_dim, rope=rope, block=block)
   penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
   return 0.5 * jnp.sum(gap) + 0.5 * lam * penalty
 
 
 def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
                           other_q_proj: Float[Array, "hq d"], other_k_proj: Float[Array, "hk d"],
-                          x: Float[Array, "b t d"], *, head_dim: int, rope_base: float,
+                          x: Float[Array, "b t d"], *, head_dim: int, rope: Rope | float,
                           block: int) -> Float[Array, "b"]:
   """Σ_h ‖A_h(q, k) − A_h(other q, other k)‖²_F per sequence, over blocks of query rows.
 
@@ -224,7 +224,7 @@ def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk
   of `block` (repeating the last token); padded rows contribute nothing.
   """
   t = x.shape[-2]
-  heads = functools.partial(rotated_heads, head_dim=head_dim, rope_base=rope_base)
+  heads = functools.partial(rotated_heads, head_dim=head_dim, rope=rope)
   keys = heads(x, k_proj, jnp.arange(t)), heads(x, other_k_proj, jnp.arange(t))
 
   @jax.checkpoint
@@ -245,13 +245,13 @@ def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk
 
 def layer_attention_error(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
                           dense_q_proj: Float[Array, "hq d"], dense_k_proj: Float[Array, "hk d"],
-                          x: Float[Array, "b t d"], *, head_dim: int, rope_base: float,
+                          x: Float[Array, "b t d"], *, head_dim: int, rope: Rope | float,
                           block: int | None = None) -> Float[Array, "b"]:
   """Σ_h ‖A_h(pruned) − A_h(dense)‖²_F per sequence: a layer's attention error on inputs x;
   with `block`, over blocks of query rows (`blocked_attention_gap`)."""
   if block is not None:
     return blocked_attention_gap(q_proj, k_proj, dense_q_proj, dense_k_proj, x,
-                                 head_dim=head_dim, rope_base=rope_base, block=block)
-  pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope_base=rope_base)
-  dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope_base=rope_base)
+                                 head_dim=head_dim, rope=rope, block=block)
+  pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope=rope)
+  dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope=rope)
   return jnp.sum((pruned - dense)**2, axis=(-3, -2, -1))

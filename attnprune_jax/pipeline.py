@@ -104,7 +104,7 @@ _attention_input = jax.jit(attention_input, static_argnames="config")
 
 
 _attention_error = jax.jit(layer_attention_error,
-                           static_argnames=("head_dim", "rope_base", "block"))
+                           static_argnames=("head_dim", "rope", "block"))
 
 
 def fingerprint(*arrays) -> str:
@@ -115,6 +115,14 @@ def fingerprint(*arrays) -> str:
     digest.update(f"{array.shape}{array.dtype}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+def model_fingerprint(model: Llama) -> str:
+  """A SHA-256 of a model's architecture (its `LlamaConfig`, RoPE scaling included) and
+  weights: what a stored result was computed from."""
+  weights = model.weights()
+  return fingerprint(np.frombuffer(repr(model.config).encode(), np.uint8),
+                     *(weights[name] for name in sorted(weights)))
 
 
 def _write_checkpoint(folder: Path, key: dict, weights: dict, records: list):
@@ -191,7 +199,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   # A checkpoint is reused only for the same settings, windows, dense model and code.
   key = {"settings": settings.to_json(),
          "data": fingerprint(calibration, heldout),
-         "model": fingerprint(*(dense[name] for name in sorted(dense))),
+         "model": model_fingerprint(model),
          "code": code_fingerprint(CODE)}
   if folder is not None:
     resumed = _read_checkpoint(folder, key, reporter)
@@ -237,7 +245,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       # An unpruned layer keeps its dense q/k: its local error is 0 by definition.
       local = 0.0 if not record["pruned"] else float(jnp.mean(_attention_error(
           pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"], layer["k_proj"],
-          heldout_inputs, head_dim=config.head_dim, rope_base=config.rope_base,
+          heldout_inputs, head_dim=config.head_dim, rope=config.rope,
           block=DEFAULT_BLOCK if heldout.shape[1] > BLOCKED_ABOVE else None)))
       record |= {"attention_error": local,
                  "attention_error_end_to_end": float(jnp.mean(

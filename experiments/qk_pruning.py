@@ -134,9 +134,16 @@ class ReproduceConfig:
   data: DataConfig = DataConfig()
 
 
+def quick_layers(num_layers: int) -> tuple[int, ...]:
+  """The layers nearest 1/6, 1/2 and 5/6 of the depth (5, 15, 25 of SmolLM2's 30; 3, 8, 13 of
+  Llama 3.2-1B's 16); in very shallow models some coincide (3 layers: 0, 2)."""
+  return tuple(sorted({min(num_layers - 1, round(num_layers * fraction))
+                       for fraction in (1 / 6, 1 / 2, 5 / 6)}))
+
+
 FULL = ReproduceConfig(sparsities=FULL_SPARSITIES)
 # `make demo`: three layers at 0.7 and a short evaluation, a few minutes on 2 cores.
-QUICK = ReproduceConfig(sparsities=("0.7",), layers=(5, 15, 25),
+QUICK = ReproduceConfig(sparsities=("0.7",), layers=quick_layers(30),
                         methods=("wanda", "sparsegpt", "attn-progressive", "attn-reweight"),
                         data=DataConfig(eval_tokens=4096))
 
@@ -146,17 +153,18 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
   """Every method at every sparsity of the grid, plus the dense row, resumable row by row.
 
   Finished rows are kept in `results_path` (rewritten atomically after every row; rows of
-  another grid's data settings, or computed by other code (`CODE`'s fingerprint) or from other
-  token windows, are not reused), and as Markdown tables beside it (`.md`); a row's layer
-  checkpoints live in `row_folder(work, method, sparsity)`.
+  another grid's data settings, or computed by other code (`CODE`'s fingerprint), from other
+  token windows or from another model, are not reused), and as Markdown tables beside it
+  (`.md`); a row's layer checkpoints live in `row_folder(work, method, sparsity)`.
   """
   from experiments.qk_report import markdown_tables  # presentation, outside CODE
   config = grid.data
   layers = tuple(range(model.config.num_layers)) if grid.layers is None else grid.layers
   token_windows = windows(model, config)
-  # A stored row is reused only if made by the same code from the same token windows.
+  # A stored row is reused only if made by the same code from the same token windows and model.
   row_key = {"code": code_fingerprint(CODE),
-         "windows": pipeline.fingerprint(*(token_windows[k] for k in sorted(token_windows)))}
+             "windows": pipeline.fingerprint(*(token_windows[k] for k in sorted(token_windows))),
+             "model": pipeline.model_fingerprint(model)}
   rows = []
   if results_path.is_file():
     stored = json.loads(results_path.read_text())
@@ -166,8 +174,9 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
       if stale:
         commits = sorted({row.get("provenance", {}).get("git_commit") or "unknown"
                           for row in stored["rows"] if row.get("key") != row_key})
-        reporter.info(f"reproduce: {stale} stored rows were computed by other code or from "
-                      f"other windows (commits {', '.join(commits)}); they are computed again")
+        reporter.info(f"reproduce: {stale} stored rows were computed by other code, from other "
+                      f"windows or from another model (commits {', '.join(commits)}); they are "
+                      "computed again")
   done = {(row["method"], row["pattern"], row["sparsity"]) for row in rows}
   start = time.perf_counter()
   # `attn` (Algorithm 1 and one cut) runs after every other row: the issue's bar concerns the

@@ -58,7 +58,7 @@ def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
                         return_attention_inputs=True)
   inputs = captured["attention_inputs"]
   layout = dict(num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                rope_base=config.rope_base)
+                rope=config.rope)
   rows = []
   for layer in layers:
     x, heldout = inputs[layer, :calibration], inputs[layer, calibration:]
@@ -68,7 +68,7 @@ def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
 
     def error(new_q, new_k, q=q, k=k, heldout=heldout):
       return float(layer_attention_error(new_q, new_k, q, k, heldout, head_dim=config.head_dim,
-                                         rope_base=config.rope_base).mean())
+                                         rope=config.rope).mean())
 
     for sparsity in sparsities:
       n_m = (2, 4) if sparsity == "2:4" else None

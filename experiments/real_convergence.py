@@ -27,7 +27,7 @@ from attnprune_jax import data
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama
-from attnprune_jax.pipeline import fingerprint
+from attnprune_jax.pipeline import fingerprint, model_fingerprint
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import cached_result, code_fingerprint, git_commit, reuse_record
 from experiments import convergence
@@ -188,7 +188,7 @@ def run_layer(config: RealConfig, model: Llama, layer: int, inputs: dict) -> dic
   }
 
 
-_layer_attention = jax.jit(layer_attention, static_argnames=("head_dim", "rope_base"))
+_layer_attention = jax.jit(layer_attention, static_argnames=("head_dim", "rope"))
 
 
 def attention_inputs(model: Llama, windows: dict) -> dict[str, jax.Array]:
@@ -207,14 +207,13 @@ def layer_inputs(model: Llama, inputs: dict, layer: int) -> dict:
   x = inputs["calibration"][layer]
   return {"x": x, "heldout": inputs["heldout"][layer],
           "attention": _layer_attention(x, weights["q_proj"][layer], weights["k_proj"][layer],
-                                        head_dim=c.head_dim, rope_base=c.rope_base)}
+                                        head_dim=c.head_dim, rope=c.rope)}
 
 
 def _layer_settings(config: RealConfig, model: Llama, windows: dict) -> dict:
   """What a stored layer depends on besides the code: the settings, the model, the windows."""
   settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "layers"}
-  weights = model.weights()
-  return settings | {"model": fingerprint(*(weights[name] for name in sorted(weights))),
+  return settings | {"model": model_fingerprint(model),
                      "data": fingerprint(windows["calibration"], windows["heldout"])}
 
 

@@ -116,6 +116,7 @@ def llama_forward(weights: dict, tokens: np.ndarray, config) -> tuple[np.ndarray
   """Logits (t, vocab) of one sequence, with each layer's attention input and attention
   matrices, in float64, head by head with explicit GQA indexing (head j reads KV head
   j // (heads / kv_heads))."""
+  assert getattr(config, "rope_scaling", None) is None, "this reference has no RoPE scaling"
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
   hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
   h = w["embed_tokens"][np.asarray(tokens)]

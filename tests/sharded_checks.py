@@ -86,7 +86,7 @@ def check_solve_layer():
   # row-blocked (t = 24 in blocks of 5: padded rows).
   for method, block, meshes in (("attn", None, ((2, 2),)), ("attn", 5, ((2, 2),))):
     solve = functools.partial(layer_masks.solve_layer, q, k, x, method=method, sparsity=0.5,
-                              config=config, num_kv_heads=2, head_dim=8, rope_base=100.0,
+                              config=config, num_kv_heads=2, head_dim=8, rope=100.0,
                               block=block)
     single = solve()
     for heads, windows in meshes:

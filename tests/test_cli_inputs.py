@@ -162,7 +162,8 @@ class _Tokenizer:
 
 
 def test_limits_of_the_model_are_checked_right_after_loading(no_work, capsys, monkeypatch):
-  fake = types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2, hidden_size=8),
+  fake = types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2, hidden_size=8,
+                                                              max_positions=None),
                                tokenizer=_Tokenizer())
   monkeypatch.setattr(models, "load", lambda name: fake)
   cases = [

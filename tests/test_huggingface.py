@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+import tokenizers
+import tokenizers.processors
 
-from attnprune_jax import models
+from attnprune_jax import data, models
+from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.errors import InputError
 from attnprune_jax.models.huggingface import read_folder, write_folder
 from attnprune_jax.models.llama import Llama, LlamaConfig
@@ -146,10 +149,26 @@ def test_missing_files(saved, missing):
 @pytest.mark.parametrize("changes,message", [
     ({"architectures": ["MistralForCausalLM"]}, "architectures.*Mistral"),
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type 'qwen2'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling has rope_type 'yarn'; supported: 'default'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling has rope_type 'linear'"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling must be an object or null"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
-     "rope_parameters .*'llama3'.*only rope_type 'default'"),
+     r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor', 'high_freq_factor', "
+     "'original_max_position_embeddings'\\]"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 64}},
+     "high_freq_factor must be > low_freq_factor"),
+    ({"hidden_act": "gelu"}, "sets hidden_act to 'gelu'; only 'silu'"),
+    ({"attention_bias": True}, "sets attention_bias to True; only False"),
+    ({"mlp_bias": True}, "sets mlp_bias to True; only False"),
+    ({"pretraining_tp": 2}, "sets pretraining_tp to 2; only 1"),
+    ({"max_position_embeddings": 0}, "max_positions must be a positive integer"),
+    ({"partial_rotary_factor": 0.5}, "sets partial_rotary_factor to 0.5; only 1.0"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "sets quantization_config to"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                          "partial_rotary_factor": 0.5}}, "partial_rotary_factor to 0.5"),
 ])
 def test_unsupported_configs(saved, changes, message):
   edit_config(saved, **changes)
@@ -243,3 +262,70 @@ def test_a_config_that_is_not_a_json_object_is_named(tmp_path):
   (folder / "config.json").write_bytes(b"\xff\xfe")
   with pytest.raises(InputError, match="is not valid JSON"):
     models.load(folder)
+
+
+def test_rope_entries_are_read_as_transformers_reads_them(saved):
+  """`rope_scaling` if not empty, else `rope_parameters`; θ inside the entry wins."""
+  llama3 = {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+            "original_max_position_embeddings": 64, "rope_theta": 5e5}
+  edit_config(saved, rope_scaling={}, rope_parameters=llama3, rope_theta=1e4)
+  config = read_folder(saved)[0]
+  assert config.rope_base == 5e5 and config.rope_scaling == Llama3Scaling(8.0, 1.0, 4.0, 64)
+  edit_config(saved, rope_scaling={"type": "default"})
+  assert read_folder(saved)[0].rope_scaling is None
+  edit_config(saved, rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": "x"})
+  with pytest.raises(InputError, match="the RoPE entry's rope_theta must be a number"):
+    read_folder(saved)
+
+
+def test_quantized_tensors_are_refused_by_dtype(saved):
+  tensors = safetensors.numpy.load_file(saved / "model.safetensors")
+  name = "model.layers.0.mlp.up_proj.weight"
+  tensors[name] = tensors[name].astype(np.int8)
+  safetensors.numpy.save_file(tensors, saved / "model.safetensors")
+  with pytest.raises(InputError, match=f"tensor '{name}' in model.safetensors has dtype I8"):
+    read_folder(saved)
+
+
+@pytest.fixture
+def bos_folder(smollm2, tmp_path):
+  """A tiny model whose tokenizer.json (SmolLM2's) has a Llama 3-style post-processor that puts
+  BOS (here <|im_start|>, id 1) before every text, and config.json's BOS/EOS ids."""
+  config = LlamaConfig(vocab_size=smollm2.tokenizer.vocab_size, hidden_size=8,
+                       intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                       head_dim=4, rope_base=1e4, rms_eps=1e-5)
+  write_folder(tmp_path / "m", config, random_model(config, 7).weights(), None)
+  hf = tokenizers.Tokenizer.from_str(smollm2.tokenizer.to_json_str())
+  hf.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+  (tmp_path / "m" / "tokenizer.json").write_text(hf.to_str())
+  edit_config(tmp_path / "m", bos_token_id=1, eos_token_id=[2, 0])
+  return tmp_path / "m"
+
+
+def test_the_start_token_is_bos_where_the_checkpoint_adds_it(bos_folder):
+  tokenizer = read_folder(bos_folder)[2]
+  assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+  assert tokenizer.adds_bos and tokenizer.start_token == "<|im_start|>"
+  windows = data.evaluation_windows(tokenizer, count=2, ctx=8)
+  assert (windows[:, 0] == 1).all() and (windows[:, 1:] != 1).all()
+  # tokenizer_config.json has the last word: no BOS added, so <|endoftext|> starts a window.
+  (bos_folder / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": {"content": "<|endoftext|>"}, "add_bos_token": False}))
+  tokenizer = read_folder(bos_folder)[2]
+  assert (tokenizer.bos_token, tokenizer.adds_bos) == ("<|endoftext|>", False)
+  assert (data.evaluation_windows(tokenizer, count=1, ctx=4)[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("settings,config,message", [
+    ({"add_bos_token": "false"}, {}, "add_bos_token must be true or false, got 'false'"),
+    ({"bos_token": "<|nope|>"}, {},
+     "tokenizer_config.json: bos_token must be a token of tokenizer.json, got '<|nope|>'"),
+    ({}, {"eos_token_id": 10**6}, "config.json: eos_token_id: token id 1000000 is not in"),
+    ({"add_bos_token": True}, {"bos_token_id": None}, "sets add_bos_token but names no bos"),
+])
+def test_bad_special_tokens_are_named(bos_folder, settings, config, message):
+  (bos_folder / "tokenizer_config.json").write_text(json.dumps(settings))
+  edit_config(bos_folder, **config)
+  with pytest.raises(InputError, match=re.escape(message)):
+    read_folder(bos_folder)

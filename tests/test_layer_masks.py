@@ -42,12 +42,12 @@ def group_loss(config, masks, weights, x, lam):
   q_groups, k_groups = kv_groups(weights["q_proj"][1], weights["k_proj"][1], config.num_kv_heads)
   mq, mk = kv_groups(masks["q_proj"], masks["k_proj"], config.num_kv_heads)
   attention = functools.partial(layer_attention, head_dim=config.head_dim,
-                                rope_base=config.rope_base)
+                                rope=config.rope)
   total = 0.0
   for g in range(config.num_kv_heads):
     target = attention(x, q_groups[g], k_groups[g])
     total += factored_loss({"q_proj": mq[g], "k_proj": mk[g]}, q_groups[g], k_groups[g], x,
-                           target, lam, head_dim=config.head_dim, rope_base=config.rope_base)
+                           target, lam, head_dim=config.head_dim, rope=config.rope)
   return total
 
 
@@ -57,7 +57,7 @@ def test_layer_attention_matches_a_numpy_llama_head_by_head(name):
   config, _, tokens, weights, captured = layer_problem(name, dtype=jnp.float64)
   x = captured["attention_inputs"][1]
   probs = layer_attention(x, weights["q_proj"][1], weights["k_proj"][1],
-                          head_dim=config.head_dim, rope_base=config.rope_base)
+                          head_dim=config.head_dim, rope=config.rope)
   for window, window_probs in zip(tokens, probs):
     _, _, expected = reference_numpy.llama_forward(weights, window, config)
     np.testing.assert_allclose(window_probs, expected[1], rtol=1e-10, atol=1e-13)
@@ -130,7 +130,7 @@ def test_methods_keep_exact_counts_and_their_kind_of_weights(method, n_m):
   x = captured["attention_inputs"][1]
   q, k = weights["q_proj"][1], weights["k_proj"][1]
   result = solve_layer(q, k, x, method=method, sparsity=0.5, n_m=n_m, config=SMALL,
-                       num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+                       num_kv_heads=2, head_dim=4, rope=config.rope)
   for keep, new, dense in [(result.keep_q, result.q_proj, q), (result.keep_k, result.k_proj, k)]:
     keep = np.asarray(keep)
     if n_m is None:
@@ -152,7 +152,7 @@ def test_progressive_lowers_the_attention_error_of_its_first_cut():
   config, _, _, weights, captured = layer_problem("gqa", seed=7, windows=2, t=8)
   x = captured["attention_inputs"][1]
   q, k = weights["q_proj"][1], weights["k_proj"][1]
-  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  layout = dict(num_kv_heads=2, head_dim=4, rope=config.rope)
 
   def error(result):
     masks = {"q_proj": result.q_proj / jnp.where(q == 0, 1, q),
@@ -172,7 +172,7 @@ def test_bad_inputs_name_the_argument():
   config, _, _, weights, captured = layer_problem("gqa")
   x = captured["attention_inputs"][1]
   q, k = weights["q_proj"][1], weights["k_proj"][1]
-  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  layout = dict(num_kv_heads=2, head_dim=4, rope=config.rope)
   with pytest.raises(ValueError, match="method must be one of"):
     solve_layer(q, k, x, method="wanda", sparsity=0.5, **layout)
   with pytest.raises(ValueError, match="sparsity must be in"):
@@ -194,7 +194,7 @@ def test_reweighting_starts_from_the_binary_mask_not_the_shrunk_values():
   config, _, _, weights, captured = layer_problem("gqa", seed=4)
   x = captured["attention_inputs"][1]
   q, k = weights["q_proj"][1], weights["k_proj"][1]
-  layout = dict(num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+  layout = dict(num_kv_heads=2, head_dim=4, rope=config.rope)
   # λ shrinks the masks during the progressive rounds; re-weighting restarts from 1 on the
   # support, so after one Adam step (size about lr) the values are still near the dense ones.
   solver = MaskSolverConfig(lam=0.5, lr=0.05, rounds=2, steps_per_round=5, reweight_steps=1,
@@ -219,7 +219,7 @@ def test_divergence_is_an_error_naming_lr(method):
   diverging = dataclasses.replace(SMALL, optimizer="sgd", lr=1e30)
   with pytest.raises(DivergenceError, match=rf"{method} diverged: .* optimizer=sgd lr=1e\+30"):
     solve_layer(q, k, x, method=method, sparsity=0.5, config=diverging, num_kv_heads=2,
-                head_dim=4, rope_base=config.rope_base)
+                head_dim=4, rope=config.rope)
 
 
 def test_half_precision_layers_are_solved_in_float32():
@@ -227,10 +227,10 @@ def test_half_precision_layers_are_solved_in_float32():
   x = captured["attention_inputs"][1].astype(jnp.bfloat16)
   q, k = weights["q_proj"][1].astype(jnp.bfloat16), weights["k_proj"][1].astype(jnp.bfloat16)
   result = solve_layer(q, k, x, method="attn-progressive", sparsity=0.5, config=SMALL,
-                       num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+                       num_kv_heads=2, head_dim=4, rope=config.rope)
   reference = solve_layer(q.astype(jnp.float32), k.astype(jnp.float32), x.astype(jnp.float32),
                           method="attn-progressive", sparsity=0.5, config=SMALL,
-                          num_kv_heads=2, head_dim=4, rope_base=config.rope_base)
+                          num_kv_heads=2, head_dim=4, rope=config.rope)
   assert result.loss.dtype == jnp.float32
   np.testing.assert_array_equal(result.keep_q, reference.keep_q)
   np.testing.assert_array_equal(result.keep_k, reference.keep_k)
@@ -245,12 +245,12 @@ def test_row_blocked_factored_loss_and_gradient_equal_the_dense_ones(block):
   rng = np.random.default_rng(3)
   masks = {"q_proj": jnp.asarray(rng.uniform(0, 1.5, q_groups[0].shape)),
            "k_proj": jnp.asarray(rng.uniform(0, 1.5, k_groups[0].shape))}
-  layout = {"head_dim": config.head_dim, "rope_base": config.rope_base}
+  layout = {"head_dim": config.head_dim, "rope": config.rope}
   target = layer_attention(x, q_groups[0], k_groups[0], **layout)
   dense = jax.value_and_grad(factored_loss)(masks, q_groups[0], k_groups[0], x, target, 0.2,
                                             **layout)
   blocked = jax.jit(jax.value_and_grad(objective.blocked_factored_loss),
-                    static_argnames=("head_dim", "rope_base", "block"))(
+                    static_argnames=("head_dim", "rope", "block"))(
       masks, q_groups[0], k_groups[0], x, 0.2, **layout, block=block)
   np.testing.assert_allclose(blocked[0], dense[0], rtol=1e-12)
   for name in masks:
@@ -269,7 +269,7 @@ def test_row_blocked_factored_step_needs_far_less_memory_than_the_attention():
   x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
   q, k = jax.ShapeDtypeStruct((group * hd, d), jnp.float32), jax.ShapeDtypeStruct((hd, d),
                                                                                    jnp.float32)
-  layout = {"head_dim": hd, "rope_base": 1e4}
+  layout = {"head_dim": hd, "rope": 1e4}
 
   def temp_bytes(loss):
     step = jax.value_and_grad(lambda m, q, k, x: loss({"q_proj": m, "k_proj": jnp.ones(k.shape)},
@@ -290,7 +290,7 @@ def test_solve_layer_blocks_long_windows_by_default_with_the_same_masks(monkeypa
   x = captured["attention_inputs"][1]
   solve = functools.partial(solve_layer, weights["q_proj"][1], weights["k_proj"][1], x,
                             method="attn", sparsity=0.5, config=SMALL, num_kv_heads=2,
-                            head_dim=4, rope_base=config.rope_base)
+                            head_dim=4, rope=config.rope)
   blocks = []
   real = layer_masks._solve_layer
   monkeypatch.setattr(layer_masks, "_solve_layer",
@@ -308,7 +308,7 @@ def test_blocked_attention_error_takes_bfloat16_inputs_like_the_dense_one():
   config, _, _, weights, captured = layer_problem("gqa", seed=8, t=6)
   x = captured["attention_inputs"][1].astype(jnp.bfloat16)
   q, k = weights["q_proj"][1], weights["k_proj"][1]
-  layout = {"head_dim": config.head_dim, "rope_base": config.rope_base}
+  layout = {"head_dim": config.head_dim, "rope": config.rope}
   dense = objective.layer_attention_error(0.5 * q, k, q, k, x, **layout)
   blocked = objective.layer_attention_error(0.5 * q, k, q, k, x, **layout, block=4)
   assert blocked.dtype == dense.dtype == jnp.float32

@@ -1,6 +1,7 @@
 """Layer-sequential q/k pruning: exact counts, re-propagation, resume, the prune CLI and
 saving the pruned model."""
 
+import dataclasses
 import io
 import json
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from attnprune_jax import cli, evaluate, models, pipeline
+from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.baselines import input_stats, wanda
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import MaskSolverConfig
@@ -160,6 +162,7 @@ def tiny_folder(tmp_path_factory, smollm2):
 
 SMALL_DATA = ["--calib-seqs", "2", "--calib-len", "16", "--heldout-seqs", "1", "--eval-tokens",
               "64"]
+SMALL_WINDOWS = qk_pruning.DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64)
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -240,6 +243,38 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
                                      "prune_time.png"]
   assert all(p.stat().st_size > 10_000 for p in paths)
+  # Nor are rows of another model with the same windows (e.g. a pruned copy of it).
+  monkeypatch.undo()
+  other = Llama(model.config, model.weights() | {"norm": model.weights()["norm"] * 2},
+                model.tokenizer)
+  monkeypatch.setattr(qk_pruning, "dense_row", fail)
+  with pytest.raises(AssertionError, match="a finished row was recomputed"):
+    qk_pruning.reproduce(other, results, tmp_path / "work", grid, reporter=Reporter(quiet=True))
+
+
+def test_reproduce_cli_on_another_model_keeps_its_rows_apart(tiny_folder, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(qk_pruning, "QUICK", dataclasses.replace(qk_pruning.QUICK,
+                                                               data=SMALL_WINDOWS))
+  assert cli.main(["reproduce", "--model", str(tiny_folder), "--quick", "--methods", "wanda",
+                   "--quiet"]) == 0
+  stored = json.loads((tmp_path / "out/models/model-quick/qk_pruning.json").read_text())
+  assert stored["layers"] == [0, 1]  # quick_layers of a 2-layer model
+  assert [row["method"] for row in stored["rows"]] == ["dense", "wanda"]
+  assert not (tmp_path / "results").exists() and not (tmp_path / "out/quick").exists()
+
+
+def test_windows_longer_than_the_model_handles_are_refused(tmp_path, capsys, smollm2):
+  config = LlamaConfig(vocab_size=smollm2.tokenizer.vocab_size, hidden_size=8,
+                       intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                       head_dim=4, rope_base=1e4, rms_eps=1e-5, max_positions=32)
+  huggingface.write_folder(tmp_path / "short", config, Llama.random(
+      config, jax.random.key(0)).weights(), smollm2.tokenizer)
+  assert cli.main(["eval", "--model", str(tmp_path / "short"), "--ctx", "33", "--tokens", "66",
+                   "--quiet"]) == 2
+  assert "windows of 33 tokens; the model handles at most 32" in capsys.readouterr().err
+  assert cli.main(["eval", "--model", str(tmp_path / "short"), "--ctx", "32", "--tokens", "64",
+                   "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("which,windows,message", [
@@ -253,3 +288,14 @@ def test_bad_windows_are_named(tiny, which, windows, message):
   arguments = {"calibration": calibration, "heldout": heldout, which: windows}
   with pytest.raises(InputError, match=message):
     prune_model(model, PruneSettings("wanda", 0.5, None, (0,)), **arguments)
+
+
+def test_model_fingerprint_covers_the_architecture_and_the_weights():
+  model = Llama.random(TINY_LLAMA, jax.random.key(0))
+  base = pipeline.model_fingerprint(model)
+  assert pipeline.model_fingerprint(Llama(TINY_LLAMA, model.weights())) == base
+  scaled = dataclasses.replace(TINY_LLAMA, rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 16))
+  assert pipeline.model_fingerprint(Llama(scaled, model.weights())) != base
+  norm = model.weights()["norm"]
+  assert pipeline.model_fingerprint(Llama(TINY_LLAMA, model.weights() | {
+      "norm": norm.at[0].add(1.0)})) != base

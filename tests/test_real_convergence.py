@@ -11,7 +11,8 @@ import pytest
 import attnprune_jax as ap
 from attnprune_jax import cli, models
 from attnprune_jax.errors import InputError
-from attnprune_jax.models.llama import Llama
+from attnprune_jax.attention import Llama3Scaling
+from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.reporting import Reporter
 from conftest import TINY_LLAMA
 from experiments import convergence, convergence_report
@@ -209,3 +210,32 @@ def test_command_refuses_bad_options_before_loading(tmp_path, monkeypatch, capsy
   monkeypatch.setattr(models, "load", load)
   assert cli.main(["convergence", "--out", str(tmp_path / "out")] + options) == 2
   assert message in capsys.readouterr().err
+
+
+def test_command_on_a_checkpoint_folder(smollm2, tmp_path, monkeypatch):
+  """`--model FOLDER`: the experiment gets the model of a Hugging Face checkpoint (llama3 RoPE
+  scaling, the real tokenizer for the text windows) and its options are checked against it.
+  (The experiment itself on a model is tested above; here only the folder's way in.)"""
+  config = LlamaConfig(vocab_size=smollm2.tokenizer.vocab_size, hidden_size=16,
+                       intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=4, rope_base=1e4, rms_eps=1e-5,
+                       rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 16), max_positions=64)
+  rng = np.random.default_rng(0)
+  weights = {name: rng.normal(size=shape).astype(np.float32)
+             for name, shape in config.weight_shapes().items()}
+  models.save(Llama(config, weights, smollm2.tokenizer), tmp_path / "model")
+  received = []
+
+  def run(model, real_config, out, reporter):
+    received.append((model, real_config))
+    raise KeyboardInterrupt  # stop here: exit status 130
+
+  monkeypatch.setattr(experiment, "run", run)
+  argv = ["convergence", "--quick", "--model", str(tmp_path / "model"), "--out",
+          str(tmp_path / "out"), "--figures", str(tmp_path / "figures"), "--quiet"]
+  assert cli.main(argv + ["--layers", "1"]) == 130
+  (model, real_config), = received
+  assert model.config == config and real_config.layers == (1,)
+  np.testing.assert_array_equal(model.weights()["q_proj"], weights["q_proj"])
+  assert cli.main(argv + ["--layers", "2"]) == 2
+  assert cli.main(argv + ["--ctx", "65"]) == 2 and len(received) == 1

@@ -184,7 +184,7 @@ def test_more_empty_or_degenerate_inputs_are_named():
   with pytest.raises(InputError, match=r"x must hold at least one window of at least one token"):
     solve_layer(np.ones((8, 8), np.float32), np.ones((4, 8), np.float32),
                 np.ones((0, 4, 8), np.float32), method="attn", sparsity=0.5, num_kv_heads=1,
-                head_dim=4, rope_base=1e4)
+                head_dim=4, rope=1e4)
   with pytest.raises(InputError, match=r"outlier_channels must be in \[0, d=3\]"):
     synthetic_problem(jax.random.key(0), n=4, d=3, batch=1, rank=2)
   assert np.asarray(ap.binarize(np.ones((2, 4)), jnp.bfloat16(0.5))).sum() == 4

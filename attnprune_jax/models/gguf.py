@@ -105,9 +105,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
   merges = list(field(_KEYS.Tokenizer.MERGES))
   token_types = [int(t) for t in field(_KEYS.Tokenizer.TOKEN_TYPE)]
   tokenizer_model, pre = field(_KEYS.Tokenizer.MODEL), reader.fields.get(_KEYS.Tokenizer.PRE)
+  special = {kind: field(key, -1, int) for kind, key in (
+      ("bos", _KEYS.Tokenizer.BOS_ID), ("eos", _KEYS.Tokenizer.EOS_ID))}
   try:
     tokenizer = Tokenizer(tokens, merges, token_types, model=tokenizer_model,
                           pre=None if pre is None else pre.contents())
+    tokenizer = tokenizer.with_special_tokens(
+        bos_token=None if special["bos"] < 0 else tokenizer.id_to_token(special["bos"]),
+        eos_token=None if special["eos"] < 0 else tokenizer.id_to_token(special["eos"]),
+        adds_bos=special["bos"] >= 0 and bool(field(_KEYS.Tokenizer.ADD_BOS, False)))
   except InputError as err:
     raise InputError(f"model file {path}: {err}") from err
   layers = field(_LLM.BLOCK_COUNT, kind=int)
@@ -128,7 +134,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
         num_heads=heads, num_kv_heads=field(_ATTENTION.HEAD_COUNT_KV, heads, int),
         head_dim=head_dim, rope_base=field(_ROPE.FREQ_BASE, 10000.0, float),
         rms_eps=field(_ATTENTION.LAYERNORM_RMS_EPS, kind=float),
-        tie_embeddings=names[("lm_head", None)] not in tensors)
+        tie_embeddings=names[("lm_head", None)] not in tensors,
+        max_positions=field(_LLM.CONTEXT_LENGTH, -1, int) if _LLM.CONTEXT_LENGTH.format(
+            arch=arch) in reader.fields else None)
   except InputError as err:
     raise InputError(f"model file {path}: {err}") from None
 

@@ -1,12 +1,19 @@
-"""Save and load a Llama as a Hugging Face-style folder, the layout `LlamaForCausalLM` reads.
+"""Save and load a Llama as a Hugging Face checkpoint folder, the layout `LlamaForCausalLM` reads.
 
-Files: `config.json` (Hugging Face LlamaConfig keys), `model.safetensors` (float32 tensors under
-Hugging Face names, (out, in), one per layer) and `tokenizer.json` when there is a tokenizer.
-q/k rows are in the Hugging Face order on both sides (rotate-half RoPE): no permutation.
+Reading: `config.json` (model_type "llama"; RoPE scaling of type "llama3" or none, in the old
+`rope_scaling` or the newer `rope_parameters` form), `model.safetensors` or a sharded
+`model.safetensors.index.json` (float32, float16 or bfloat16 tensors, each converted to float32
+as it is read: the files are memory-mapped and never held whole), `tokenizer.json` with the
+BOS/EOS tokens of `tokenizer_config.json` (or the ids of `config.json`). Anything this Llama does
+not compute (biases, another activation, another RoPE type) is refused by name.
 
-Writing is all or nothing: the files go into a hidden temporary sibling folder, are fsynced, and
-the folder is renamed to `path` at the end, so a crash never leaves a partial folder at `path`.
-`path` must not exist yet or be an empty folder; existing models are never overwritten.
+Writing (`write_folder`, the one writer): `config.json`, `model.safetensors` (float32, Hugging
+Face names, (out, in), one tensor per layer; beyond `SHARD_BYTES`, shards and
+`model.safetensors.index.json`), `tokenizer.json` and `tokenizer_config.json`. q/k
+rows are in the Hugging Face order on both sides (rotate-half RoPE): no permutation. Writing is
+all or nothing: the files go into a hidden temporary sibling folder, are fsynced, and the folder
+is renamed to `path` at the end, so a crash never leaves a partial folder at `path`. `path` must
+not exist yet or be an empty folder; existing models are never overwritten.
 """
 
 import json
@@ -19,11 +26,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.errors import InputError, MissingFileError, OutputExistsError
 from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+INDEX_FILE, TOKENIZER_CONFIG_FILE = "model.safetensors.index.json", "tokenizer_config.json"
 
 _GLOBAL_TENSORS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
                    "lm_head": "lm_head.weight"}
@@ -56,15 +65,44 @@ def _checked_weights(weights: dict, config: LlamaConfig) -> dict[str, np.ndarray
   return arrays
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names of the tensor types read
+SHARD_BYTES = 2**31  # write_folder starts a new file beyond this (transformers' own default: 5 GB)
+
+
+def _rope_document(config: LlamaConfig) -> dict | None:
+  """config.json's `rope_scaling` entry (the form Llama 3.1/3.2 checkpoints use), None if none."""
+  s = config.rope_scaling
+  return None if s is None else {
+      "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor,
+      "original_max_position_embeddings": s.original_max_positions}
+
+
+def _shards(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
+  """Tensors in order, cut into consecutive groups of at most `limit` bytes (a larger tensor
+  alone)."""
+  groups, size = [{}], 0
+  for name, value in tensors.items():
+    if groups[-1] and size + value.nbytes > limit:
+      groups.append({})
+      size = 0
+    groups[-1][name] = value
+    size += value.nbytes
+  return groups
+
+
 def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
-                 tokenizer: Tokenizer | None) -> None:
-  """Writes config.json, model.safetensors and (unless `tokenizer` is None) tokenizer.json.
+                 tokenizer: Tokenizer | None, *, shard_bytes: int = SHARD_BYTES) -> None:
+  """Writes config.json, the weights (model.safetensors, or shards of at most `shard_bytes`
+  with model.safetensors.index.json) and, unless `tokenizer` is None, tokenizer.json and
+  tokenizer_config.json.
 
   Args:
     path: the folder to create; must not exist yet, or be empty.
     config: the architecture.
     weights: by our names, layer weights stacked (`config.weight_shapes()`); stored as float32.
-    tokenizer: written as tokenizer.json, or None for none.
+    tokenizer: written as tokenizer.json (+ its BOS/EOS in tokenizer_config.json), or None.
+    shard_bytes: the largest weights file.
   """
   path = Path(path)
   arrays = _checked_weights(weights, config)
@@ -78,17 +116,40 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
       "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
       "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
       "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-      "rope_theta": config.rope_base, "rms_norm_eps": config.rms_eps,
-      "vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings,
-      "torch_dtype": "float32", "hidden_act": "silu", "rope_scaling": None,
+      "rope_theta": config.rope_base, "rope_scaling": _rope_document(config),
+      "rms_norm_eps": config.rms_eps, "vocab_size": config.vocab_size,
+      "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
+      "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
   }
+  if config.max_positions is not None:
+    document["max_position_embeddings"] = config.max_positions
+  if tokenizer is not None:
+    for kind in ("bos", "eos"):
+      token = getattr(tokenizer, f"{kind}_token")
+      if token is not None:
+        document[f"{kind}_token_id"] = tokenizer.token_id(token)
+  shards = _shards(tensors, shard_bytes)
   path.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
   try:
     (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    safetensors.numpy.save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+    if len(shards) == 1:
+      safetensors.numpy.save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        safetensors.numpy.save_file(shard, staging / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+      index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+               "weight_map": weight_map}
+      (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
       (staging / TOKENIZER_FILE).write_text(tokenizer.to_json_str(), encoding="utf-8")
+      (staging / TOKENIZER_CONFIG_FILE).write_text(json.dumps({
+          "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+          "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.adds_bos,
+          "model_max_length": config.max_positions}, indent=2) + "\n", encoding="utf-8")
     for file in staging.iterdir():
       with open(file, "rb") as handle:
         os.fsync(handle.fileno())
@@ -99,29 +160,70 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
     raise
 
 
+def _read_json(path: Path) -> dict:
+  """The JSON object in `path`; InputError naming the file otherwise."""
+  try:
+    document = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise InputError(f"{path} is not valid JSON: {err}") from err
+  if not isinstance(document, dict):
+    raise InputError(f"{path} must hold a JSON object, got {type(document).__name__}")
+  return document
+
+
+def _rope_scaling(document: dict, where: str) -> tuple[float | None, Llama3Scaling | None]:
+  """(θ if the RoPE entry gives it, Llama 3.1 scaling or None) from `rope_scaling` (older
+  configs) or else `rope_parameters` (newer transformers), the one transformers itself reads."""
+  key = "rope_scaling" if document.get("rope_scaling") else "rope_parameters"
+  entry = document.get(key)
+  if not entry:
+    return None, None
+  if not isinstance(entry, dict):
+    raise InputError(f"{where}: {key} must be an object or null, got {entry!r}")
+  kind = entry.get("rope_type", entry.get("type", "default"))
+  if entry.get("partial_rotary_factor", 1.0) != 1.0:
+    raise InputError(f"{where}: {key} sets partial_rotary_factor to "
+                     f"{entry['partial_rotary_factor']!r}; only full RoPE (1.0) is supported")
+  if kind == "default":
+    return entry.get("rope_theta"), None
+  if kind != "llama3":
+    raise InputError(f"{where}: {key} has rope_type {kind!r}; supported: 'default' (no RoPE "
+                     "scaling) and 'llama3'")
+  names = {"factor": "factor", "low_freq_factor": "low_freq_factor",
+           "high_freq_factor": "high_freq_factor",
+           "original_max_positions": "original_max_position_embeddings"}
+  missing = [name for name in names.values() if name not in entry]
+  if missing:
+    raise InputError(f"{where}: {key} of rope_type 'llama3' lacks {missing}")
+  try:
+    return entry.get("rope_theta"), Llama3Scaling(**{ours: entry[theirs]
+                                                     for ours, theirs in names.items()})
+  except (InputError, TypeError) as err:
+    raise InputError(f"{where}: {key}: {err}") from None
+
+
+def _number(value, where: str) -> float:
+  """`value` as a float; InputError naming `where` unless it is a (non-bool) number."""
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    raise InputError(f"{where} must be a number, got {value!r}")
+  return float(value)
+
+
 def _read_config(folder: Path) -> LlamaConfig:
   """The `LlamaConfig` of folder/config.json; absent optional keys take Hugging Face defaults."""
   where = f"folder {folder}: {CONFIG_FILE}"
-  try:
-    document = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise InputError(f"{where} is not valid JSON: {err}") from err
-  if not isinstance(document, dict):
-    raise InputError(f"{where} must hold a JSON object, got {type(document).__name__}")
+  document = _read_json(folder / CONFIG_FILE)
   architectures, model_type = document.get("architectures"), document.get("model_type")
-  if architectures != ["LlamaForCausalLM"] or model_type != "llama":
+  if model_type != "llama" or architectures not in (None, ["LlamaForCausalLM"]):
     raise InputError(f"{where} has architectures {architectures!r} and model_type "
                      f"{model_type!r}; only LlamaForCausalLM / llama is supported")
-  if document.get("rope_scaling") is not None:
-    raise InputError(f"{where} sets rope_scaling, which is not supported")
-  rope = document.get("rope_parameters") or {}  # newer transformers: rope_theta and rope_type
-  if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-    raise InputError(f"{where} sets rope_parameters {rope!r}; only rope_type 'default' (no RoPE "
-                     "scaling) is supported")
-  if (document.get("hidden_act", "silu") != "silu" or document.get("attention_bias")
-      or document.get("mlp_bias")):
-    raise InputError(f"{where} asks for a hidden_act other than silu or for biases, which are "
-                     "not supported")
+  for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                         ("pretraining_tp", 1), ("partial_rotary_factor", 1.0),
+                         ("quantization_config", None)):
+    if document.get(key, supported) != supported:
+      raise InputError(f"{where} sets {key} to {document[key]!r}; only {supported!r} is "
+                       "supported")
+  rope_theta, scaling = _rope_scaling(document, where)
 
   def get(key, kind, default=None):
     """document[key] (or `default` if given) as `kind`, else an InputError naming the key."""
@@ -141,56 +243,135 @@ def _read_config(folder: Path) -> LlamaConfig:
                        f"got {value!r}") from None
 
   hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+  head_dim = document.get("head_dim")
   fields = dict(
       vocab_size=get("vocab_size", int), hidden_size=hidden,
       intermediate_size=get("intermediate_size", int), num_layers=get("num_hidden_layers", int),
       num_heads=heads, num_kv_heads=get("num_key_value_heads", int, heads),
-      head_dim=get("head_dim", int, hidden // heads if heads > 0 else 0),
-      rope_base=get("rope_theta", float, rope.get("rope_theta", 10000.0)),
+      head_dim=(hidden // heads if heads > 0 else 0) if head_dim is None else
+      get("head_dim", int),
+      # θ inside the RoPE entry wins over the top-level one, as in transformers.
+      rope_base=(get("rope_theta", float, 10000.0) if rope_theta is None else
+                 _number(rope_theta, f"{where}: the RoPE entry's rope_theta")),
       rms_eps=get("rms_norm_eps", float, 1e-6),
-      tie_embeddings=get("tie_word_embeddings", bool, False))
+      tie_embeddings=get("tie_word_embeddings", bool, False), rope_scaling=scaling,
+      max_positions=(get("max_position_embeddings", int)
+                     if document.get("max_position_embeddings") is not None else None))
   try:
     return LlamaConfig(**fields)
   except InputError as err:
     raise InputError(f"{where}: {err} (the config's fields by our names: {fields})") from None
 
 
+def _tensor_files(folder: Path) -> dict[str, Path] | Path:
+  """Tensor name -> file from model.safetensors.index.json, or the one model.safetensors."""
+  if (folder / WEIGHTS_FILE).is_file():
+    return folder / WEIGHTS_FILE
+  if not (folder / INDEX_FILE).is_file():
+    raise MissingFileError(f"folder {folder} has no {WEIGHTS_FILE} and no {INDEX_FILE}")
+  weight_map = _read_json(folder / INDEX_FILE).get("weight_map")
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise InputError(f"{folder / INDEX_FILE} has no weight_map of tensor names to files")
+  files = {name: folder / file for name, file in weight_map.items()}
+  for file in sorted(set(files.values())):
+    if not file.is_file():
+      raise MissingFileError(f"folder {folder}: {file.name}, named in {INDEX_FILE}, is missing")
+  return files
+
+
+def _special_tokens(folder: Path, tokenizer: Tokenizer) -> Tokenizer:
+  """The tokenizer with the checkpoint's BOS/EOS: tokenizer_config.json's bos_token/eos_token,
+  else config.json's bos_token_id/eos_token_id (the first of a list); whether BOS is added:
+  tokenizer_config.json's add_bos_token, else whether tokenizer.json's post-processor adds it."""
+  settings = {}
+  if (folder / TOKENIZER_CONFIG_FILE).is_file():
+    settings = _read_json(folder / TOKENIZER_CONFIG_FILE)
+  config = _read_json(folder / CONFIG_FILE)
+  tokens = {}
+  for kind in ("bos", "eos"):
+    where, token = f"{TOKENIZER_CONFIG_FILE}: {kind}_token", settings.get(f"{kind}_token")
+    if isinstance(token, dict):  # an AddedToken written out
+      token = token.get("content")
+    if token is None:
+      where, index = f"{CONFIG_FILE}: {kind}_token_id", config.get(f"{kind}_token_id")
+      if isinstance(index, list):
+        index = index[0] if index else None
+      try:
+        token = None if index is None else tokenizer.id_to_token(index)
+      except InputError as err:
+        raise InputError(f"folder {folder}: {where}: {err}") from None
+    if token is not None and (not isinstance(token, str) or not tokenizer.has_token(token)):
+      raise InputError(f"folder {folder}: {where} must be a token of {TOKENIZER_FILE}, got "
+                       f"{token!r}")
+    tokens[kind] = token
+  adds_bos = settings.get("add_bos_token")
+  if adds_bos is None:
+    adds_bos = tokens["bos"] is not None and tokenizer.post_processor_adds(tokens["bos"])
+  elif not isinstance(adds_bos, bool):
+    raise InputError(f"folder {folder}: {TOKENIZER_CONFIG_FILE}: add_bos_token must be true or "
+                     f"false, got {adds_bos!r}")
+  elif adds_bos and tokens["bos"] is None:
+    raise InputError(f"folder {folder}: {TOKENIZER_CONFIG_FILE} sets add_bos_token but names no "
+                     "bos_token (nor does config.json a bos_token_id)")
+  return tokenizer.with_special_tokens(bos_token=tokens["bos"], eos_token=tokens["eos"],
+                                       adds_bos=adds_bos)
+
+
 def read_folder(path: str | os.PathLike
                 ) -> tuple[LlamaConfig, dict[str, np.ndarray], Tokenizer | None]:
   """Config, float32 weights by our names (layer weights stacked, (layers, out, in)) and the
-  tokenizer (None without tokenizer.json) of a folder written by `write_folder` or by Hugging
-  Face for a Llama model. Tensors the config does not need are ignored."""
+  tokenizer (None without tokenizer.json) of a Hugging Face Llama checkpoint folder. Tensors
+  are read one at a time from the memory-mapped files into the stacked float32 arrays; tensors
+  the config does not need are ignored."""
   folder = Path(path)
-  for name in (CONFIG_FILE, WEIGHTS_FILE):
-    if not (folder / name).is_file():
-      raise MissingFileError(f"folder {folder} has no {name}")
+  if not (folder / CONFIG_FILE).is_file():
+    raise MissingFileError(f"folder {folder} has no {CONFIG_FILE}")
   config = _read_config(folder)
-  try:
-    tensors = safetensors.numpy.load_file(folder / WEIGHTS_FILE)
-  except (safetensors.SafetensorError, TypeError) as err:  # TypeError: dtypes numpy lacks
-    raise InputError(f"folder {folder}: {WEIGHTS_FILE} is not readable: {err}") from err
-
-  def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in tensors:
-      raise InputError(f"folder {folder}: {WEIGHTS_FILE} lacks the tensor {name!r}")
-    if tensors[name].shape != shape:
-      raise InputError(f"folder {folder}: tensor {name!r} has shape {tensors[name].shape}, "
-                       f"expected {shape}")
-    value = tensors[name].astype(np.float32)
-    if not np.isfinite(value).all():
-      raise InputError(f"folder {folder}: tensor {name!r} in {WEIGHTS_FILE} contains NaN or Inf")
-    return value
-
+  files = _tensor_files(folder)
   shapes = config.weight_shapes()
-  weights = {name: tensor(tensor_name(name), shapes[name])
-             for name in shapes if name not in LAYER_WEIGHTS}
-  for name in LAYER_WEIGHTS:
-    weights[name] = np.stack([tensor(tensor_name(name, layer), shapes[name][1:])
-                              for layer in range(config.num_layers)])
+
+  def read(name: str, shape: tuple[int, ...], out: np.ndarray) -> None:
+    """Tensor `name` into `out` (float32). Its file is opened (memory-mapped) for this tensor
+    alone, so the mapped pages of one tensor, not of the whole file, count as resident."""
+    file = files if isinstance(files, Path) else files.get(name)
+    if file is None:
+      raise InputError(f"folder {folder}: {INDEX_FILE} names no file for the tensor {name!r}")
+    try:
+      with safetensors.safe_open(file, framework="numpy") as handle:
+        if name not in handle.keys():
+          raise InputError(f"folder {folder}: {file.name} lacks the tensor {name!r}")
+        tensor = handle.get_slice(name)
+        if tensor.get_dtype() not in FLOAT_DTYPES:
+          raise InputError(f"folder {folder}: tensor {name!r} in {file.name} has dtype "
+                           f"{tensor.get_dtype()}; supported: {FLOAT_DTYPES} (quantized "
+                           "checkpoints are not)")
+        found = tuple(tensor.get_shape())
+        if found != shape:
+          raise InputError(f"folder {folder}: tensor {name!r} has shape {found}, expected "
+                           f"{shape}")
+        out[...] = handle.get_tensor(name)
+    except (safetensors.SafetensorError, OSError, TypeError, ValueError) as err:
+      if isinstance(err, InputError):
+        raise
+      raise InputError(f"folder {folder}: tensor {name!r} in {file.name} is not readable: "
+                       f"{err}") from err
+    if not np.isfinite(out).all():
+      raise InputError(f"folder {folder}: tensor {name!r} in {file.name} contains NaN or Inf")
+
+  weights = {}
+  for name, shape in shapes.items():
+    weights[name] = np.empty(shape, np.float32)
+    if name in LAYER_WEIGHTS:
+      for layer in range(config.num_layers):
+        read(tensor_name(name, layer), shape[1:], weights[name][layer])
+    else:
+      read(tensor_name(name), shape, weights[name])
   tokenizer_path = folder / TOKENIZER_FILE
-  tokenizer = (Tokenizer.from_json_str(tokenizer_path.read_text(encoding="utf-8"))
-               if tokenizer_path.is_file() else None)
-  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-    raise InputError(f"folder {folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, more "
-                     f"than the vocab_size {config.vocab_size} of {CONFIG_FILE}")
-  return config, {name: weights[name] for name in shapes}, tokenizer
+  tokenizer = None
+  if tokenizer_path.is_file():
+    tokenizer = _special_tokens(
+        folder, Tokenizer.from_json_str(tokenizer_path.read_text(encoding="utf-8")))
+    if tokenizer.vocab_size > config.vocab_size:
+      raise InputError(f"folder {folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, "
+                       f"more than the vocab_size {config.vocab_size} of {CONFIG_FILE}")
+  return config, weights, tokenizer

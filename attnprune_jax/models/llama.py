@@ -21,7 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from attnprune_jax import validation
-from attnprune_jax.attention import layer_attention
+from attnprune_jax.attention import Llama3Scaling, Rope, layer_attention
 from attnprune_jax.errors import InputError
 
 LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -30,7 +30,11 @@ LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture numbers of a Llama model."""
+  """Architecture numbers of a Llama model.
+
+  `rope_scaling` is Llama 3.1's frequency scaling or None; `max_positions` the longest sequence
+  the model was made for (None: unknown, unchecked).
+  """
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -41,6 +45,8 @@ class LlamaConfig:
   rope_base: float
   rms_eps: float
   tie_embeddings: bool = True
+  rope_scaling: Llama3Scaling | None = None
+  max_positions: int | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -48,12 +54,24 @@ class LlamaConfig:
       validation.check_positive_int(name, getattr(self, name))
     validation.check_scalar("rope_base", self.rope_base, minimum=0.0, strict=True)
     validation.check_scalar("rms_eps", self.rms_eps, minimum=0.0)
+    for name in ("rope_base", "rms_eps"):  # equal configs compare (and print) equal
+      object.__setattr__(self, name, float(getattr(self, name)))
     validation.check_bool("tie_embeddings", self.tie_embeddings)
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3Scaling):
+      raise InputError(f"rope_scaling must be a Llama3Scaling or None, got {self.rope_scaling!r}")
+    if self.max_positions is not None:
+      object.__setattr__(self, "max_positions",
+                         validation.check_positive_int("max_positions", self.max_positions))
     if self.num_heads % self.num_kv_heads:
       raise InputError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads})")
     if self.head_dim % 2:
       raise InputError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+  @property
+  def rope(self) -> Rope:
+    """The rotary embedding frequencies (static: hashable)."""
+    return Rope(self.rope_base, self.rope_scaling)
 
   def weight_shapes(self) -> dict[str, tuple[int, ...]]:
     """Shape of every weight, layer weights stacked on a leading layer axis."""
@@ -106,7 +124,7 @@ def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfi
   kv, hd = config.num_kv_heads, config.head_dim
   attn_input = attention_input(hidden, layer, config)
   probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
-                          rope_base=config.rope_base)
+                          rope=config.rope)
   v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
   grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
   mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)

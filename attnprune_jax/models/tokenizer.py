@@ -5,9 +5,15 @@ Recipe (`tokenizer.ggml.model` "gpt2", i.e. byte-level BPE): a BPE model from
 `tokenizer.ggml.pre`, rebuilt for the values in `PRE_TOKENIZERS` only (any other would split text
 differently without a word, so it is refused); ByteLevel decoder; control tokens as special
 tokens. Text round-trips exactly.
-`to_json_str` / `Tokenizer.from_json_str` save and restore it as Hugging Face `tokenizer.json`.
+`to_json_str` / `Tokenizer.from_json_str` save and restore it as Hugging Face `tokenizer.json`
+(any `tokenizer.json`, e.g. Llama 3's, loads that way).
+
+A tokenizer also knows the checkpoint's BOS and EOS tokens and whether the model's own
+tokenizer puts BOS before a text (`adds_bos`); `start_token` is the token our token windows
+start with.
 """
 
+import copy
 from collections.abc import Sequence
 
 import gguf
@@ -16,6 +22,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, p
 from attnprune_jax.errors import InputError, InputTypeError
 
 BPE_MODEL = "gpt2"
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2-style vocabularies put it between documents
 
 
 def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -32,9 +39,14 @@ PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
 class Tokenizer:
   """`encode(str) -> list[int]` and `decode(list[int]) -> str`, no tokens added implicitly."""
 
+  bos_token: str | None = None
+  eos_token: str | None = None
+  adds_bos: bool = False
+
   def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
                model: str, pre: str | None):
-    """The GGUF fields tokenizer.ggml.{tokens, merges, token_type, model, pre}.
+    """The GGUF fields tokenizer.ggml.{tokens, merges, token_type, model, pre} (BOS/EOS:
+    `with_special_tokens`).
 
     `pre` None means the field is absent, which llama.cpp reads as its "default" pre-tokenizer;
     that one is not reproduced here, so an absent field is refused like any unsupported value.
@@ -68,8 +80,9 @@ class Tokenizer:
 
   @classmethod
   def from_json_str(cls, text: str) -> "Tokenizer":
-    """The tokenizer saved as `tokenizer.json` text (by `to_json_str`): special tokens are the
-    added tokens marked special, in id order."""
+    """The tokenizer of a `tokenizer.json` text (ours from `to_json_str`, or a checkpoint's):
+    special tokens are the added tokens marked special, in id order; no BOS/EOS known yet
+    (`with_special_tokens`)."""
     try:
       bpe = HFTokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception
@@ -80,6 +93,49 @@ class Tokenizer:
     tokenizer._tokenizer = bpe
     tokenizer.vocab_size = bpe.get_vocab_size(with_added_tokens=True)
     return tokenizer
+
+  def with_special_tokens(self, *, bos_token: str | None, eos_token: str | None,
+                          adds_bos: bool) -> "Tokenizer":
+    """A copy that knows the checkpoint's BOS/EOS tokens (each in the vocabulary, or None) and
+    whether its model expects BOS before a text."""
+    for name, token in (("bos_token", bos_token), ("eos_token", eos_token)):
+      if token is not None and not self.has_token(token):
+        raise InputError(f"{name} {token!r} is not in the vocabulary")
+    if adds_bos and bos_token is None:
+      raise InputError("adds_bos is true but there is no bos_token")
+    tokenizer = copy.copy(self)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.adds_bos = bos_token, eos_token, adds_bos
+    return tokenizer
+
+  @property
+  def start_token(self) -> str:
+    """The token a window of text starts with: BOS where the model's tokenizer adds it (Llama 3),
+    else the document separator <|endoftext|> (SmolLM2 and other GPT-2-style vocabularies), else
+    BOS; InputError if there is none of them."""
+    if self.adds_bos:
+      return self.bos_token
+    if self._tokenizer.token_to_id(DOCUMENT_SEPARATOR) is not None:
+      return DOCUMENT_SEPARATOR
+    if self.bos_token is not None:
+      return self.bos_token
+    raise InputError(f"the tokenizer has no BOS token and no {DOCUMENT_SEPARATOR}: a window of "
+                     "text has no start token")
+
+  def post_processor_adds(self, token: str) -> bool:
+    """Whether the tokenizer.json's post-processor puts `token` before a text."""
+    ids = self._tokenizer.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == self.token_id(token)
+
+  def has_token(self, token: str) -> bool:
+    """Whether `token` is one token of the vocabulary."""
+    return isinstance(token, str) and self._tokenizer.token_to_id(token) is not None
+
+  def id_to_token(self, index: int) -> str:
+    """The token string of an id."""
+    token = self._tokenizer.id_to_token(index) if isinstance(index, int) else None
+    if token is None:
+      raise InputError(f"token id {index!r} is not in the vocabulary of {self.vocab_size}")
+    return token
 
   def to_json_str(self) -> str:
     """The Hugging Face `tokenizer.json` text of this tokenizer."""
