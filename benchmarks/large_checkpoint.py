@@ -1,5 +1,5 @@
 """Memory and time of a 1B-parameter Hugging Face checkpoint on this machine: load, prune one
-layer, evaluate one window.
+layer, evaluate one window, save the pruned model.
 
 Writes (once, reused afterwards) a random checkpoint of Llama 3.2-1B's shape and layout: 16
 layers, d = 2048, FFN 8192, 32 query / 8 KV heads of 64, llama3 RoPE scaling (factor 32, θ = 5e5),
@@ -10,7 +10,8 @@ whose peak resident memory (Linux VmHWM) is read after each phase:
   2. `pipeline.prune_model` with one pruned layer (the middle one) on `attnprune prune`'s
      default calibration (8 Emma windows × 512, 4 held-out): the whole layer-sequential pass,
      with all 16 layers re-propagated and their held-out attention errors measured;
-  3. `evaluate.perplexity` on one 512-token window.
+  3. `evaluate.perplexity` on one 512-token window;
+  4. `models.save` of the pruned model (what `--save-weights` writes), then deleted.
 Ratios: peaks against the float32 model's size, load time against safetensors' own whole-file
 load of the same file (with a float32 cast), timed afterwards in the parent process. A
 whole-model prune costs about the one-layer solve time × 16 plus the propagation.
@@ -110,6 +111,13 @@ def measure(folder: Path, method: str) -> dict:
   ppl = evaluate.perplexity(model, window, weights=pruned.weights)
   result |= {"eval_s": time.perf_counter() - start, "perplexity": ppl["perplexity"],
              "eval_peak_gib": peak()}
+  saved = folder.with_name(folder.name + "-pruned")
+  shutil.rmtree(saved, ignore_errors=True)
+  start = time.perf_counter()
+  models.save(model, saved, weights=pruned.weights)
+  result |= {"save_s": time.perf_counter() - start, "save_peak_gib": peak(),
+             "saved_files": sorted(path.name for path in saved.iterdir())}
+  shutil.rmtree(saved)
   return result
 
 
@@ -154,6 +162,8 @@ def main() -> None:
         f"{r['prune_peak_gib'] / model_gib:.2f}x the model")
   print(f"  evaluate: {r['eval_s']:6.1f} s for one 512-token window, peak "
         f"{r['eval_peak_gib']:.2f} GiB (perplexity {r['perplexity']:.0f}: random weights)")
+  print(f"  save:     {r['save_s']:6.1f} s (models.save, as --save-weights), peak "
+        f"{r['save_peak_gib']:.2f} GiB; files {', '.join(r['saved_files'])}")
   whole = r["prune_s"] + 15 * r["layer_solve_s"]
   print(f"  a whole-model q/k prune: about {whole / 60:.0f} min (one pass + 15 more solves)")
 
