@@ -142,8 +142,10 @@ def main() -> None:
   if run.returncode:
     sys.exit(f"the measuring process failed (exit {run.returncode}); its output is above")
   r = json.loads(run.stdout.strip().splitlines()[-1])
+  print(json.dumps(r))  # the raw figures first, whatever happens below
   # Reference, in this process after the measured one has ended: the whole file read at once
   # by safetensors and converted to float32 (what a loader without per-tensor reads does).
+  import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which load_file asks for)
   import safetensors.numpy
   start = time.perf_counter()
   whole = {name: value.astype(np.float32) for name, value in
