@@ -77,6 +77,9 @@ def attention_matrix(x: Float[Array, "... n d"], w: Float[Array, "d d"], *,
                            causal=validation.check_bool("causal", causal))
 
 
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
 @dataclasses.dataclass(frozen=True)
 class Llama3Scaling:
   """Llama 3.1's RoPE frequency scaling (`rope_type` "llama3" in Hugging Face configs).
@@ -94,6 +97,9 @@ class Llama3Scaling:
     for name in ("factor", "low_freq_factor", "high_freq_factor"):
       validation.check_scalar(name, getattr(self, name), minimum=0.0, strict=True)
       object.__setattr__(self, name, float(getattr(self, name)))  # equal ones compare equal
+      if getattr(self, name) > FLOAT32_MAX:
+        raise InputError(f"{name} must be at most {FLOAT32_MAX:.4g} (the frequencies are "
+                         f"float32), got {getattr(self, name)}")
     object.__setattr__(self, "original_max_positions", validation.check_positive_int(
         "original_max_positions", self.original_max_positions))
     if not self.high_freq_factor > self.low_freq_factor:

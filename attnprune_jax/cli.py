@@ -134,6 +134,9 @@ def _check_text_fits(model, text: str, count: int, ctx: int, options: str) -> No
   """An InputError naming `options` unless `count` windows of `ctx` tokens fit in `text` and
   `ctx` in the model's longest sequence."""
   from attnprune_jax import data
+  if model.tokenizer is None:
+    raise InputError("--model has no tokenizer (a checkpoint folder without tokenizer.json?); "
+                     "the text windows need one")
   longest = model.config.max_positions
   if longest is not None and ctx > longest:
     raise InputError(f"{options} ask for windows of {ctx} tokens; the model handles at most "

@@ -3,6 +3,7 @@ SmolLM2 (tokenizer, pruned q_proj), the exact tensor names, and the errors."""
 
 import json
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import safetensors.numpy
 import tokenizers
 import tokenizers.processors
 
-from attnprune_jax import data, models
+from attnprune_jax import cli, data, models
 from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.errors import InputError
 from attnprune_jax.models.huggingface import read_folder, write_folder
@@ -329,3 +330,72 @@ def test_bad_special_tokens_are_named(bos_folder, settings, config, message):
   edit_config(bos_folder, **config)
   with pytest.raises(InputError, match=re.escape(message)):
     read_folder(bos_folder)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"rope_theta": "10000"}, "rope_theta must be a number, got '10000'"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a number, got '1e-5'"),
+    ({"hidden_size": 2**30}, "has shape (24,), expected (1073741824,)"),
+    ({"vocab_size": 2**31 - 1}, "model.embed_tokens.weight' has shape (64, 24), expected"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 1e308, "low_freq_factor": 1,
+                       "high_freq_factor": 4, "original_max_position_embeddings": 64}},
+     "factor must be at most 3.403e+38"),
+])
+def test_absurd_config_values_are_named_before_any_allocation(saved, changes, message):
+  edit_config(saved, **changes)
+  with pytest.raises(InputError, match=re.escape(message)):
+    read_folder(saved)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/tmp/model.safetensors",
+                                   ""])
+def test_index_shards_must_be_files_of_the_folder(saved, shard):
+  (saved / "model.safetensors").rename(saved / "model-1.safetensors")
+  with safetensors.safe_open(saved / "model-1.safetensors", framework="numpy") as handle:
+    names = handle.keys()
+  weight_map = dict.fromkeys(names, "model-1.safetensors") | {"model.norm.weight": shard}
+  (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(InputError, match="shards must be files of the folder itself"):
+    read_folder(saved)
+  weight_map["model.norm.weight"] = "model-1.safetensors"
+  (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  assert read_folder(saved)[0] == CONFIGS["gqa"]
+
+
+def test_values_beyond_float32_are_refused_quietly(saved):
+  tensors = safetensors.numpy.load_file(saved / "model.safetensors")
+  name = "model.layers.1.mlp.down_proj.weight"
+  tensors[name] = tensors[name].astype(np.float64)
+  tensors[name][0, 0] = 1e300
+  safetensors.numpy.save_file(tensors, saved / "model.safetensors")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(InputError, match=f"'{name}' in model.safetensors contains NaN or Inf "
+                                         r"\(or values beyond float32\)"):
+      read_folder(saved)
+
+
+def test_unreadable_tokenizer_files_are_named(bos_folder):
+  (bos_folder / "tokenizer.json").write_bytes(b"\xff\xfe\x80 not text")
+  with pytest.raises(InputError, match="tokenizer.json: 'utf-8' codec can't decode"):
+    read_folder(bos_folder)
+  (bos_folder / "tokenizer.json").write_text("{}")
+  with pytest.raises(InputError, match=r"m: tokenizer.json: text is not a valid tokenizer.json"):
+    read_folder(bos_folder)
+
+
+@pytest.mark.parametrize("index,message", [
+    (-1, "token id -1 is not in the vocabulary"),
+    (2**70, f"token id {2**70} is not in the vocabulary"),
+    (True, "a token id must be an integer, got True"),
+    ("2", "a token id must be an integer, got '2'")])
+def test_bad_token_ids_in_the_config_are_named(bos_folder, index, message):
+  edit_config(bos_folder, eos_token_id=index)
+  with pytest.raises(InputError, match=re.escape(f"config.json: eos_token_id: {message}")):
+    read_folder(bos_folder)
+
+
+def test_commands_name_a_folder_without_a_tokenizer(saved, capsys):
+  assert cli.main(["eval", "--model", str(saved), "--tokens", "64", "--ctx", "32", "--quiet"]) == 2
+  assert "--model has no tokenizer (a checkpoint folder without tokenizer.json?)" in \
+      capsys.readouterr().err

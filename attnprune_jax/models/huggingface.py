@@ -235,7 +235,7 @@ def _read_config(folder: Path) -> LlamaConfig:
         raise InputError(f"{where}: {key} must be true or false, got {value!r}")
       return value
     try:
-      if isinstance(value, bool) or (kind is int and value != int(value)):
+      if isinstance(value, bool | str) or (kind is int and value != int(value)):
         raise ValueError
       return kind(value)
     except (TypeError, ValueError, OverflowError):
@@ -272,6 +272,10 @@ def _tensor_files(folder: Path) -> dict[str, Path] | Path:
   weight_map = _read_json(folder / INDEX_FILE).get("weight_map")
   if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
     raise InputError(f"{folder / INDEX_FILE} has no weight_map of tensor names to files")
+  for file in set(weight_map.values()):
+    if not file or Path(file).name != file or file in (".", ".."):
+      raise InputError(f"{folder / INDEX_FILE} names the shard {file!r}; shards must be files "
+                       "of the folder itself, named without a path")
   files = {name: folder / file for name, file in weight_map.items()}
   for file in sorted(set(files.values())):
     if not file.is_file():
@@ -330,12 +334,17 @@ def read_folder(path: str | os.PathLike
   files = _tensor_files(folder)
   shapes = config.weight_shapes()
 
-  def read(name: str, shape: tuple[int, ...], out: np.ndarray) -> None:
-    """Tensor `name` into `out` (float32). Its file is opened (memory-mapped) for this tensor
-    alone, so the mapped pages of one tensor, not of the whole file, count as resident."""
+  def tensor_file(name: str) -> Path:
     file = files if isinstance(files, Path) else files.get(name)
     if file is None:
       raise InputError(f"folder {folder}: {INDEX_FILE} names no file for the tensor {name!r}")
+    return file
+
+  def opened(name: str, shape: tuple[int, ...], use) -> None:
+    """Opens (memory-maps) the file of tensor `name` for this tensor alone (so the mapped
+    pages of one tensor, not of a whole file, count as resident), checks the tensor's dtype and
+    shape in the header, and calls use(handle, file)."""
+    file = tensor_file(name)
     try:
       with safetensors.safe_open(file, framework="numpy") as handle:
         if name not in handle.keys():
@@ -349,15 +358,29 @@ def read_folder(path: str | os.PathLike
         if found != shape:
           raise InputError(f"folder {folder}: tensor {name!r} has shape {found}, expected "
                            f"{shape}")
-        out[...] = handle.get_tensor(name)
+        use(handle, file)
     except (safetensors.SafetensorError, OSError, TypeError, ValueError) as err:
       if isinstance(err, InputError):
         raise
       raise InputError(f"folder {folder}: tensor {name!r} in {file.name} is not readable: "
                        f"{err}") from err
-    if not np.isfinite(out).all():
-      raise InputError(f"folder {folder}: tensor {name!r} in {file.name} contains NaN or Inf")
 
+  def read(name: str, shape: tuple[int, ...], out: np.ndarray) -> None:
+    """Tensor `name` into `out`, as float32 (beyond float32's range: inf, refused below)."""
+    def copy(handle, file):
+      with np.errstate(over="ignore"):
+        out[...] = handle.get_tensor(name)
+      if not np.isfinite(out).all():
+        raise InputError(f"folder {folder}: tensor {name!r} in {file.name} contains NaN or Inf "
+                         "(or values beyond float32)")
+    opened(name, shape, copy)
+
+  names = [(tensor_name(name, layer), shape[1:]) for name, shape in shapes.items()
+           if name in LAYER_WEIGHTS for layer in range(config.num_layers)]
+  names += [(tensor_name(name), shape) for name, shape in shapes.items()
+            if name not in LAYER_WEIGHTS]
+  for name, shape in names:  # every header first: a config that contradicts the files is
+    opened(name, shape, lambda handle, file: None)  # named before any memory is allocated
   weights = {}
   for name, shape in shapes.items():
     weights[name] = np.empty(shape, np.float32)
@@ -369,8 +392,11 @@ def read_folder(path: str | os.PathLike
   tokenizer_path = folder / TOKENIZER_FILE
   tokenizer = None
   if tokenizer_path.is_file():
-    tokenizer = _special_tokens(
-        folder, Tokenizer.from_json_str(tokenizer_path.read_text(encoding="utf-8")))
+    try:
+      tokenizer = Tokenizer.from_json_str(tokenizer_path.read_text(encoding="utf-8"))
+    except (InputError, UnicodeDecodeError) as err:
+      raise InputError(f"folder {folder}: {TOKENIZER_FILE}: {err}") from None
+    tokenizer = _special_tokens(folder, tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
       raise InputError(f"folder {folder}: {TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, "
                        f"more than the vocab_size {config.vocab_size} of {CONFIG_FILE}")

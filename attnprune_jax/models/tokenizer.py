@@ -132,9 +132,11 @@ class Tokenizer:
 
   def id_to_token(self, index: int) -> str:
     """The token string of an id."""
-    token = self._tokenizer.id_to_token(index) if isinstance(index, int) else None
+    if isinstance(index, bool) or not isinstance(index, int):
+      raise InputError(f"a token id must be an integer, got {index!r}")
+    token = self._tokenizer.id_to_token(index) if 0 <= index < self.vocab_size else None
     if token is None:
-      raise InputError(f"token id {index!r} is not in the vocabulary of {self.vocab_size}")
+      raise InputError(f"token id {index} is not in the vocabulary of {self.vocab_size}")
     return token
 
   def to_json_str(self) -> str:
