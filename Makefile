@@ -16,11 +16,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# --no-compile: Python compiles (and caches) only the modules it imports, instead of pip
+# compiling all of torch and transformers up front (about 80 s of a clean setup).
 $(STAMP): requirements.txt requirements-reference.txt requirements-model.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24" "setuptools>=68"
-	# --no-compile: Python compiles (and caches) only the modules it imports, instead of pip
-	# compiling all of torch and transformers up front (about 80 s of a clean setup).
 	$(PY) -m pip install --quiet --no-compile -r requirements.txt -r requirements-reference.txt || \
 	  $(PY) -m pip install --quiet --no-compile --extra-index-url $(TORCH_INDEX) \
 	    -r requirements.txt -r requirements-reference.txt
