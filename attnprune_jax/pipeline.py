@@ -150,8 +150,9 @@ def _read_checkpoint(folder: Path, key: dict, reporter: Reporter):
     reporter.info(f"ignoring the unreadable checkpoint {path}: {err}")
     return None
   stored_key = state.get("key") or {}
-  if {k: v for k, v in stored_key.items() if k != "code"} == {
-      k: v for k, v in key.items() if k != "code"} and stored_key.get("code") != key["code"]:
+  if stored_key.get("code") != key["code"]:
+    # Never resumable, whatever else it was made with (other code may also fingerprint the
+    # model or the data differently): an old checkpoint in the folder is replaced.
     reporter.info(f"the checkpoint {path} was made by other code (fingerprint "
                   f"{stored_key.get('code')}, now {key['code']}); starting afresh")
     return None
@@ -173,8 +174,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     heldout: (windows, t) int tokens for the attention errors (never given to a method).
     checkpoint_dir: if given, the state after every layer is saved there and a rerun with the
       same settings resumes after the last finished layer, with identical results; a
-      checkpoint of other code (`CODE`'s fingerprint) is discarded, one of other settings,
-      windows or model is an error.
+      checkpoint of other code (`CODE`'s fingerprint) is discarded, one of the same code but
+      other settings, windows or model is an error.
     reporter: a progress bar per layer.
     devices: devices that share each layer's attention-aware solve (`methods.prune_qk`); the
       layers stay in order. None: one device.

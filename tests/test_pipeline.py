@@ -130,6 +130,12 @@ def test_a_checkpoint_of_other_code_is_not_resumed(tiny, tmp_path, monkeypatch):
   prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path,
               reporter=Reporter(stream=stream))
   assert len(calls) == 2 and "made by other code" in stream.getvalue()
+  # Other code and other settings (or a model fingerprinted differently by the other code):
+  # replaced as well, not an error.
+  monkeypatch.setattr(pipeline, "code_fingerprint", lambda modules: "yet other code")
+  prune_model(model, PruneSettings("wanda", 0.7, None, (0, 1)), calibration, heldout,
+              checkpoint_dir=tmp_path, reporter=Reporter(stream=stream))
+  assert len(calls) == 4
 
 
 def test_default_solver_settings_are_recorded():
