@@ -321,9 +321,25 @@ def _data_config(args: argparse.Namespace):
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
   from attnprune_jax.layer_masks import MaskSolverConfig, OPTIMIZERS
   from attnprune_jax.methods import METHODS
-  parser.add_argument("--method", required=True, choices=METHODS)
+  from attnprune_jax.baselines import BASELINES
+  from attnprune_jax.pipeline import TARGETS
+  parser.add_argument("--method", required=True, choices=METHODS,
+                      help="the method for q_proj and k_proj (and for every target, without "
+                           "--rest)")
+  parser.add_argument("--targets", choices=tuple(TARGETS), default="qk",
+                      help="the linears pruned in every chosen layer: qk (default), attention "
+                           "(+ v_proj, o_proj) or all (+ gate/up/down_proj); embeddings and LM "
+                           "head stay dense")
+  parser.add_argument("--rest", choices=tuple(BASELINES),
+                      help="the baseline for the targets other than q/k (needed with an "
+                           "attention-aware --method and --targets attention/all)")
+  parser.add_argument("--true-sequential", action="store_true",
+                      help="prune a block's q/k/v, o, gate/up, down in turn, each from the "
+                           "block with the ones before pruned (SparseGPT's option; default: "
+                           "all from the block's dense weights, as Wanda)")
   parser.add_argument("--sparsity", type=float,
-                      help="fraction of q/k entries removed per output row (unstructured)")
+                      help="fraction of every target's entries removed per output row "
+                           "(unstructured)")
   parser.add_argument("--pattern", metavar="N:M",
                       help="N:M structure along the input axis, e.g. 2:4 (sparsity N/M)")
   parser.add_argument("--layers", default=None, help="layers to prune, e.g. 0-29 (default: all)")
@@ -361,7 +377,6 @@ def _devices(text: str) -> list | None:
 
 def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, models
-  from attnprune_jax.masks import kept_count
   from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
   from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning
@@ -398,6 +413,9 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   if solver is not None and data_config.calib_seqs % solver.windows_per_step:
     raise InputError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
                      f"({data_config.calib_seqs})")
+  # Checked before the model loads (layers are checked against it after).
+  PruneSettings(args.method, sparsity, n_m, (0,), solver, targets=args.targets, rest=args.rest,
+                true_sequential=args.true_sequential)
   devices = _devices(args.devices)
   out = Path(args.out)
   if args.save_weights and (out / "model").exists():
@@ -406,18 +424,17 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   model = models.load(args.model)
   layers = (tuple(range(model.config.num_layers)) if ranges is None
             else _layers(ranges, args.layers, model.config.num_layers))
-  if n_m is not None and model.config.hidden_size % n_m[1]:
-    raise InputError(f"--pattern {args.pattern}: M must divide the model width "
-                     f"{model.config.hidden_size}")
-  if n_m is None and kept_count(model.config.hidden_size, sparsity) == 0:
-    raise InputError(f"--sparsity {sparsity:g} keeps none of the {model.config.hidden_size} "
-                     "entries of a row; a row must keep at least one")
+  settings = PruneSettings(args.method, sparsity, n_m, layers, solver, targets=args.targets,
+                           rest=args.rest, true_sequential=args.true_sequential)
+  try:
+    settings.check_shapes(model.config)
+  except InputError as err:
+    raise InputError(f"--{'pattern' if n_m else 'sparsity'}: {err}") from None
   _check_text_fits(model, data.CALIBRATION_TEXT, data_config.calib_seqs
                    + data_config.heldout_seqs, data_config.calib_len,
                    "--calib-seqs, --heldout-seqs and --calib-len")
   _check_text_fits(model, data.EVALUATION_TEXT, data_config.eval_tokens // data_config.calib_len,
                    data_config.calib_len, "--eval-tokens and --calib-len")
-  settings = PruneSettings(args.method, sparsity, n_m, layers, solver)
   token_windows = qk_pruning.windows(model, data_config)
   row = qk_pruning.prune_row(model, settings, token_windows, data_config, out,
                              save_weights=args.save_weights, reporter=reporter,
@@ -425,10 +442,14 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
   write_json_atomic(out / "results.json", result_document("prune", row, provenance(
       seed=None, settings=vars(args) | {"command_spec": None},
       wall_time_s=row["pipeline_time_s"])))
-  reporter.info(f"{args.method} {row['pattern']} {sparsity:g}: perplexity "
+  removed = row["removed"]
+  reporter.info(f"{settings.name} {row['pattern']} {sparsity:g}: perplexity "
                 f"{row['perplexity']:.3f}, attention error (held-out, mean over layers) "
                 f"{row['attention_error_mean']:.4g}, prune time {row['prune_time_s']:.1f} s; "
-                f"{out / 'results.json'}")
+                "removed " + ", ".join(f"{name} {100 * value:.2f} %" for name, value
+                                       in removed["per_target"].items())
+                + f" (of the pruned layers), decoder linears {100 * removed['linear']:.2f} %, "
+                f"all parameters {100 * removed['model']:.2f} %; {out / 'results.json'}")
   return row, None
 
 
@@ -436,8 +457,14 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
   size = parser.add_mutually_exclusive_group()
   size.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
   size.add_argument("--quick", action="store_true",
-                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth) at 0.7, "
-                         "four methods, 4k evaluation tokens: a few minutes (make demo)")
+                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth) at 0.7 "
+                         "(0.5 with --targets beyond qk), four methods, 4k evaluation tokens: a "
+                         "few minutes (make demo)")
+  parser.add_argument("--targets", choices=("qk", "attention", "all"), default="qk",
+                      help="qk (default): the paper's comparison, q_proj/k_proj pruned; "
+                           "attention/all: every attention linear / every linear pruned, the "
+                           "baselines everywhere against attention-aware q/k + the baseline on "
+                           "the rest, at 0.5, 2:4 and 0.6 (results/whole_model.json for all)")
   parser.add_argument("--model", default="smollm2",
                       help=MODEL_HELP + "; for a model other than smollm2, --results, --work "
                       "and --figures default to out/models/NAME/ (NAME: the folder or file name)")
@@ -469,21 +496,36 @@ def _stored_rows(path: Path) -> list[dict]:
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, models
   from attnprune_jax.methods import METHODS
+  from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning, qk_report
-  grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
-      qk_pruning.ReproduceConfig()
+  if args.targets == "qk":
+    grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
+        qk_pruning.ReproduceConfig()
+    stem, work_name = "qk_pruning", ""
+  else:
+    grid = dataclasses.replace(qk_pruning.WHOLE_MODEL, targets=args.targets)
+    if args.quick:
+      grid = dataclasses.replace(grid, sparsities=("0.5",), layers=qk_pruning.QUICK.layers,
+                                 data=qk_pruning.QUICK.data)
+    elif args.full:
+      grid = dataclasses.replace(grid, sparsities=grid.sparsities + ("0.7",))
+    stem = {"attention": "attention_linears", "all": "whole_model"}[args.targets]
+    work_name = f"/{stem}"
   if args.methods:
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-      raise InputError(f"--methods must be among {METHODS}, got {unknown}")
     grid = dataclasses.replace(grid, methods=tuple(args.methods))
+  for method in grid.methods:  # e.g. attn-progressive alone with --targets all
+    first, rest = qk_pruning.split_method(method)
+    try:
+      PruneSettings(first, 0.5, None, (0,), targets=grid.targets, rest=rest)
+    except InputError as err:
+      raise InputError(f"--methods {method} with --targets {grid.targets}: {err}") from None
   if args.model == "smollm2":
-    defaults = ("out/quick/qk_pruning.json", "out/quick", None) if args.quick else (
-        "results/qk_pruning.json", "out/reproduce", "figures/real")
+    defaults = (f"out/quick/{stem}.json", f"out/quick{work_name}", None) if args.quick else (
+        f"results/{stem}.json", f"out/reproduce{work_name}", "figures/real")
   else:  # another model's rows must not mix with (or overwrite) the embedded model's
     name = Path(args.model).name or "model"
     base = Path("out/models") / (f"{name}-quick" if args.quick else name)
-    defaults = (str(base / "qk_pruning.json"), str(base / "work"),
+    defaults = (str(base / f"{stem}.json"), str(base / f"work{work_name}"),
                 None if args.quick else str(base / "figures"))
   results = check_output_path("--results", args.results or defaults[0])
   work = check_output_path("--work", args.work or defaults[1], folder=True)
@@ -500,14 +542,16 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
     _check_text_fits(model, data.CALIBRATION_TEXT, grid.data.calib_seqs + grid.data.heldout_seqs,
                      grid.data.calib_len, "reproduce's calibration windows")
   if args.report_only:
-    results.with_suffix(".md").write_text(qk_report.markdown_tables(rows))
+    results.with_suffix(".md").write_text(qk_report.markdown_tables(rows, grid.targets))
   else:
     rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
   reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
                  [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
                    row["attention_error_mean"], row["prune_time_s"]] for row in rows])
   paths = []
-  if figures:
+  if figures and grid.targets != "qk":
+    paths = [qk_report.plot_whole_model(rows, Path(figures) / f"{stem}.png")]
+  elif figures:
     paths = qk_report.plot(rows, Path(figures), model=model, work=work, config=grid.data)
     reporter.info("figures: " + ", ".join(str(path) for path in paths))
   return {"rows": rows, "results": str(results), "figures": [str(p) for p in paths]}, None
@@ -523,10 +567,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("convergence", "Algorithm 1 on every query head of chosen layers of a real model: "
             "the convergence theory on real weights.", _convergence_arguments, _convergence_run,
             resumable=True),
-    Command("prune", "Prune q_proj/k_proj of a real model layer by layer with one method; "
-            "perplexity and attention error.", _prune_arguments, _prune_run, resumable=True),
+    Command("prune", "Prune q_proj/k_proj (or every linear, --targets) of a real model layer by "
+            "layer; perplexity, attention error and sparsity.", _prune_arguments, _prune_run, resumable=True),
     Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
-            "(paper sections 6.2-6.3), resumable.", _reproduce_arguments, _reproduce_run,
+            "(paper sections 6.2-6.3; --targets all: whole-model sparsity), resumable.", _reproduce_arguments, _reproduce_run,
             resumable=True),
 )
 

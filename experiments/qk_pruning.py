@@ -105,9 +105,9 @@ def prune_row(model: Llama, settings: PruneSettings, token_windows: dict, config
                             weights=pruned.weights, reporter=reporter)
   layers = [record for record in pruned.layers if record["pruned"]]
   row = {
-      "method": settings.method, "sparsity": settings.sparsity,
-      "pattern": pattern_name(settings.n_m), "perplexity": ppl["perplexity"],
-      "eval_tokens": ppl["tokens"],
+      "method": settings.name, "sparsity": settings.sparsity,
+      "pattern": pattern_name(settings.n_m), "targets": settings.targets,
+      "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
       "attention_error_mean": float(np.mean([r["attention_error"] for r in layers])),
       "attention_error_per_layer": {str(r["layer"]): r["attention_error"] for r in layers},
       "attention_error_end_to_end_per_layer": {
@@ -115,6 +115,7 @@ def prune_row(model: Llama, settings: PruneSettings, token_windows: dict, config
       "prune_time_s": float(sum(r["prune_time_s"] for r in layers)),
       "pipeline_time_s": pipeline_s,
       "kept_fraction": float(np.mean([(r["kept_q"] + r["kept_k"]) / 2 for r in layers])),
+      "removed": pipeline.sparsity_summary(model.config, pruned.layers),
       "layers": pruned.layers,
       "settings": settings.to_json() | {"data": dataclasses.asdict(config)},
   }
@@ -129,9 +130,10 @@ def prune_row(model: Llama, settings: PruneSettings, token_windows: dict, config
 class ReproduceConfig:
   """The grid of `reproduce` (all our choice; the paper's sparsities are not known)."""
   sparsities: tuple[str, ...] = SPARSITIES
-  methods: tuple[str, ...] = REPRODUCE_METHODS
+  methods: tuple[str, ...] = REPRODUCE_METHODS  # a method, or "q/k method+rest method"
   layers: tuple[int, ...] | None = None  # None: every layer
   data: DataConfig = DataConfig()
+  targets: str = "qk"  # a key of `pipeline.TARGETS`
 
 
 def quick_layers(num_layers: int) -> tuple[int, ...]:
@@ -142,6 +144,20 @@ def quick_layers(num_layers: int) -> tuple[int, ...]:
 
 
 FULL = ReproduceConfig(sparsities=FULL_SPARSITIES)
+# Beyond the paper: every linear of every block pruned (issue 12), the usual pruner everywhere
+# against the attention-aware q/k within it, at the same sparsity of every target.
+WHOLE_MODEL_METHODS = ("magnitude", "wanda", "attn-progressive+wanda", "sparsegpt",
+                       "attn-reweight+sparsegpt")
+WHOLE_MODEL = ReproduceConfig(sparsities=("0.5", "2:4", "0.6"), methods=WHOLE_MODEL_METHODS,
+                              targets="all")
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+  """'attn-progressive+wanda' -> ('attn-progressive', 'wanda'); 'wanda' -> ('wanda', None)."""
+  method, _, rest = name.partition("+")
+  return method, rest or None
+
+
 # `make demo`: three layers at 0.7 and a short evaluation, a few minutes on 2 cores.
 QUICK = ReproduceConfig(sparsities=("0.7",), layers=quick_layers(30),
                         methods=("wanda", "sparsegpt", "attn-progressive", "attn-reweight"),
@@ -168,7 +184,8 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
   rows = []
   if results_path.is_file():
     stored = json.loads(results_path.read_text())
-    if stored.get("data") == dataclasses.asdict(config) and stored.get("layers") == list(layers):
+    if (stored.get("data") == dataclasses.asdict(config) and stored.get("layers") == list(layers)
+        and stored.get("targets", "qk") == grid.targets):
       rows = [row for row in stored["rows"] if row.get("key") == row_key]
       stale = len(stored["rows"]) - len(rows)
       if stale:
@@ -197,19 +214,22 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
     if method == "dense":
       row = dense_row(model, token_windows, config, reporter)
     else:
-      settings = PruneSettings(method, value, n_m, layers)
+      first, rest = split_method(method)
+      settings = PruneSettings(first, value, n_m, layers, targets=grid.targets, rest=rest)
       row = prune_row(model, settings, token_windows, config, row_folder(work, method, sparsity),
                       reporter=reporter)
     row["key"] = row_key
     row["provenance"] = provenance(seed=None, settings={"row": [method, sparsity]},
                                    wall_time_s=time.perf_counter() - row_start)
     rows.append(row)
-    write_json_atomic(results_path, result_document("qk-pruning", {
-        "data": dataclasses.asdict(config), "layers": list(layers), "rows": rows}, provenance(
+    kind = "qk-pruning" if grid.targets == "qk" else "whole-model"
+    write_json_atomic(results_path, result_document(kind, {
+        "data": dataclasses.asdict(config), "layers": list(layers), "targets": grid.targets,
+        "rows": rows}, provenance(
             seed=None, settings={"sparsities": list(grid.sparsities),
                                  "methods": list(grid.methods)},
             wall_time_s=time.perf_counter() - start)))
-    results_path.with_suffix(".md").write_text(markdown_tables(rows))
+    results_path.with_suffix(".md").write_text(markdown_tables(rows, grid.targets))
     reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
                    [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
                      row["attention_error_mean"], row["prune_time_s"]]])

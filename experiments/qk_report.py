@@ -8,12 +8,26 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprune_jax import pipeline
 from attnprune_jax.models import Llama
 from experiments import qk_pruning
 
 METHOD_COLORS = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:purple",
                  "attn": "tab:olive", "attn-progressive": "tab:red",
-                 "attn-reweight": "tab:orange"}
+                 "attn-reweight": "tab:orange", "attn-progressive+wanda": "tab:red",
+                 "attn-reweight+sparsegpt": "tab:orange"}
+# The issue's bar: (ours, the baselines it must beat) on the perplexity increase over dense.
+CHECKS = {
+    "qk": {"Δppl `attn-progressive` / min(magnitude, Wanda)": ("attn-progressive",
+                                                                ("magnitude", "wanda")),
+           "Δppl `attn-reweight` / SparseGPT": ("attn-reweight", ("sparsegpt",)),
+           "Δppl `attn` / min(magnitude, Wanda)": ("attn", ("magnitude", "wanda"))},
+    "rest": {"Δppl `attn-progressive+wanda` / Wanda": ("attn-progressive+wanda", ("wanda",)),
+             "Δppl `attn-reweight+sparsegpt` / SparseGPT": ("attn-reweight+sparsegpt",
+                                                             ("sparsegpt",))},
+}
+# Whose held-out attention errors are compared layer by layer: (ours, baseline).
+LAYER_WINS = {"qk": ("attn-progressive", "wanda"), "rest": ("attn-progressive+wanda", "wanda")}
 MAP_LAYER, MAP_HEAD, MAP_TOKENS, MAP_SPARSITY = 15, 0, 96, 0.7
 
 
@@ -107,11 +121,10 @@ def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig
   for method in ("dense", "wanda", "attn-progressive"):
     weights = None
     if method != "dense":
-      checkpoint = qk_pruning.row_folder(work, method, str(MAP_SPARSITY)) / "checkpoint.npz"
-      if not checkpoint.is_file():
+      weights = pipeline.checkpoint_weights(
+          qk_pruning.row_folder(work, method, str(MAP_SPARSITY)), model)
+      if weights is None:
         return None
-      with np.load(checkpoint) as stored:
-        weights = {"q_proj": stored["q_proj"], "k_proj": stored["k_proj"]}
     _, captured = model(heldout, weights=weights, return_attention=True)
     maps[method] = np.asarray(captured["attention"][MAP_LAYER, 0, MAP_HEAD])
   from matplotlib.colors import PowerNorm
@@ -133,14 +146,18 @@ def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig
   return _save(fig, path)
 
 
-def markdown_tables(rows: list[dict]) -> str:
+def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   """The rows as Markdown: perplexity (and its increase over dense), held-out attention error,
-  prune time, and the issue's bar (ratios of perplexity increases, layers won)."""
+  prune time, the fractions removed (targets beyond q/k), and the issue's bar (ratios of
+  perplexity increases, layers won)."""
+  scope = "qk" if targets == "qk" else "rest"
+  order = qk_pruning.REPRODUCE_METHODS if scope == "qk" else qk_pruning.WHOLE_MODEL_METHODS
   dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), float("nan"))
   cells = {(row["method"], row["pattern"] if row["pattern"] != "unstructured"
             else f"{row['sparsity']:g}"): row for row in rows if row["method"] != "dense"}
   columns = sorted({c for _, c in cells}, key=lambda c: (":" in c, c))
-  methods = [m for m in qk_pruning.REPRODUCE_METHODS if any(m == key[0] for key in cells)]
+  methods = [m for m in order if any(m == key[0] for key in cells)]
+  methods += sorted({m for m, _ in cells} - set(methods))
 
   def table(title, value):
     lines = [f"| {title} | " + " | ".join(columns) + " |",
@@ -156,13 +173,7 @@ def markdown_tables(rows: list[dict]) -> str:
     return None if row is None else row["perplexity"] - dense
 
   bar = [f"| check | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-  checks = {
-      "Δppl `attn-progressive` / min(magnitude, Wanda)": ("attn-progressive",
-                                                            ("magnitude", "wanda")),
-      "Δppl `attn-reweight` / SparseGPT": ("attn-reweight", ("sparsegpt",)),
-      "Δppl `attn` / min(magnitude, Wanda)": ("attn", ("magnitude", "wanda")),
-  }
-  for title, (ours, theirs) in checks.items():
+  for title, (ours, theirs) in CHECKS[scope].items():
     values = []
     for column in columns:
       mine = increase(ours, column)
@@ -170,21 +181,60 @@ def markdown_tables(rows: list[dict]) -> str:
       values.append("–" if mine is None or not best else f"{mine / min(best):.2f}")
     bar.append(f"| {title} | " + " | ".join(values) + " |")
   won = []
+  ours_name, theirs_name = LAYER_WINS[scope]
   for column in columns:
-    ours, wanda = cells.get(("attn-progressive", column)), cells.get(("wanda", column))
-    if ours is None or wanda is None:
+    ours, theirs = cells.get((ours_name, column)), cells.get((theirs_name, column))
+    if ours is None or theirs is None:
       won.append("–")
       continue
     layers = ours["attention_error_per_layer"]
-    wins = sum(layers[k] < wanda["attention_error_per_layer"][k] for k in layers)
+    wins = sum(layers[k] < theirs["attention_error_per_layer"][k] for k in layers)
     won.append(f"{wins}/{len(layers)}")
-  bar.append("| layers where `attn-progressive` has lower held-out attention error than Wanda | "
-             + " | ".join(won) + " |")
-  return "\n\n".join([
+  bar.append(f"| layers where `{ours_name}` has lower held-out attention error than "
+             f"`{theirs_name}` | " + " | ".join(won) + " |")
+  tables = [
       f"Dense perplexity: {dense:.3f}.",
       table("perplexity (Δ over dense)",
             lambda r: f"{r['perplexity']:.2f} (+{r['perplexity'] - dense:.2f})"),
       table("held-out attention error, mean over layers",
             lambda r: f"{r['attention_error_mean']:.1f}"),
-      table("prune time of all layers, s", lambda r: f"{r['prune_time_s']:.0f}"),
-      "\n".join(bar)]) + "\n"
+      table("prune time of all layers, s", lambda r: f"{r['prune_time_s']:.0f}")]
+  if scope == "rest":
+    tables.append(table("removed: decoder linears (all parameters)", lambda r: (
+        f"{100 * r['removed']['linear']:.2f} % ({100 * r['removed']['model']:.2f} %)")))
+  return "\n\n".join(tables + ["\n".join(bar)]) + "\n"
+
+
+def plot_whole_model(rows: list[dict], path: Path) -> Path:
+  """Perplexity of every method at every sparsity (grouped bars, log scale), every linear of
+  every block pruned."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), None)
+  pruned = [row for row in rows if row["method"] != "dense"]
+  columns = sorted({(row["pattern"] != "unstructured", row["sparsity"], row["pattern"])
+                    for row in pruned})
+  methods = [m for m in qk_pruning.WHOLE_MODEL_METHODS if any(r["method"] == m for r in pruned)]
+  methods += sorted({r["method"] for r in pruned} - set(methods))
+  width = 0.8 / max(len(methods), 1)
+  fig, axis = plt.subplots(figsize=(8, 4.2))
+  for i, method in enumerate(methods):
+    label = method
+    for j, (_, sparsity, pattern) in enumerate(columns):
+      row = next((r for r in pruned if (r["method"], r["sparsity"], r["pattern"])
+                  == (method, sparsity, pattern)), None)
+      if row is not None:
+        axis.bar(j + (i - (len(methods) - 1) / 2) * width, row["perplexity"], width,
+                 color=METHOD_COLORS.get(method, "tab:green"), hatch="//" if "+" in method else "",
+                 edgecolor="white", label=label)
+        label = None
+  axis.set_xticks(range(len(columns)), [
+      f"{s:g} unstructured" if p == "unstructured" else p for _, s, p in columns])
+  if dense is not None:
+    axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+  axis.set_yscale("log")
+  axis.set_ylabel("perplexity (Pride and Prejudice)")
+  axis.set_title("every linear of every block pruned (q/k + v/o + MLP), same sparsity each")
+  axis.legend(fontsize=8)
+  return _save(fig, path)

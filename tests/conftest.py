@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attnprune_jax.models.llama import LlamaConfig
+from experiments.qk_pruning import DataConfig
 
 # A tiny GQA Llama (4 query heads in 2 KV groups) for tests of the layer-wise experiments.
 TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
@@ -46,3 +47,24 @@ def random_problem(seed: int, *, n: int = 7, d: int = 5, batch: int | None = Non
   mask = (1.0 + 0.3 * rng.normal(size=(d, d))).astype(dtype)
   return mask, w, x
 
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2):
+  """A tiny random 2-layer model with the real tokenizer, saved as a Hugging Face folder."""
+  from attnprune_jax.models import huggingface
+  from attnprune_jax.models.llama import Llama
+  tokenizer = smollm2.tokenizer
+  config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=24,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+                       rope_base=10000.0, rms_eps=1e-5)
+  model = Llama.random(config, jax.random.key(1), scale=0.3)
+  folder = tmp_path_factory.mktemp("tiny") / "model"
+  huggingface.write_folder(folder, config, model.weights(), tokenizer)
+  return folder
+
+
+# Small windows for the real-model commands on `tiny_folder` (CLI options and DataConfig).
+SMALL_DATA = ["--calib-seqs", "2", "--calib-len", "16", "--heldout-seqs", "1", "--eval-tokens",
+              "64"]
+SMALL_WINDOWS = DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64)

@@ -112,10 +112,12 @@ def _rope(x, base):
   return out
 
 
-def llama_forward(weights: dict, tokens: np.ndarray, config) -> tuple[np.ndarray, list, list]:
+def llama_forward(weights: dict, tokens: np.ndarray, config, *,
+                  linear_inputs: list | None = None) -> tuple[np.ndarray, list, list]:
   """Logits (t, vocab) of one sequence, with each layer's attention input and attention
   matrices, in float64, head by head with explicit GQA indexing (head j reads KV head
-  j // (heads / kv_heads))."""
+  j // (heads / kv_heads)). A list given as `linear_inputs` receives, per layer, the input of
+  each linear by weight name."""
   assert getattr(config, "rope_scaling", None) is None, "this reference has no RoPE scaling"
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
   hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
@@ -143,9 +145,14 @@ def llama_forward(weights: dict, tokens: np.ndarray, config) -> tuple[np.ndarray
       probs.append(a)
       outs.append(a @ v)
     attentions.append(np.stack(probs))
-    h = h + np.concatenate(outs, axis=-1) @ w["o_proj"][layer].T
+    heads_out = np.concatenate(outs, axis=-1)
+    h = h + heads_out @ w["o_proj"][layer].T
     m = _rms_norm(h, w["post_attention_layernorm"][layer], config.rms_eps)
     gate = m @ w["gate_proj"][layer].T
-    h = h + ((gate / (1 + np.exp(-gate))) * (m @ w["up_proj"][layer].T)) @ w["down_proj"][layer].T
+    gated = (gate / (1 + np.exp(-gate))) * (m @ w["up_proj"][layer].T)
+    h = h + gated @ w["down_proj"][layer].T
+    if linear_inputs is not None:
+      linear_inputs.append({"q_proj": x, "k_proj": x, "v_proj": x, "o_proj": heads_out,
+                            "gate_proj": m, "up_proj": m, "down_proj": gated})
   head = w["embed_tokens"] if config.tie_embeddings else w["lm_head"]
   return _rms_norm(h, w["norm"], config.rms_eps) @ head.T, inputs, attentions

@@ -19,7 +19,7 @@ from attnprune_jax.models import huggingface
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
-from conftest import TINY_LLAMA
+from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA
 from experiments import qk_pruning, qk_report
 
 CONFIG = TINY_LLAMA
@@ -153,24 +153,6 @@ def test_settings_are_checked():
     PruneSettings("wanda", 1.5, None, (0,))
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2):
-  """A tiny random model with the real tokenizer, saved as a Hugging Face folder."""
-  tokenizer = smollm2.tokenizer
-  config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=24,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
-                       rope_base=10000.0, rms_eps=1e-5)
-  model = Llama.random(config, jax.random.key(1), scale=0.3)
-  folder = tmp_path_factory.mktemp("tiny") / "model"
-  huggingface.write_folder(folder, config, model.weights(), tokenizer)
-  return folder
-
-
-SMALL_DATA = ["--calib-seqs", "2", "--calib-len", "16", "--heldout-seqs", "1", "--eval-tokens",
-              "64"]
-SMALL_WINDOWS = qk_pruning.DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64)
-
-
 @pytest.mark.parametrize("method,extra", [
     ("wanda", ["--sparsity", "0.5"]),
     ("attn-progressive", ["--pattern", "2:4", "--rounds", "2", "--steps-per-round", "2",
@@ -207,7 +189,14 @@ def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, me
     (["--method", "attn", "--sparsity", "0.5", "--windows-per-step", "3"], "must divide"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib-len", "1"], "--calib-len must be"),
     (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
-    (["--method", "wanda", "--sparsity", "0.99"], "keeps none of the 16 entries of a row"),
+    (["--method", "wanda", "--sparsity", "0.99"], "keeps none of the 16 entries of a q_proj row"),
+    (["--method", "attn-progressive", "--sparsity", "0.5", "--targets", "all"],
+     "attn-progressive prunes only q_proj and k_proj: with targets 'all' give rest"),
+    (["--method", "wanda", "--sparsity", "0.5", "--rest", "sparsegpt"],
+     "with targets 'qk' there are none"),
+    (["--method", "wanda", "--sparsity", "0.5", "--true-sequential"], "targets 'qk' are one group"),
+    (["--method", "wanda", "--pattern", "8:16", "--targets", "all"],
+     "down_proj: n_m=(8, 16) needs the last axis to be a multiple of 16, got 24"),
 ])
 def test_prune_cli_errors(tiny_folder, tmp_path, capsys, argv, message):
   assert cli.main(["prune", "--model", str(tiny_folder), *SMALL_DATA, *argv,

@@ -109,6 +109,36 @@ def attention_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaCon
   return rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
 
 
+def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """The attention half of a block (residual added).
+
+  Returns:
+    (hidden after it (b, t, d), attention input (b, t, d): q/k/v_proj's input, attention
+    (b, heads, t, t), mixed heads (b, t, heads·hd): o_proj's input).
+  """
+  b, t, _ = hidden.shape
+  kv, hd = config.num_kv_heads, config.head_dim
+  attn_input = attention_input(hidden, layer, config)
+  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
+                          rope=config.rope)
+  v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
+  grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
+  mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
+  return hidden + mixed @ layer["o_proj"].T, attn_input, probs, mixed
+
+
+def mlp_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """The SwiGLU half of a block (residual added).
+
+  Returns:
+    (hidden after it (b, t, d), MLP input (b, t, d): gate/up_proj's input, gated (b, t, f):
+    down_proj's input).
+  """
+  mlp_input = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
+  gated = jax.nn.silu(mlp_input @ layer["gate_proj"].T) * (mlp_input @ layer["up_proj"].T)
+  return hidden + gated @ layer["down_proj"].T, mlp_input, gated
+
+
 def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
   """One decoder block on its own.
 
@@ -120,18 +150,22 @@ def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfi
   Returns:
     (hidden leaving the block (b, t, d), attention input (b, t, d), attention (b, heads, t, t)).
   """
-  b, t, _ = hidden.shape
-  kv, hd = config.num_kv_heads, config.head_dim
-  attn_input = attention_input(hidden, layer, config)
-  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
-                          rope=config.rope)
-  v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
-  grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
-  mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
-  hidden = hidden + mixed @ layer["o_proj"].T
-  mlp_input = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
-  gated = jax.nn.silu(mlp_input @ layer["gate_proj"].T) * (mlp_input @ layer["up_proj"].T)
-  return hidden + gated @ layer["down_proj"].T, attn_input, probs
+  hidden, attn_input, probs, _ = attention_block(hidden, layer, config)
+  hidden, _, _ = mlp_block(hidden, layer, config)
+  return hidden, attn_input, probs
+
+
+# The input each linear of a block acts on, by the names `linear_inputs` gives them.
+LINEAR_INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+                 "o_proj": "heads", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "gated"}
+
+
+def linear_inputs(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig) -> dict:
+  """What each linear of a block sees when the block runs on `hidden`: {"attention": (b, t, d),
+  "heads": (b, t, heads·hd), "mlp": (b, t, d), "gated": (b, t, f)} (see `LINEAR_INPUTS`)."""
+  hidden, attn_input, _, mixed = attention_block(hidden, layer, config)
+  _, mlp_input, gated = mlp_block(hidden, layer, config)
+  return {"attention": attn_input, "heads": mixed, "mlp": mlp_input, "gated": gated}
 
 
 def layer_weights(weights: dict, index: int) -> dict:
