@@ -455,24 +455,30 @@ def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None
 
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
   size = parser.add_mutually_exclusive_group()
-  size.add_argument("--full", action="store_true", help="also sparsities 0.3, 0.6 and 0.9")
+  from attnprune_jax.pipeline import TARGETS
+  size.add_argument("--full", action="store_true",
+                    help="also sparsities 0.3, 0.6 and 0.9 (--targets beyond qk: also 0.7)")
   size.add_argument("--quick", action="store_true",
-                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth) at 0.7 "
-                         "(0.5 with --targets beyond qk), four methods, 4k evaluation tokens: a "
-                         "few minutes (make demo)")
-  parser.add_argument("--targets", choices=("qk", "attention", "all"), default="qk",
+                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth), 4k "
+                         "evaluation tokens; qk: four methods at 0.7, a few minutes (make demo); "
+                         "beyond qk: the five rows at 0.5")
+  parser.add_argument("--targets", choices=tuple(TARGETS), default="qk",
                       help="qk (default): the paper's comparison, q_proj/k_proj pruned; "
-                           "attention/all: every attention linear / every linear pruned, the "
-                           "baselines everywhere against attention-aware q/k + the baseline on "
-                           "the rest, at 0.5, 2:4 and 0.6 (results/whole_model.json for all)")
+                           "attention / all: every attention linear / every linear of every "
+                           "block pruned, each baseline everywhere against attention-aware q/k "
+                           "+ that baseline on the rest, at 0.5, 2:4 and 0.6 (rows in "
+                           "results/attention_linears.json / results/whole_model.json)")
   parser.add_argument("--model", default="smollm2",
                       help=MODEL_HELP + "; for a model other than smollm2, --results, --work "
                       "and --figures default to out/models/NAME/ (NAME: the folder or file name)")
   parser.add_argument("--results", help="the table of rows, resumable row by row (default "
-                      "results/qk_pruning.json; out/quick/qk_pruning.json with --quick)")
-  parser.add_argument("--work", help="layer checkpoints of the rows (default out/reproduce; "
-                      "out/quick with --quick)")
-  parser.add_argument("--methods", nargs="+", help="a subset of the methods")
+                      "results/NAME.json, NAME: qk_pruning, attention_linears or whole_model "
+                      "by --targets; out/quick/NAME.json with --quick)")
+  parser.add_argument("--work", help="layer checkpoints of the rows (default out/reproduce, "
+                      "out/reproduce/NAME beyond qk; out/quick[/NAME] with --quick)")
+  parser.add_argument("--methods", nargs="+",
+                      help="a subset of the methods; beyond qk, METHOD+BASELINE prunes q/k with "
+                           "METHOD and the rest with BASELINE (e.g. attn-progressive+wanda)")
   parser.add_argument("--figures", metavar="DIR",
                       help="where the figures go (default figures/real; none with --quick)")
   parser.add_argument("--report-only", action="store_true",
@@ -480,22 +486,26 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                            "stored in --results")
 
 
-def _stored_rows(path: Path) -> list[dict]:
-  """The rows of a results file of `reproduce`; an InputError naming --results if it is not
-  one."""
+def _stored_rows(path: Path, targets: str) -> list[dict]:
+  """The rows of a results file of `reproduce` for `targets`; an InputError naming --results
+  if it is not one."""
   try:
-    rows = json.loads(path.read_text())["rows"]
+    document = json.loads(path.read_text())
+    rows = document["rows"]
   except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
     raise InputError(f"--results: {path} is not a results file of reproduce "
                      f"({type(err).__name__}: {err})") from None
   if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
     raise InputError(f"--results: {path} holds no list of rows")
+  stored = document.get("targets", "qk")
+  if stored != targets:
+    raise InputError(f"--results: {path} holds rows of --targets {stored}, not {targets}; "
+                     "choose another --results")
   return rows
 
 
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax import data, models
-  from attnprune_jax.methods import METHODS
   from attnprune_jax.pipeline import PruneSettings
   from experiments import qk_pruning, qk_report
   if args.targets == "qk":
@@ -532,7 +542,7 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   figures = args.figures or defaults[2]
   if figures:
     check_output_path("--figures", figures, folder=True)
-  rows = _stored_rows(results) if results.is_file() else None
+  rows = _stored_rows(results, grid.targets) if results.is_file() else None
   if args.report_only and rows is None:
     raise InputError(f"--report-only needs stored rows; {results} does not exist")
   model = models.load(args.model)
@@ -550,9 +560,10 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
                    row["attention_error_mean"], row["prune_time_s"]] for row in rows])
   paths = []
   if figures and grid.targets != "qk":
-    paths = [qk_report.plot_whole_model(rows, Path(figures) / f"{stem}.png")]
+    paths = [qk_report.plot_whole_model(rows, Path(figures) / f"{stem}.png", grid.targets)]
   elif figures:
     paths = qk_report.plot(rows, Path(figures), model=model, work=work, config=grid.data)
+  if paths:
     reporter.info("figures: " + ", ".join(str(path) for path in paths))
   return {"rows": rows, "results": str(results), "figures": [str(p) for p in paths]}, None
 
@@ -568,10 +579,11 @@ COMMANDS: tuple[Command, ...] = (
             "the convergence theory on real weights.", _convergence_arguments, _convergence_run,
             resumable=True),
     Command("prune", "Prune q_proj/k_proj (or every linear, --targets) of a real model layer by "
-            "layer; perplexity, attention error and sparsity.", _prune_arguments, _prune_run, resumable=True),
-    Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
-            "(paper sections 6.2-6.3; --targets all: whole-model sparsity), resumable.", _reproduce_arguments, _reproduce_run,
+            "layer; perplexity, attention error and sparsity.", _prune_arguments, _prune_run,
             resumable=True),
+    Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
+            "(paper sections 6.2-6.3; --targets all: whole-model sparsity), resumable.",
+            _reproduce_arguments, _reproduce_run, resumable=True),
 )
 
 

@@ -7,9 +7,10 @@ together against the layer's attention matrices. Methods are pure functions of w
 inputs: they know nothing of models or pipelines.
 """
 
+import jax
 import jax.numpy as jnp
 
-from attnprune_jax.baselines import BASELINES, input_stats
+from attnprune_jax.baselines import BASELINES, InputStats, input_stats
 from attnprune_jax.errors import InputError
 from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
 from attnprune_jax.layer_masks import DEFAULTS, LayerPruning, MaskSolverConfig, solve_layer
@@ -52,9 +53,19 @@ def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
     raise InputError(f"method must be one of {METHODS}, got {method!r}")
   if solver is not None:
     raise InputError(f"solver settings apply to {ATTENTION_METHODS}, not to {method!r}")
-  baseline = BASELINES[method]
-  stats = input_stats(x.reshape(-1, x.shape[-1]), gram=baseline.needs_gram)
-  new_q, keep_q = baseline.prune(q_proj, stats, sparsity, n_m)
-  new_k, keep_k = baseline.prune(k_proj, stats, sparsity, n_m)
-  return LayerPruning(new_q.astype(q_proj.dtype), new_k.astype(k_proj.dtype), keep_q, keep_k,
-                      jnp.zeros((0,), x.dtype))
+  stats = input_stats(x.reshape(-1, x.shape[-1]), gram=BASELINES[method].needs_gram)
+  new_q, keep_q = prune_linear(method, q_proj, stats, sparsity, n_m)
+  new_k, keep_k = prune_linear(method, k_proj, stats, sparsity, n_m)
+  return LayerPruning(new_q, new_k, keep_q, keep_k, jnp.zeros((0,), x.dtype))
+
+
+def prune_linear(method: str, w, stats: InputStats, sparsity: float,
+                 n_m: tuple[int, int] | None) -> tuple[jax.Array, jax.Array]:
+  """Prunes one linear w (out, in) with the baseline `method` (`baselines.BASELINES`) from its
+  inputs' statistics (with the Gram matrix if the method needs one).
+
+  Returns:
+    (new weight in w's dtype, mask (out, in), True = kept).
+  """
+  new, keep = BASELINES[method].prune(w, stats, sparsity, n_m)
+  return new.astype(w.dtype), keep

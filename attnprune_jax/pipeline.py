@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,9 +38,10 @@ from attnprune_jax.baselines import BASELINES, input_stats
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
 from attnprune_jax.masks import check_n_m, kept_count
-from attnprune_jax.methods import METHODS, prune_qk
-from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, check_token_ids,
-                                        decoder_layer, layer_weights, linear_inputs)
+from attnprune_jax.methods import METHODS, prune_linear, prune_qk
+from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, attention_input,
+                                        check_token_ids, decoder_layer, layer_weights,
+                                        linear_inputs)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import code_fingerprint
@@ -104,9 +106,10 @@ class PruneSettings:
       raise InputError(f"rest={self.rest!r} prunes the targets beyond q/k; with targets 'qk' "
                        "there are none (choose targets 'attention' or 'all')")
     if self.targets != "qk" and self.rest is None and self.method not in BASELINES:
-      raise InputError(f"{self.method} prunes only q_proj and k_proj: with targets "
-                       f"{self.targets!r} give rest, the baseline for the other linears "
-                       f"(one of {tuple(BASELINES)})")
+      raise InputError(f"{self.method} prunes only q_proj and k_proj: targets {self.targets!r} "
+                       f"need a baseline for the other linears, one of {tuple(BASELINES)} (rest=; "
+                       "prune --rest; reproduce --methods METHOD+BASELINE, e.g. "
+                       "attn-progressive+wanda)")
     validation.check_bool("true_sequential", self.true_sequential)
     if self.true_sequential and self.targets == "qk":
       raise InputError("true_sequential orders a block's groups of linears; targets 'qk' are "
@@ -175,6 +178,7 @@ def _embed(weights: dict, tokens):
 
 
 _run_layer = jax.jit(decoder_layer, static_argnames="config")
+_attention_input = jax.jit(attention_input, static_argnames="config")
 _linear_inputs = jax.jit(linear_inputs, static_argnames="config")
 _attention_error = jax.jit(layer_attention_error,
                            static_argnames=("head_dim", "rope", "block"))
@@ -254,6 +258,10 @@ def _read_state(folder: Path, reporter: Reporter):
     return None
 
 
+# What a missing, truncated or foreign layer file raises in np.load.
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
 def _read_layers(folder: Path, records: list, targets) -> dict[int, dict]:
   """The pruned targets of every finished pruned layer, by layer index."""
   layers = {}
@@ -264,24 +272,34 @@ def _read_layers(folder: Path, records: list, targets) -> dict[int, dict]:
   return layers
 
 
+def _put_layers(weights: dict, layers: dict[int, dict]) -> None:
+  """Writes stored layers' targets into the stacked host arrays `weights`, in place."""
+  for index, layer in layers.items():
+    for name, value in layer.items():
+      weights[name][index] = value
+
+
 def checkpoint_weights(folder: str | os.PathLike, model: Llama) -> dict | None:
-  """The replacement weights of a finished checkpoint of `prune_model` in `folder` (its
-  targets; the unpruned layers dense), or None if there is none or it cannot be read."""
+  """The replacement weights (its targets, the unpruned layers dense) of a checkpoint of
+  `prune_model` in `folder` that finished every layer it was asked for, from `model`; None if
+  there is none, it is unfinished, of another model, or cannot be read."""
   folder = Path(folder)
   state = _read_state(folder, Reporter(quiet=True))
   if state is None:
     return None
   key, records = state
-  targets = TARGETS[key.get("settings", {}).get("targets", "qk")]
+  settings = key.get("settings") or {}
+  finished = {record["layer"] for record in records if record.get("pruned")}
+  if (not set(settings.get("layers") or [None]) <= finished
+      or key.get("model") != model_fingerprint(model)):
+    return None
+  targets = TARGETS[settings.get("targets", "qk")]
   dense = model.weights()
   weights = {name: np.array(dense[name]) for name in targets}
   try:
-    layers = _read_layers(folder, records, targets)
-  except (OSError, ValueError, KeyError):
+    _put_layers(weights, _read_layers(folder, records, targets))
+  except _UNREADABLE:
     return None
-  for index, layer in layers.items():
-    for name in targets:
-      weights[name][index] = layer[name]
   return weights
 
 
@@ -304,7 +322,7 @@ def _resume(folder: Path, key: dict, targets, reporter: Reporter):
                      f"model ({stored_key}); use another output folder or delete it")
   try:
     return records, _read_layers(folder, records, targets)
-  except (OSError, ValueError, KeyError) as err:
+  except _UNREADABLE as err:
     reporter.info(f"ignoring the checkpoint {path}: a layer file cannot be read ({err}); "
                   "starting afresh")
     return None
@@ -317,24 +335,28 @@ def _prune_block(settings: PruneSettings, block: dict, hidden, config: LlamaConf
   """
   new, kept, losses = {}, {}, jnp.zeros((0,))
   for group in settings.groups():
-    inputs = _linear_inputs(hidden, block, config)
+    if {LINEAR_INPUTS[target] for target in group} == {"attention"}:  # no need of the rest
+      inputs = {"attention": _attention_input(hidden, block, config)}
+    else:
+      inputs = _linear_inputs(hidden, block, config)
     stats = {}
     if QK[0] in group:
       result = prune_qk(settings.method, block["q_proj"], block["k_proj"], inputs["attention"],
                         sparsity=settings.sparsity, n_m=settings.n_m, config=config,
                         solver=settings.solver, devices=devices)
       losses = result.loss
-      new |= {"q_proj": result.q_proj, "k_proj": result.k_proj}
+      new |= {"q_proj": result.q_proj.astype(block["q_proj"].dtype),
+              "k_proj": result.k_proj.astype(block["k_proj"].dtype)}
       kept |= {"q_proj": result.keep_q, "k_proj": result.keep_k}
     for target in (t for t in group if t not in QK):
-      baseline = BASELINES[settings.method_of(target)]
+      method = settings.method_of(target)
+      gram = BASELINES[method].needs_gram
       source = LINEAR_INPUTS[target]
-      if source not in stats or (baseline.needs_gram and stats[source].gram is None):
+      if source not in stats or (gram and stats[source].gram is None):
         x = inputs[source]
-        stats[source] = input_stats(x.reshape(-1, x.shape[-1]), gram=baseline.needs_gram)
-      weight, keep = baseline.prune(block[target], stats[source], settings.sparsity,
-                                    settings.n_m)
-      new[target], kept[target] = weight.astype(block[target].dtype), keep
+        stats[source] = input_stats(x.reshape(-1, x.shape[-1]), gram=gram)
+      new[target], kept[target] = prune_linear(method, block[target], stats[source],
+                                               settings.sparsity, settings.n_m)
     block = block | new
   return new, kept, losses
 
@@ -386,9 +408,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     resumed = _resume(folder, key, targets, reporter)
     if resumed is not None:
       records, layers = resumed
-      for index, layer in layers.items():
-        for name in targets:
-          weights[name][index] = layer[name]
+      _put_layers(weights, layers)
       reporter.info(f"resuming after layer {len(records) - 1} from {folder / CHECKPOINT}")
   calibration, heldout = jnp.asarray(calibration), jnp.asarray(heldout)
   hidden = _embed(dense, calibration)

@@ -1,9 +1,11 @@
-"""Paper sections 6.2–6.3 on our model: q/k pruning of the real model, every method compared.
+"""Paper sections 6.2–6.3 on our model: q/k pruning of the real model, every method compared;
+and beyond the paper, whole-model sparsity (`WHOLE_MODEL`: every linear pruned).
 
-One row = one method at one sparsity/pattern: prune q_proj and k_proj of the chosen layers
-layer by layer (`pipeline.prune_model`), then measure perplexity on the evaluation text and the
-attention error per layer on held-out calibration-text windows. `reproduce` runs the grid of
-rows with one fixed calibration set and one fixed evaluation set, resumable row by row.
+One row = one method (or q/k method + baseline for the other targets) at one sparsity/pattern:
+prune the targets of the chosen layers layer by layer (`pipeline.prune_model`), then measure
+perplexity on the evaluation text and the attention error per layer on held-out
+calibration-text windows. `reproduce` runs the grid of rows with one fixed calibration set and
+one fixed evaluation set, resumable row by row.
 """
 
 import dataclasses
@@ -166,12 +168,13 @@ QUICK = ReproduceConfig(sparsities=("0.7",), layers=quick_layers(30),
 
 def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfig, *,
               reporter: Reporter) -> list[dict]:
-  """Every method at every sparsity of the grid, plus the dense row, resumable row by row.
+  """Every method at every sparsity of the grid, plus the dense row, resumable row by row; the
+  grid's targets pruned (a results file of other targets is an error).
 
   Finished rows are kept in `results_path` (rewritten atomically after every row; rows of
   another grid's data settings, or computed by other code (`CODE`'s fingerprint), from other
   token windows or from another model, are not reused), and as Markdown tables beside it
-  (`.md`); a row's layer checkpoints live in `row_folder(work, method, sparsity)`.
+  (`.md`); a row's layer checkpoints live in `row_folder(work, method, sparsity, targets)`.
   """
   from experiments.qk_report import markdown_tables  # presentation, outside CODE
   config = grid.data
@@ -184,8 +187,10 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
   rows = []
   if results_path.is_file():
     stored = json.loads(results_path.read_text())
-    if (stored.get("data") == dataclasses.asdict(config) and stored.get("layers") == list(layers)
-        and stored.get("targets", "qk") == grid.targets):
+    if stored.get("targets", "qk") != grid.targets:
+      raise InputError(f"{results_path} holds rows of targets {stored.get('targets', 'qk')!r}, "
+                       f"not {grid.targets!r}; write them to another file")
+    if stored.get("data") == dataclasses.asdict(config) and stored.get("layers") == list(layers):
       rows = [row for row in stored["rows"] if row.get("key") == row_key]
       stale = len(stored["rows"]) - len(rows)
       if stale:
@@ -216,13 +221,14 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
     else:
       first, rest = split_method(method)
       settings = PruneSettings(first, value, n_m, layers, targets=grid.targets, rest=rest)
-      row = prune_row(model, settings, token_windows, config, row_folder(work, method, sparsity),
-                      reporter=reporter)
+      row = prune_row(model, settings, token_windows, config,
+                      row_folder(work, method, sparsity, grid.targets), reporter=reporter)
     row["key"] = row_key
     row["provenance"] = provenance(seed=None, settings={"row": [method, sparsity]},
                                    wall_time_s=time.perf_counter() - row_start)
     rows.append(row)
-    kind = "qk-pruning" if grid.targets == "qk" else "whole-model"
+    kind = {"qk": "qk-pruning", "attention": "attention-linears", "all": "whole-model"}[
+        grid.targets]
     write_json_atomic(results_path, result_document(kind, {
         "data": dataclasses.asdict(config), "layers": list(layers), "targets": grid.targets,
         "rows": rows}, provenance(
@@ -236,6 +242,7 @@ def reproduce(model: Llama, results_path: Path, work: Path, grid: ReproduceConfi
   return rows
 
 
-def row_folder(work: Path, method: str, sparsity: str) -> Path:
+def row_folder(work: Path, method: str, sparsity: str, targets: str = "qk") -> Path:
   """Where a reproduce row keeps its layer checkpoint."""
-  return work / f"{method}-{sparsity.replace(':', 'of')}"
+  name = f"{method}-{sparsity.replace(':', 'of')}"
+  return work / (name if targets == "qk" else f"{targets}-{name}")

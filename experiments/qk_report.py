@@ -146,6 +146,11 @@ def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig
   return _save(fig, path)
 
 
+def _in_order(methods: set[str], order: tuple[str, ...]) -> list[str]:
+  """`methods` in the grid's `order`, any others after them alphabetically."""
+  return [m for m in order if m in methods] + sorted(methods - set(order))
+
+
 def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   """The rows as Markdown: perplexity (and its increase over dense), held-out attention error,
   prune time, the fractions removed (targets beyond q/k), and the issue's bar (ratios of
@@ -156,8 +161,7 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   cells = {(row["method"], row["pattern"] if row["pattern"] != "unstructured"
             else f"{row['sparsity']:g}"): row for row in rows if row["method"] != "dense"}
   columns = sorted({c for _, c in cells}, key=lambda c: (":" in c, c))
-  methods = [m for m in order if any(m == key[0] for key in cells)]
-  methods += sorted({m for m, _ in cells} - set(methods))
+  methods = _in_order({m for m, _ in cells}, order)
 
   def table(title, value):
     lines = [f"| {title} | " + " | ".join(columns) + " |",
@@ -205,9 +209,9 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   return "\n\n".join(tables + ["\n".join(bar)]) + "\n"
 
 
-def plot_whole_model(rows: list[dict], path: Path) -> Path:
-  """Perplexity of every method at every sparsity (grouped bars, log scale), every linear of
-  every block pruned."""
+def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path:
+  """Perplexity of every method at every sparsity (grouped bars, log scale), every target
+  (`pipeline.TARGETS[targets]`) of every block pruned."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
@@ -215,8 +219,7 @@ def plot_whole_model(rows: list[dict], path: Path) -> Path:
   pruned = [row for row in rows if row["method"] != "dense"]
   columns = sorted({(row["pattern"] != "unstructured", row["sparsity"], row["pattern"])
                     for row in pruned})
-  methods = [m for m in qk_pruning.WHOLE_MODEL_METHODS if any(r["method"] == m for r in pruned)]
-  methods += sorted({r["method"] for r in pruned} - set(methods))
+  methods = _in_order({r["method"] for r in pruned}, qk_pruning.WHOLE_MODEL_METHODS)
   width = 0.8 / max(len(methods), 1)
   fig, axis = plt.subplots(figsize=(8, 4.2))
   for i, method in enumerate(methods):
@@ -235,6 +238,7 @@ def plot_whole_model(rows: list[dict], path: Path) -> Path:
     axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
   axis.set_yscale("log")
   axis.set_ylabel("perplexity (Pride and Prejudice)")
-  axis.set_title("every linear of every block pruned (q/k + v/o + MLP), same sparsity each")
+  axis.set_title(", ".join(pipeline.TARGETS[targets]) + " of every block pruned, same sparsity",
+                 fontsize=9)
   axis.legend(fontsize=8)
   return _save(fig, path)

@@ -48,7 +48,6 @@ def random_problem(seed: int, *, n: int = 7, d: int = 5, batch: int | None = Non
   return mask, w, x
 
 
-
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, smollm2):
   """A tiny random 2-layer model with the real tokenizer, saved as a Hugging Face folder."""

@@ -191,7 +191,7 @@ def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, me
     (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
     (["--method", "wanda", "--sparsity", "0.99"], "keeps none of the 16 entries of a q_proj row"),
     (["--method", "attn-progressive", "--sparsity", "0.5", "--targets", "all"],
-     "attn-progressive prunes only q_proj and k_proj: with targets 'all' give rest"),
+     "attn-progressive prunes only q_proj and k_proj: targets 'all' need a baseline"),
     (["--method", "wanda", "--sparsity", "0.5", "--rest", "sparsegpt"],
      "with targets 'qk' there are none"),
     (["--method", "wanda", "--sparsity", "0.5", "--true-sequential"], "targets 'qk' are one group"),

@@ -1,6 +1,7 @@
 """Whole-model sparsity (`--targets attention|all`): every target at the exact count, the
 reference protocol's inputs (dense block forward, or true-sequential), resume, the CLI."""
 
+import io
 import json
 
 import jax
@@ -154,7 +155,7 @@ def test_resume_of_a_whole_model_prune_gives_identical_results(tiny, tmp_path, m
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(method="attn-progressive", targets="attention"), "give rest"),
+    (dict(method="attn-progressive", targets="attention"), "need a baseline for the other"),
     (dict(method="wanda", rest="wanda"), "with targets 'qk' there are none"),
     (dict(method="wanda", targets="all", rest="attn"), "rest must be one of"),
     (dict(method="wanda", targets="mlp"), "targets must be one of"),
@@ -194,7 +195,7 @@ def test_prune_cli_whole_model_reports_sparsity_per_target(tiny_folder, tmp_path
 
 
 def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(qk_pruning, "QUICK", qk_pruning.QUICK.__class__(
       **{**qk_pruning.QUICK.__dict__, "data": SMALL_WINDOWS}))
@@ -211,8 +212,38 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   assert cli.main(argv) == 0  # resumed: every row stored
   tables = path.with_suffix(".md").read_text()
   assert "removed: decoder linears" in tables and "50.00 %" in tables
+  capsys.readouterr()
   assert cli.main(["reproduce", "--model", str(tiny_folder), "--targets", "all", "--methods",
                    "attn-progressive", "--quiet"]) == 2
+  assert "reproduce --methods METHOD+BASELINE" in capsys.readouterr().err
+  # The rows of one kind of targets are never mixed with (or overwritten by) another's.
+  assert cli.main(["reproduce", "--model", str(tiny_folder), "--quick", "--results", str(path),
+                   "--report-only", "--quiet"]) == 2
+  assert "holds rows of --targets all, not qk" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="holds rows of targets 'all', not 'qk'"):
+    qk_pruning.reproduce(models.load(tiny_folder), path, tmp_path / "w",
+                         qk_pruning.QUICK.__class__(layers=(0,), data=SMALL_WINDOWS),
+                         reporter=Reporter(quiet=True))
+
+
+def test_unfinished_or_unreadable_checkpoints_are_not_used(tiny, tmp_path):
+  model, calibration, heldout = tiny
+  settings = _settings("wanda", layers=(0, 2))
+  whole = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  state = json.loads((tmp_path / "checkpoint.json").read_text())
+  assert pipeline.checkpoint_weights(tmp_path, Llama.random(TINY_LLAMA, jax.random.key(5))) \
+      is None  # another model's
+  (tmp_path / "checkpoint.json").write_text(json.dumps(state | {"layers": state["layers"][:1]}))
+  assert pipeline.checkpoint_weights(tmp_path, model) is None  # layer 2 not finished
+  (tmp_path / "layer-000.npz").write_bytes(b"")  # truncated
+  (tmp_path / "checkpoint.json").write_text(json.dumps(state))
+  assert pipeline.checkpoint_weights(tmp_path, model) is None
+  stream = io.StringIO()
+  again = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path,
+                      reporter=Reporter(stream=stream))
+  assert "a layer file cannot be read" in stream.getvalue()
+  for target in ALL:
+    np.testing.assert_array_equal(again.weights[target], whole.weights[target])
 
 
 def test_whole_model_tables_and_figure(tmp_path):
