@@ -67,3 +67,17 @@ def tiny_folder(tmp_path_factory, smollm2):
 SMALL_DATA = ["--calib-seqs", "2", "--calib-len", "16", "--heldout-seqs", "1", "--eval-tokens",
               "64"]
 SMALL_WINDOWS = DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64)
+
+
+def interrupt_on_call(monkeypatch, module, name: str, call: int) -> None:
+  """Makes `module.name` raise KeyboardInterrupt on its `call`-th call (1-based), as a Ctrl-C
+  in the middle of a run; `monkeypatch.undo()` restores it."""
+  real, calls = getattr(module, name), []
+
+  def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, interrupted)

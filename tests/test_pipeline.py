@@ -19,7 +19,7 @@ from attnprune_jax.models import huggingface
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.reporting import Reporter
-from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA
+from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
 from experiments import qk_pruning, qk_report
 
 CONFIG = TINY_LLAMA
@@ -80,19 +80,10 @@ def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, mo
   model, calibration, heldout = tiny
   settings = PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL)
   whole = prune_model(model, settings, calibration, heldout)
-  calls = []
-  real = pipeline.prune_qk
-
-  def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "prune_qk", interrupted)
+  interrupt_on_call(monkeypatch, pipeline, "prune_qk", 2)
   with pytest.raises(KeyboardInterrupt):
     prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  monkeypatch.setattr(pipeline, "prune_qk", real)
+  monkeypatch.undo()
   resumed = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
   for name in ("q_proj", "k_proj"):
     np.testing.assert_array_equal(resumed.weights[name], whole.weights[name])

@@ -13,7 +13,7 @@ from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models.llama import Llama
 from attnprune_jax.pipeline import TARGETS, PruneSettings, prune_model, sparsity_summary
 from attnprune_jax.reporting import Reporter
-from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA
+from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
 from experiments import qk_pruning, qk_report
 from reference_numpy import binarize_rows, llama_forward
 
@@ -126,19 +126,10 @@ def test_resume_of_a_whole_model_prune_gives_identical_results(tiny, tmp_path, m
   model, calibration, heldout = tiny
   settings = _settings("attn-progressive+sparsegpt", layers=(0, 1, 2))
   whole = prune_model(model, settings, calibration, heldout)
-  calls = []
-  real = pipeline._prune_block
-
-  def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "_prune_block", interrupted)
+  interrupt_on_call(monkeypatch, pipeline, "_prune_block", 3)
   with pytest.raises(KeyboardInterrupt):
     prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  monkeypatch.setattr(pipeline, "_prune_block", real)
+  monkeypatch.undo()
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "checkpoint.json", "layer-000.npz", "layer-001.npz"]
   resumed = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
