@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from attnprune_jax import cli, models, pipeline
+from attnprune_jax import cli, evaluate, models, pipeline
 from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models.llama import Llama
 from attnprune_jax.pipeline import TARGETS, PruneSettings, prune_model, sparsity_summary
 from attnprune_jax.reporting import Reporter
 from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
-from experiments import qk_pruning, qk_report
+from experiments import qk_pruning, qk_report, qk_share
 from reference_numpy import binarize_rows, llama_forward
 
 SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
@@ -203,6 +203,22 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   assert cli.main(argv) == 0  # resumed: every row stored
   tables = path.with_suffix(".md").read_text()
   assert "removed: decoder linears" in tables and "50.00 %" in tables
+  # The q/k share: the wanda row re-evaluated with dense q/k.
+  share = tmp_path / "share.json"
+  qk_share.main(["--model", str(tiny_folder), "--results", str(path), "--work",
+                 "out/models/model-quick/work/whole_model", "--out", str(share), "--methods",
+                 "wanda", "--quiet"])
+  [entry] = json.loads(share.read_text())["rows"]
+  model = models.load(tiny_folder)
+  wanda_row = stored["rows"][1]
+  weights = pipeline.checkpoint_weights(
+      tmp_path / "out/models/model-quick/work/whole_model/all-wanda-0.5", model)
+  weights |= {name: model.weights()[name] for name in ("q_proj", "k_proj")}
+  evaluation = qk_pruning.windows(model, SMALL_WINDOWS)["evaluation"]
+  assert entry["perplexity_dense_qk"] == pytest.approx(evaluate.perplexity(
+      model, evaluation, weights=weights)["perplexity"], rel=1e-6)
+  assert entry["perplexity"] == wanda_row["perplexity"] != entry["perplexity_dense_qk"]
+  assert entry["qk_cost"] == pytest.approx(wanda_row["perplexity"] - entry["perplexity_dense_qk"])
   capsys.readouterr()
   assert cli.main(["reproduce", "--model", str(tiny_folder), "--targets", "all", "--methods",
                    "attn-progressive", "--quiet"]) == 2

@@ -1,0 +1,64 @@
+"""How much of a whole-model prune's perplexity cost sits in q_proj/k_proj (a diagnostic).
+
+For each finished row of `reproduce --targets all`, the pruned model is evaluated again with
+the dense q_proj and k_proj put back (every other linear stays pruned as the row left it). The
+difference to the row's perplexity is the part of the cost that its q/k pruning carries — an
+approximation: the other linears were pruned on inputs from the model with pruned q/k. It
+bounds what a better q/k pruner can gain inside that row.
+
+    .venv/bin/python -m experiments.qk_share          # results/whole_model_qk_share.json
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from attnprune_jax import evaluate, models, pipeline
+from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import provenance, result_document, write_json_atomic
+from experiments import qk_pruning
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="smollm2", help="the model the rows were made from")
+  parser.add_argument("--results", default="results/whole_model.json")
+  parser.add_argument("--work", default="out/reproduce/whole_model")
+  parser.add_argument("--out", default="results/whole_model_qk_share.json")
+  parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+  parser.add_argument("--sparsities", nargs="+", default=["0.5"])
+  parser.add_argument("--quiet", action="store_true")
+  args = parser.parse_args(argv)
+  reporter = Reporter(quiet=args.quiet)
+  start = time.perf_counter()
+  stored = json.loads(Path(args.results).read_text())
+  config = qk_pruning.DataConfig(**stored["data"])
+  model = models.load(args.model)
+  evaluation = qk_pruning.windows(model, config)["evaluation"]
+  dense = model.weights()
+  rows = []
+  for method in args.methods:
+    for sparsity in args.sparsities:
+      value, n_m = qk_pruning.parse_pattern(sparsity)
+      row = next((r for r in stored["rows"] if (r["method"], r["pattern"], r["sparsity"])
+                  == (method, qk_pruning.pattern_name(n_m), value)), None)
+      weights = pipeline.checkpoint_weights(
+          qk_pruning.row_folder(Path(args.work), method, sparsity, "all"), model)
+      if row is None or weights is None:
+        reporter.info(f"{method} at {sparsity}: no finished row or checkpoint; skipped")
+        continue
+      weights |= {name: dense[name] for name in pipeline.QK}
+      ppl = evaluate.perplexity(model, evaluation, batch_size=config.batch, weights=weights,
+                                reporter=reporter)["perplexity"]
+      rows.append({"method": method, "sparsity": sparsity, "perplexity": row["perplexity"],
+                   "perplexity_dense_qk": ppl, "qk_cost": row["perplexity"] - ppl})
+      reporter.info(f"{method} at {sparsity}: {row['perplexity']:.2f}, with dense q/k {ppl:.2f}")
+  write_json_atomic(args.out, result_document("whole-model-qk-share", {
+      "rows": rows, "data": dataclasses.asdict(config)}, provenance(
+          seed=None, settings=vars(args), wall_time_s=time.perf_counter() - start)))
+
+
+if __name__ == "__main__":
+  main()
