@@ -210,35 +210,57 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
 
 
 def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path:
-  """Perplexity of every method at every sparsity (grouped bars, log scale), every target
-  (`pipeline.TARGETS[targets]`) of every block pruned."""
+  """Left: perplexity of every method at every sparsity (grouped bars, log scale), every target
+  (`pipeline.TARGETS[targets]`) of every block pruned. Right: each attention-aware q/k row's
+  perplexity increase over dense divided by that of the baseline it runs inside."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), None)
-  pruned = [row for row in rows if row["method"] != "dense"]
-  columns = sorted({(row["pattern"] != "unstructured", row["sparsity"], row["pattern"])
-                    for row in pruned})
-  methods = _in_order({r["method"] for r in pruned}, qk_pruning.WHOLE_MODEL_METHODS)
-  width = 0.8 / max(len(methods), 1)
-  fig, axis = plt.subplots(figsize=(8, 4.2))
-  for i, method in enumerate(methods):
-    label = method
-    for j, (_, sparsity, pattern) in enumerate(columns):
-      row = next((r for r in pruned if (r["method"], r["sparsity"], r["pattern"])
-                  == (method, sparsity, pattern)), None)
-      if row is not None:
-        axis.bar(j + (i - (len(methods) - 1) / 2) * width, row["perplexity"], width,
-                 color=METHOD_COLORS.get(method, "tab:green"), hatch="//" if "+" in method else "",
-                 edgecolor="white", label=label)
-        label = None
-  axis.set_xticks(range(len(columns)), [
-      f"{s:g} unstructured" if p == "unstructured" else p for _, s, p in columns])
+  cells = {(r["method"], r["sparsity"], r["pattern"]): r for r in rows if r["method"] != "dense"}
+  columns = sorted({(pattern != "unstructured", sparsity, pattern)
+                    for _, sparsity, pattern in cells})
+  names = [f"{s:g} unstructured" if p == "unstructured" else p for _, s, p in columns]
+  methods = _in_order({method for method, _, _ in cells}, qk_pruning.WHOLE_MODEL_METHODS)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                    gridspec_kw={"width_ratios": [1.8, 1]})
+
+  def bars(axis, series, value):
+    width = 0.8 / max(len(series), 1)
+    for i, method in enumerate(series):
+      label = method
+      for j, (_, sparsity, pattern) in enumerate(columns):
+        height = value(method, sparsity, pattern)
+        if height is not None:
+          axis.bar(j + (i - (len(series) - 1) / 2) * width, height, width,
+                   color=METHOD_COLORS.get(method, "tab:green"), edgecolor="white",
+                   hatch="//" if "+" in method else "", label=label)
+          label = None
+    axis.set_xticks(range(len(columns)), names)
+
+  bars(left, methods, lambda m, s, p: cells[(m, s, p)]["perplexity"] if (m, s, p) in cells
+       else None)
   if dense is not None:
-    axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
-  axis.set_yscale("log")
-  axis.set_ylabel("perplexity (Pride and Prejudice)")
-  axis.set_title(", ".join(pipeline.TARGETS[targets]) + " of every block pruned, same sparsity",
+    left.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+  left.set_yscale("log")
+  left.set_ylabel("perplexity (Pride and Prejudice)")
+  left.set_title(", ".join(pipeline.TARGETS[targets]) + " of every block pruned, same sparsity",
                  fontsize=9)
-  axis.legend(fontsize=8)
+  left.legend(fontsize=8)
+
+  baseline = {ours: theirs[0] for ours, theirs in CHECKS["rest"].values()}
+
+  def ratio(ours, sparsity, pattern):
+    mine, base = cells.get((ours, sparsity, pattern)), cells.get((baseline[ours], sparsity,
+                                                                  pattern))
+    if dense is None or mine is None or base is None:
+      return None
+    return (mine["perplexity"] - dense) / (base["perplexity"] - dense)
+
+  bars(right, list(baseline), ratio)
+  right.axhline(1.0, color="black", linewidth=1)
+  right.set_ylim(0.5, 1.3)
+  right.set_ylabel("Δppl(ours) / Δppl(the baseline alone)")
+  right.set_title("attention-aware q/k inside the baseline's protocol (< 1: better)", fontsize=9)
+  right.legend(fontsize=8, loc="upper center", ncols=2)
   return _save(fig, path)
