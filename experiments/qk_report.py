@@ -220,7 +220,7 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
   cells = {(r["method"], r["sparsity"], r["pattern"]): r for r in rows if r["method"] != "dense"}
   columns = sorted({(pattern != "unstructured", sparsity, pattern)
                     for _, sparsity, pattern in cells})
-  names = [f"{s:g} unstructured" if p == "unstructured" else p for _, s, p in columns]
+  names = [f"{s:g}" if p == "unstructured" else p for _, s, p in columns]
   methods = _in_order({method for method, _, _ in cells}, qk_pruning.WHOLE_MODEL_METHODS)
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
                                     gridspec_kw={"width_ratios": [1.8, 1]})
@@ -244,6 +244,7 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
     left.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
   left.set_yscale("log")
   left.set_ylabel("perplexity (Pride and Prejudice)")
+  left.set_xlabel("sparsity of every target (unstructured, per row) or 2:4")
   left.set_title(", ".join(pipeline.TARGETS[targets]) + " of every block pruned, same sparsity",
                  fontsize=9)
   left.legend(fontsize=8)
