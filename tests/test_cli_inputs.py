@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from attnprune_jax import cli, evaluate, models
+from attnprune_jax.models.llama import LlamaConfig
 from attnprune_jax.results import json_text, write_json_atomic
 from experiments import demo, qk_pruning, synthetic_convergence
 
@@ -162,9 +163,9 @@ class _Tokenizer:
 
 
 def test_limits_of_the_model_are_checked_right_after_loading(no_work, capsys, monkeypatch):
-  fake = types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2, hidden_size=8,
-                                                              max_positions=None),
-                               tokenizer=_Tokenizer())
+  config = LlamaConfig(vocab_size=1000, hidden_size=8, intermediate_size=12, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=4, rope_base=1e4, rms_eps=1e-5)
+  fake = types.SimpleNamespace(config=config, tokenizer=_Tokenizer())
   monkeypatch.setattr(models, "load", lambda name: fake)
   cases = [
       (["eval", "--tokens", "4096", "--ctx", "2048"], "--tokens and --ctx ask for 2 windows of "
@@ -173,8 +174,10 @@ def test_limits_of_the_model_are_checked_right_after_loading(no_work, capsys, mo
       (PRUNE + ["--calib-len", "64", "--eval-tokens", "2048"], "--eval-tokens and --calib-len"),
       (PRUNE + ["--layers", "0-2"], "--layers must lie in 0-1, got '0-2'"),
       (PRUNE + ["--layers", "0-99999999999"], "--layers must lie in 0-1"),
-      (PRUNE[:3] + ["--pattern", "1:3", "--out", "p"], "--pattern 1:3: M must divide the model "
-       "width 8"),
+      (PRUNE[:3] + ["--pattern", "1:3", "--out", "p"], "--pattern: q_proj: n_m=(1, 3) needs the "
+       "last axis to be a multiple of 3, got 8"),
+      (PRUNE[:3] + ["--pattern", "1:8", "--targets", "all", "--rest", "wanda", "--out", "p"],
+       "--pattern: down_proj: n_m=(1, 8) needs the last axis to be a multiple of 8, got 12"),
   ]
   for argv, message in cases:
     assert cli.main(argv) == 2
