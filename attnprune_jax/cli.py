@@ -1,9 +1,13 @@
-"""The `attnprune` command. Subcommands are registered in `COMMANDS`, nowhere else."""
+"""The `attnprune` command: it parses options, calls the library and prints.
+
+Subcommands are registered in `COMMANDS`, nowhere else. Every setting is checked by the
+dataclass that holds it (`settings`, `solver_config`, `experiments.configs`); an `InputError`
+is printed in one line naming the option at fault, exit status 2. The parser and those checks
+import no JAX, so `--help` and bad options answer at once; JAX loads when the work starts.
+"""
 
 import argparse
 import dataclasses
-import json
-import math
 import shutil
 import sys
 import time
@@ -11,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from attnprune_jax import __version__, validation
+from attnprune_jax import __version__, methods
 from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import (check_output_path, json_text, provenance, result_document,
@@ -32,34 +36,31 @@ class Command(NamedTuple):
   resumable: bool = False
 
 
-MAX_STEPS = 10**7  # our choice: far beyond any useful run
-MAX_DEMO_ENTRIES = 2**26  # our choice: 256 MiB of float32 per array of the demo
 # Options naming what a command writes (True: a folder), checked before any work.
 OUTPUT_OPTIONS = {"json": False, "results": False, "out": True, "work": True, "figures": True}
+MODEL_HELP = ("smollm2 (the embedded default), a local Hugging Face Llama checkpoint folder (e.g. "
+              "Llama 3.2-1B: config.json, *.safetensors, tokenizer.json) or a Llama GGUF file")
 
 
-def _option(dest: str) -> str:
-  return "--" + dest.replace("_", "-")
+class _OptionError(InputError):
+  """An option the parser refused, with the (sub)command's name."""
+
+  def __init__(self, prog: str, message: str):
+    super().__init__(message)
+    self.prog = prog
 
 
-def _check_integer(args: argparse.Namespace, dest: str, minimum: int = 1,
-                   maximum: int = validation.MAX_COUNT) -> None:
-  """An InputError naming the option unless its value lies in [minimum, maximum]."""
-  value = getattr(args, dest)
-  if not minimum <= value <= maximum:
-    raise InputError(f"{_option(dest)} must be an integer in [{minimum}, {maximum}], got {value}")
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are `InputError`s: one line, like every other bad input."""
+
+  def error(self, message: str):
+    raise _OptionError(self.prog, message)
 
 
-def _check_real(args: argparse.Namespace, dest: str, minimum: float = 0.0, *,
-                strict: bool = False, below: float = math.inf) -> None:
-  """An InputError naming the option unless its value (each, for a list) is finite, >= minimum
-  (> if strict) and < below."""
-  values = getattr(args, dest)
-  for value in values if isinstance(values, list) else [values]:
-    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)
-            and value < below):
-      raise InputError(f"{_option(dest)} must be in {'(' if strict else '['}{minimum:g}, "
-                       f"{below:g}), got {value}")
+def _settings(args: argparse.Namespace) -> dict:
+  """The options as given, for the provenance of results."""
+  return {k: v for k, v in vars(args).items()
+          if k not in ("command_spec", "option_strings", "json", "quiet")}
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -67,11 +68,27 @@ def _check_outputs(args: argparse.Namespace) -> None:
   for dest, folder in OUTPUT_OPTIONS.items():
     path = getattr(args, dest, None)
     if path is not None and not (dest == "json" and path == "-"):
-      check_output_path(_option(dest), path, folder=folder)
+      check_output_path("--" + dest, path, folder=folder)
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+  """--layers '0-29' or '0,5,10-12' -> sorted distinct indices (the model bounds them); None
+  stays None."""
+  if text is None:
+    return None
+  layers = set()
+  for part in text.split(","):
+    first, _, last = part.partition("-")
+    if not all(p.isascii() and p.isdigit() for p in (first, last or first)) \
+        or int(first) > int(last or first):
+      raise InputError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}",
+                       argument="layers")
+    layers.update(range(int(first), int(last or first) + 1))
+  return tuple(sorted(layers))
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-  from experiments.demo import DemoConfig
+  from experiments.configs import DemoConfig
   defaults = DemoConfig()
   parser.add_argument("--n", type=int, default=defaults.n, help="tokens per sequence")
   parser.add_argument("--d", type=int, default=defaults.d, help="model width (at least 4)")
@@ -89,37 +106,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, int]:
-  from attnprune_jax.masks import kept_count
+  from experiments.configs import DemoConfig
+  config = DemoConfig(n=args.n, d=args.d, batch=args.batch, rank=args.rank, lam=args.lam,
+                      steps=args.steps, step_fraction=args.step_fraction,
+                      sparsities=tuple(args.sparsities), causal=args.causal, seed=args.seed)
   from experiments import demo
-  for dest in ("n", "batch", "rank"):
-    _check_integer(args, dest)
-  _check_integer(args, "d", minimum=4)  # the synthetic inputs have 4 outlier channels
-  _check_integer(args, "steps", maximum=MAX_STEPS)
-  _check_integer(args, "seed", minimum=-2**63, maximum=2**63 - 1)  # what jax.random.key takes
-  _check_real(args, "lam")
-  _check_real(args, "step_fraction", strict=True)
-  _check_real(args, "sparsities", below=1.0)
-  if args.rank > args.d:
-    raise InputError(f"--rank must be at most --d={args.d}, got {args.rank}")
-  entries = max(args.batch * args.n * max(args.n, args.d), args.d**2)  # scores, inputs, W
-  if entries > MAX_DEMO_ENTRIES:
-    raise InputError(f"--batch x --n x max(--n, --d) and --d x --d must be at most "
-                     f"{MAX_DEMO_ENTRIES} (a small head), got {entries}")
-  for sparsity in args.sparsities:
-    if kept_count(args.d, sparsity) < 1:
-      raise InputError(f"--sparsities {sparsity:g} keeps none of the --d={args.d} entries of a "
-                       "row; a row must keep at least one")
-  config = demo.DemoConfig(n=args.n, d=args.d, batch=args.batch, rank=args.rank, lam=args.lam,
-                           steps=args.steps, step_fraction=args.step_fraction,
-                           sparsities=tuple(args.sparsities), causal=args.causal,
-                           seed=args.seed)
   results = demo.run(config, reporter)
   demo.report(results, reporter)
   return results, config.seed
-
-
-MODEL_HELP = ("smollm2 (the embedded default), a local Hugging Face Llama checkpoint folder (e.g. "
-              "Llama 3.2-1B: config.json, *.safetensors, tokenizer.json) or a Llama GGUF file")
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,36 +124,21 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
 
 
-def _check_text_fits(model, text: str, count: int, ctx: int, options: str) -> None:
-  """An InputError naming `options` unless `count` windows of `ctx` tokens fit in `text` and
-  `ctx` in the model's longest sequence."""
-  from attnprune_jax import data
-  if model.tokenizer is None:
-    raise InputError("--model has no tokenizer (a checkpoint folder without tokenizer.json?); "
-                     "the text windows need one")
-  longest = model.config.max_positions
-  if longest is not None and ctx > longest:
-    raise InputError(f"{options} ask for windows of {ctx} tokens; the model handles at most "
-                     f"{longest} (its max_position_embeddings / context length)")
-  needed, available = count * (ctx - 1), data.text_tokens(model.tokenizer, text).size
-  if needed > available:
-    raise InputError(f"{options} ask for {count} windows of {ctx} tokens, {needed} tokens of "
-                     f"{text}, which has {available}")
-
-
 def _eval_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import data, evaluate, models
-  for dest in ("tokens", "batch"):
-    _check_integer(args, dest)
-  _check_integer(args, "ctx", minimum=2)
+  from attnprune_jax import validation
+  for name in ("tokens", "ctx", "batch"):
+    validation.check_positive_int(name, getattr(args, name))
+  if args.ctx < 2:
+    raise InputError(f"--ctx must be at least 2 (a start token and text), got {args.ctx}")
   if args.tokens < args.ctx:
     raise InputError(f"--tokens must be at least --ctx={args.ctx} (one window), got "
                      f"{args.tokens}")
+  from attnprune_jax import data, evaluate, models, runs
   start = time.perf_counter()
   model = models.load(args.model)
   load_s = time.perf_counter() - start
   count = args.tokens // args.ctx
-  _check_text_fits(model, data.EVALUATION_TEXT, count, args.ctx, "--tokens and --ctx")
+  runs.check_text_fits(model, data.EVALUATION_TEXT, count, args.ctx, "--tokens and --ctx")
   windows = data.evaluation_windows(model.tokenizer, count=count, ctx=args.ctx)
   start = time.perf_counter()
   results = evaluate.perplexity(model, windows, batch_size=args.batch, reporter=reporter)
@@ -178,8 +157,8 @@ def _experiment_arguments(parser: argparse.ArgumentParser, *, out: str, quick: s
   parser.add_argument("--out", required=True, help=out)
   parser.add_argument("--quick", action="store_true", help=quick)
   parser.add_argument("--figures", metavar="DIR",
-                      help="also copy the PNGs and a summary.json (summary + provenance) to DIR, "
-                           f"e.g. {figures}")
+                      help="also copy the PNGs and a summary.json (summary, golden sample, "
+                           f"provenance) to DIR, e.g. {figures}")
 
 
 def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,9 +168,10 @@ def _synthetic_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synthetic_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from experiments.configs import SYNTHETIC_QUICK, SyntheticConfig
+  config = SYNTHETIC_QUICK if args.quick else SyntheticConfig()
   from experiments import convergence_report
   from experiments import synthetic_convergence as experiment
-  config = experiment.QUICK if args.quick else experiment.SyntheticConfig()
   start = time.perf_counter()
   results = experiment.run(config, Path(args.out), reporter)
   return _write_convergence("synthetic", results, convergence_report.plot_synthetic, args,
@@ -204,26 +184,26 @@ def _write_convergence(kind: str, results: dict, plot, args: argparse.Namespace,
   """Plots, writes OUT/results.json (with `--figures`, the PNGs and a summary.json too) and
   prints the report of a convergence experiment's `results`."""
   from experiments import convergence_report
-  code = results.pop("provenance")  # the fingerprint and the commits of reused results
+  stored = results.pop("provenance")  # the numerics version and the commits of reused results
   figures = plot(results, Path(args.out))
   document = result_document(kind, results, provenance(
-      seed=None, settings=settings, wall_time_s=time.perf_counter() - start) | code)
+      seed=None, settings=settings, wall_time_s=time.perf_counter() - start) | stored)
   write_json_atomic(Path(args.out) / "results.json", document)
   if args.figures:
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     for path in figures:
       shutil.copyfile(path, Path(args.figures) / path.name)
     write_json_atomic(Path(args.figures) / "summary.json", result_document(
-        f"{kind}-summary", {"config": results["config"], "summary": results["summary"]},
+        f"{kind}-summary", {key: results[key] for key in ("config", "summary", "golden")},
         document["provenance"]))
   convergence_report.report(results, reporter)
   reporter.info(f"results and figures in {args.out}: results.json, "
                 + ", ".join(path.name for path in figures))
-  return {"summary": results["summary"], "out": args.out, **code}, None
+  return {"summary": results["summary"], "out": args.out, **stored}, None
 
 
 def _convergence_arguments(parser: argparse.ArgumentParser) -> None:
-  from experiments.real_convergence import RealConfig
+  from experiments.configs import RealConfig
   defaults = RealConfig()
   parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
   parser.add_argument("--layers", default=None,
@@ -243,56 +223,32 @@ def _convergence_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import data, models
-  from experiments import convergence_report
-  from experiments import real_convergence as experiment
-  config = experiment.QUICK if args.quick else experiment.RealConfig()
+  from experiments.configs import REAL_QUICK, RealConfig
   overrides = {dest: getattr(args, dest) for dest in ("windows", "ctx", "steps")
                if getattr(args, dest) is not None}
-  for dest in overrides:
-    _check_integer(args, dest, minimum={"windows": 1, "ctx": 2, "steps": 10}[dest],
-                   maximum=MAX_STEPS if dest == "steps" else validation.MAX_COUNT)
-  ranges = None if args.layers in (None, "all") else _layer_ranges(args.layers, extra=" or all")
+  if args.layers not in (None, "all"):
+    overrides["layers"] = _layers(args.layers)
+  config = dataclasses.replace(REAL_QUICK if args.quick else RealConfig(), **overrides)
+  from attnprune_jax import data, models, runs
+  from experiments import convergence_report
+  from experiments import real_convergence as experiment
   start = time.perf_counter()
   model = models.load(args.model)
   num_layers = model.config.num_layers
   if args.layers == "all":
-    overrides["layers"] = tuple(range(num_layers))
-  elif ranges is not None:
-    overrides["layers"] = _layers(ranges, args.layers, num_layers)
-  config = dataclasses.replace(config, **overrides)
-  _check_text_fits(model, data.CALIBRATION_TEXT, config.windows + config.heldout_windows,
-                   config.ctx, "--windows and --ctx")
+    config = dataclasses.replace(config, layers=tuple(range(num_layers)))
+  elif config.layers is not None and config.layers[-1] >= num_layers:
+    raise InputError(f"layers must lie in 0-{num_layers - 1}, got {args.layers!r}",
+                     argument="layers")
+  runs.check_text_fits(model, data.CALIBRATION_TEXT, config.windows + config.heldout_windows,
+                       config.ctx, "--windows and --ctx")
   results = experiment.run(model, config, Path(args.out), reporter)
-  settings = {k: v for k, v in vars(args).items() if k not in ("command_spec", "json", "quiet")}
   return _write_convergence("convergence", results, convergence_report.plot_real, args,
-                            settings, start, reporter)
-
-
-def _layer_ranges(text: str, extra: str = "") -> list[range]:
-  """'0-29' or '0,5,10-12' -> the ranges of layer indices it names (the model bounds them)."""
-  ranges = []
-  try:
-    for part in text.split(","):
-      first, _, last = part.partition("-")
-      first, last = int(first), int(last or first)
-      if not 0 <= first <= last:
-        raise ValueError
-      ranges.append(range(first, last + 1))
-  except ValueError:
-    raise InputError(f"--layers must look like 0-29 or 0,5,10-12{extra}, got {text!r}") from None
-  return ranges
-
-
-def _layers(ranges: list[range], text: str, num_layers: int) -> tuple[int, ...]:
-  """Sorted distinct layer indices of `ranges`, each in [0, num_layers)."""
-  if max(r.stop for r in ranges) > num_layers:
-    raise InputError(f"--layers must lie in 0-{num_layers - 1}, got {text!r}")
-  return tuple(sorted(set().union(*ranges)))
+                            _settings(args), start, reporter)
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-  from experiments.qk_pruning import DataConfig
+  from attnprune_jax.settings import DataConfig
   defaults = DataConfig()
   parser.add_argument("--model", default="smollm2", help=MODEL_HELP)
   parser.add_argument("--calib-seqs", type=int, default=defaults.calib_seqs,
@@ -306,32 +262,19 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
                            "windows)")
 
 
-def _data_config(args: argparse.Namespace):
-  from experiments.qk_pruning import DataConfig
-  for dest in ("calib_seqs", "heldout_seqs", "eval_tokens"):
-    _check_integer(args, dest)
-  _check_integer(args, "calib_len", minimum=2)
-  if args.eval_tokens < args.calib_len:
-    raise InputError(f"--eval-tokens must be at least --calib-len={args.calib_len} (one "
-                     f"window), got {args.eval_tokens}")
-  return DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
-                    heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
-
-
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
-  from attnprune_jax.layer_masks import MaskSolverConfig, OPTIMIZERS
-  from attnprune_jax.methods import METHODS
-  from attnprune_jax.baselines import BASELINES
-  from attnprune_jax.pipeline import TARGETS
-  parser.add_argument("--method", required=True, choices=METHODS,
+  from attnprune_jax.settings import TARGETS
+  from attnprune_jax.solver_config import OPTIMIZERS, MaskSolverConfig
+  parser.add_argument("--method", required=True, choices=methods.names(),
                       help="the method for q_proj and k_proj (and for every target, without "
-                           "--rest)")
+                           "--rest): " + "; ".join(f"{m.name}: {m.summary}"
+                                                   for m in methods.REGISTRY.values()))
   parser.add_argument("--targets", choices=tuple(TARGETS), default="qk",
                       help="the linears pruned in every chosen layer: qk (default), attention "
                            "(+ v_proj, o_proj) or all (+ gate/up/down_proj); embeddings and LM "
                            "head stay dense")
-  parser.add_argument("--rest", choices=tuple(BASELINES),
-                      help="the baseline for the targets other than q/k (needed with an "
+  parser.add_argument("--rest", choices=methods.names("linear"),
+                      help="the linear method for the targets other than q/k (needed with an "
                            "attention-aware --method and --targets attention/all)")
   parser.add_argument("--true-sequential", action="store_true",
                       help="prune a block's q/k/v, o, gate/up, down in turn, each from the "
@@ -352,116 +295,89 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
                       help="devices that share each layer's attention-aware solve: a count or "
                            "'all' (of jax.devices(); default 1)")
   solver = parser.add_argument_group(
-      "attention-aware methods", "override their defaults (layer_masks.DEFAULTS, our choice)")
+      "attention-aware methods", "override the method's registered solver settings (our "
+      "choice; methods.REGISTRY)")
   for field in dataclasses.fields(MaskSolverConfig):
     option = "--" + field.name.replace("_", "-")
     if field.name == "optimizer":
-      solver.add_argument(option, choices=sorted(OPTIMIZERS))
+      solver.add_argument(option, choices=OPTIMIZERS)
     else:
       solver.add_argument(option, type=field.type)
 
 
 def _devices(text: str) -> list | None:
   """--devices: 'all' or a count of jax.devices(); None for one device (no sharding)."""
+  if not (text == "all" or (text.isascii() and text.isdigit() and int(text) >= 1)):
+    raise InputError(f"--devices must be 'all' or a count from 1, got {text!r}")
   import jax
   available = jax.devices()
-  if text == "all":
-    count = len(available)
-  elif text.isdigit() and 1 <= int(text) <= len(available):
-    count = int(text)
-  else:
+  count = len(available) if text == "all" else int(text)
+  if count > len(available):
     raise InputError(f"--devices must be 'all' or a count from 1 to {len(available)} (the "
-                     f"devices JAX sees: {len(available)}), got {text!r}")
+                     f"devices JAX sees), got {text!r}")
   return None if count == 1 else available[:count]
 
 
-def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import data, models
-  from attnprune_jax.layer_masks import DEFAULTS, MaskSolverConfig
-  from attnprune_jax.pipeline import PruneSettings
-  from experiments import qk_pruning
+def _prune_settings(args: argparse.Namespace):
+  """The `PruneSettings` and `DataConfig` of the prune options."""
+  from attnprune_jax.patterns import parse_pattern
+  from attnprune_jax.settings import DataConfig, PruneSettings
+  from attnprune_jax.solver_config import MaskSolverConfig
   if (args.sparsity is None) == (args.pattern is None):
     raise InputError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
-  if args.pattern is not None:
-    try:
-      if ":" not in args.pattern:
-        raise InputError("no colon")
-      sparsity, n_m = qk_pruning.parse_pattern(args.pattern)
-    except InputError:
-      raise InputError(f"--pattern must look like 2:4 (N:M, integers 0 <= N < M), got "
-                       f"{args.pattern!r}") from None
-  else:
-    _check_real(args, "sparsity", below=1.0)
-    sparsity, n_m = args.sparsity, None
-  ranges = None if args.layers is None else _layer_ranges(args.layers)
-  data_config = _data_config(args)
+  if args.pattern is not None and ":" not in args.pattern:
+    raise InputError(f"--pattern must look like 2:4 (N:M, integers 0 <= N < M), got "
+                     f"{args.pattern!r}")
+  sparsity, n_m = (args.sparsity, None) if args.pattern is None else parse_pattern(args.pattern)
   overrides = {field.name: getattr(args, field.name)
                for field in dataclasses.fields(MaskSolverConfig)
                if getattr(args, field.name) is not None}
-  for name, value in overrides.items():
-    if isinstance(value, int):
-      _check_integer(args, name, maximum=MAX_STEPS)
-    elif isinstance(value, float):
-      _check_real(args, name, strict=name == "lr")
-  if args.method in DEFAULTS:
-    solver = dataclasses.replace(DEFAULTS[args.method], **overrides)
-  elif overrides:
-    raise InputError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
-                     f"attention-aware methods, not to {args.method}")
-  else:
-    solver = None
-  if solver is not None and data_config.calib_seqs % solver.windows_per_step:
-    raise InputError(f"--windows-per-step ({solver.windows_per_step}) must divide --calib-seqs "
-                     f"({data_config.calib_seqs})")
-  # Checked before the model loads (layers are checked against it after).
-  PruneSettings(args.method, sparsity, n_m, (0,), solver, targets=args.targets, rest=args.rest,
-                true_sequential=args.true_sequential)
+  solver = None
+  if overrides:
+    registered = methods.get(args.method).solver
+    if registered is None:
+      raise InputError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
+                       f"methods with a solver, not to {args.method}")
+    solver = dataclasses.replace(registered, **overrides)
+  settings = PruneSettings(args.method, sparsity, n_m, _layers(args.layers), solver,
+                           targets=args.targets, rest=args.rest,
+                           true_sequential=args.true_sequential)
+  config = DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
+                      heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
+  settings.check_windows(config.calib_seqs)
+  return settings, config
+
+
+def _prune_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  from attnprune_jax.run_folder import RunFolder
+  settings, config = _prune_settings(args)
+  folder = RunFolder(args.out)
+  folder.check(save_model=args.save_weights)
   devices = _devices(args.devices)
-  out = Path(args.out)
-  if args.save_weights and (out / "model").exists():
-    raise InputError(f"--save-weights: {out / 'model'} exists already; remove it or choose "
-                     "another --out")
+  from attnprune_jax import models, runs
   model = models.load(args.model)
-  layers = (tuple(range(model.config.num_layers)) if ranges is None
-            else _layers(ranges, args.layers, model.config.num_layers))
-  settings = PruneSettings(args.method, sparsity, n_m, layers, solver, targets=args.targets,
-                           rest=args.rest, true_sequential=args.true_sequential)
-  try:
-    settings.check_shapes(model.config)
-  except InputError as err:
-    raise InputError(f"--{'pattern' if n_m else 'sparsity'}: {err}") from None
-  _check_text_fits(model, data.CALIBRATION_TEXT, data_config.calib_seqs
-                   + data_config.heldout_seqs, data_config.calib_len,
-                   "--calib-seqs, --heldout-seqs and --calib-len")
-  _check_text_fits(model, data.EVALUATION_TEXT, data_config.eval_tokens // data_config.calib_len,
-                   data_config.calib_len, "--eval-tokens and --calib-len")
-  token_windows = qk_pruning.windows(model, data_config)
-  row = qk_pruning.prune_row(model, settings, token_windows, data_config, out,
-                             save_weights=args.save_weights, reporter=reporter,
-                             devices=devices)
-  write_json_atomic(out / "results.json", result_document("prune", row, provenance(
-      seed=None, settings=vars(args) | {"command_spec": None},
-      wall_time_s=row["pipeline_time_s"])))
+  row = runs.prune(model, settings, config, folder, save_model=args.save_weights,
+                   reporter=reporter, devices=devices)
   removed = row["removed"]
-  reporter.info(f"{settings.name} {row['pattern']} {sparsity:g}: perplexity "
+  reporter.info(f"{row['method']} {row['pattern']} {row['sparsity']:g}: perplexity "
                 f"{row['perplexity']:.3f}, attention error (held-out, mean over layers) "
                 f"{row['attention_error_mean']:.4g}, prune time {row['prune_time_s']:.1f} s; "
                 "removed " + ", ".join(f"{name} {100 * value:.2f} %" for name, value
                                        in removed["per_target"].items())
                 + f" (of the pruned layers), decoder linears {100 * removed['linear']:.2f} %, "
-                f"all parameters {100 * removed['model']:.2f} %; {out / 'results.json'}")
+                f"all parameters {100 * removed['model']:.2f} %; {folder.results}")
   return row, None
 
 
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+  from attnprune_jax.settings import TARGETS
   size = parser.add_mutually_exclusive_group()
-  from attnprune_jax.pipeline import TARGETS
   size.add_argument("--full", action="store_true",
                     help="also sparsities 0.3, 0.6 and 0.9 (--targets beyond qk: also 0.7)")
   size.add_argument("--quick", action="store_true",
-                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth), 4k "
-                         "evaluation tokens; qk: four methods at 0.7, a few minutes (make demo); "
-                         "beyond qk: the five rows at 0.5")
+                    help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth), 2k "
+                         "evaluation tokens; qk: four methods at 0.7, a minute or two (make "
+                         "demo); beyond qk: the five rows at 0.5")
   parser.add_argument("--targets", choices=tuple(TARGETS), default="qk",
                       help="qk (default): the paper's comparison, q_proj/k_proj pruned; "
                            "attention / all: every attention linear / every linear of every "
@@ -486,81 +402,42 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                            "stored in --results")
 
 
-def _stored_rows(path: Path, targets: str) -> list[dict]:
-  """The rows of a results file of `reproduce` for `targets`; an InputError naming --results
-  if it is not one."""
-  try:
-    document = json.loads(path.read_text())
-    rows = document["rows"]
-  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
-    raise InputError(f"--results: {path} is not a results file of reproduce "
-                     f"({type(err).__name__}: {err})") from None
-  if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-    raise InputError(f"--results: {path} holds no list of rows")
-  stored = document.get("targets", "qk")
-  if stored != targets:
-    raise InputError(f"--results: {path} holds rows of --targets {stored}, not {targets}; "
-                     "choose another --results")
-  return rows
-
-
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
-  from attnprune_jax import data, models
-  from attnprune_jax.pipeline import PruneSettings
-  from experiments import qk_pruning, qk_report
-  if args.targets == "qk":
-    grid = qk_pruning.QUICK if args.quick else qk_pruning.FULL if args.full else \
-        qk_pruning.ReproduceConfig()
-    stem, work_name = "qk_pruning", ""
-  else:
-    grid = dataclasses.replace(qk_pruning.WHOLE_MODEL, targets=args.targets)
-    if args.quick:
-      grid = dataclasses.replace(grid, sparsities=("0.5",), layers=qk_pruning.QUICK.layers,
-                                 data=qk_pruning.QUICK.data)
-    elif args.full:
-      grid = dataclasses.replace(grid, sparsities=grid.sparsities + ("0.7",))
-    stem = {"attention": "attention_linears", "all": "whole_model"}[args.targets]
-    work_name = f"/{stem}"
-  if args.methods:
-    grid = dataclasses.replace(grid, methods=tuple(args.methods))
-  for method in grid.methods:  # e.g. attn-progressive alone with --targets all
-    first, rest = qk_pruning.split_method(method)
-    try:
-      PruneSettings(first, 0.5, None, (0,), targets=grid.targets, rest=rest)
-    except InputError as err:
-      raise InputError(f"--methods {method} with --targets {grid.targets}: {err}") from None
+  from attnprune_jax.settings import reproduce_grid
+  size = "quick" if args.quick else "full" if args.full else "default"
+  grid = reproduce_grid(args.targets, size, args.methods)
+  work_name = "" if args.targets == "qk" else f"/{grid.stem}"
   if args.model == "smollm2":
-    defaults = (f"out/quick/{stem}.json", f"out/quick{work_name}", None) if args.quick else (
-        f"results/{stem}.json", f"out/reproduce{work_name}", "figures/real")
+    defaults = (f"out/quick/{grid.stem}.json", f"out/quick{work_name}", None) if args.quick else (
+        f"results/{grid.stem}.json", f"out/reproduce{work_name}", "figures/real")
   else:  # another model's rows must not mix with (or overwrite) the embedded model's
     name = Path(args.model).name or "model"
     base = Path("out/models") / (f"{name}-quick" if args.quick else name)
-    defaults = (str(base / f"{stem}.json"), str(base / f"work{work_name}"),
+    defaults = (str(base / f"{grid.stem}.json"), str(base / f"work{work_name}"),
                 None if args.quick else str(base / "figures"))
   results = check_output_path("--results", args.results or defaults[0])
   work = check_output_path("--work", args.work or defaults[1], folder=True)
   figures = args.figures or defaults[2]
   if figures:
     check_output_path("--figures", figures, folder=True)
-  rows = _stored_rows(results, grid.targets) if results.is_file() else None
+  from attnprune_jax import runs
+  rows = runs.stored_rows(results, grid.targets) if results.is_file() else None
   if args.report_only and rows is None:
     raise InputError(f"--report-only needs stored rows; {results} does not exist")
+  from attnprune_jax import models
+  from experiments import qk_report
   model = models.load(args.model)
-  if args.quick:
-    grid = dataclasses.replace(grid, layers=qk_pruning.quick_layers(model.config.num_layers))
-  if not args.report_only:
-    _check_text_fits(model, data.CALIBRATION_TEXT, grid.data.calib_seqs + grid.data.heldout_seqs,
-                     grid.data.calib_len, "reproduce's calibration windows")
   if args.report_only:
     results.with_suffix(".md").write_text(qk_report.markdown_tables(rows, grid.targets))
   else:
-    rows = qk_pruning.reproduce(model, results, work, grid, reporter=reporter)
+    rows = runs.reproduce(model, grid, results, work, reporter=reporter,
+                          tables=qk_report.markdown_tables)
   reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
                  [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
                    row["attention_error_mean"], row["prune_time_s"]] for row in rows])
   paths = []
   if figures and grid.targets != "qk":
-    paths = [qk_report.plot_whole_model(rows, Path(figures) / f"{stem}.png", grid.targets)]
+    paths = [qk_report.plot_whole_model(rows, Path(figures) / f"{grid.stem}.png", grid.targets)]
   elif figures:
     paths = qk_report.plot(rows, Path(figures), model=model, work=work, config=grid.data)
   if paths:
@@ -589,37 +466,52 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser with every registered subcommand."""
-  parser = argparse.ArgumentParser(
-      prog="attnprune", description="Attention-matrix-aware pruning (arXiv 2410.11261).")
+  parser = _Parser(prog="attnprune",
+                   description="Attention-matrix-aware pruning (arXiv 2410.11261).")
   parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--quiet", action="store_true",
                       help="no progress bars, tables or messages (for scripts)")
   common.add_argument("--json", metavar="FILE",
                       help="write the results as JSON to FILE ('-' for stdout)")
-  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
   for command in COMMANDS:
     sub = subparsers.add_parser(command.name, help=command.help, description=command.help,
                                 parents=[common])
     command.add_arguments(sub)
-    sub.set_defaults(command_spec=command)
+    sub.set_defaults(command_spec=command, option_strings=tuple(sub._option_string_actions))
   return parser
+
+
+def _message(err: InputError, args: argparse.Namespace | None) -> str:
+  """The error's message with the setting it names replaced by the option that set it."""
+  message = str(err)
+  name = {"n_m": "pattern"}.get(err.argument, err.argument)
+  if name == "sparsity" and getattr(args, "pattern", None) is not None:
+    name = "pattern"
+  option = None if name is None else "--" + name.replace("_", "-")
+  if args is None or option is None or option not in getattr(args, "option_strings", ()):
+    return message
+  if message.startswith(err.argument + " "):
+    return option + message[len(err.argument):]
+  return f"{option}: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:
   """Entry point of `attnprune`; returns the exit status: 0 done, 2 bad input (one line on
   stderr), 130 interrupted; any other exception is a bug and keeps its traceback."""
-  args = build_parser().parse_args(argv)
-  reporter = Reporter(quiet=args.quiet)
-  command: Command = args.command_spec
-  start = time.perf_counter()
+  args, name = None, "attnprune"
   try:
+    args = build_parser().parse_args(argv)
+    command: Command = args.command_spec
+    name = f"attnprune {command.name}"
+    reporter = Reporter(quiet=args.quiet)
+    start = time.perf_counter()
     _check_outputs(args)
     results, seed = command.run(args, reporter)
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("command_spec", "json", "quiet")}
     document = result_document(command.name, results,
-                               provenance(seed=seed, settings=settings,
+                               provenance(seed=seed, settings=_settings(args),
                                           wall_time_s=time.perf_counter() - start))
     if args.json == "-":
       sys.stdout.write(json_text(document))
@@ -627,11 +519,12 @@ def main(argv: list[str] | None = None) -> int:
       write_json_atomic(args.json, document)
       reporter.info(f"results written to {args.json}")
   except InputError as err:
-    print(f"attnprune {command.name}: error: {err}", file=sys.stderr)
+    print(f"{getattr(err, 'prog', name)}: error: {_message(err, args)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    resume = "; rerun the same command to resume" if command.resumable else ""
-    print(f"attnprune {command.name}: interrupted{resume}", file=sys.stderr)
+    resumable = args is not None and args.command_spec.resumable
+    print(f"{name}: interrupted" + ("; rerun the same command to resume" if resumable else ""),
+          file=sys.stderr)
     return 130
   return 0
 

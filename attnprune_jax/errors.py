@@ -9,7 +9,15 @@ still catches a wrongly typed argument.
 
 
 class InputError(ValueError):
-  """Bad input: the message names the argument (or file, or option) and what was expected."""
+  """Bad input: the message names the argument (or file, or option) and what was expected.
+
+  `argument` is the name of the argument or setting at fault where one is (e.g. "sparsity"),
+  so that a command can name its own option for it instead.
+  """
+
+  def __init__(self, message: str, *, argument: str | None = None):
+    super().__init__(message)
+    self.argument = argument
 
 
 class InputTypeError(InputError, TypeError):

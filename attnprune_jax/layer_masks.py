@@ -14,11 +14,12 @@ over groups), all through the one solver loop of `solver`:
   always reported as its own method.
 
 Minibatches: each step uses `windows_per_step` consecutive calibration windows, cycling through
-all of them (a full batch when it equals their count). All settings are our choice; see
-`DEFAULTS` and paper_repro.md for the sweep that chose them.
+all of them (a full batch when it equals their count). All settings are our choice: each method's
+`MaskSolverConfig` is registered with it (`methods.REGISTRY`); paper_repro.md has the sweep that
+chose them. `prune_attn`, `prune_attn_progressive` and `prune_attn_reweight` are the registered
+implementations (the registry's "qk" interface).
 """
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -27,60 +28,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 import optax
 
-from attnprune_jax import sharding, validation
+from attnprune_jax import methods, sharding, validation
 from attnprune_jax.attention import Rope, as_rope, layer_attention
 from attnprune_jax.errors import DivergenceError, InputError
-from attnprune_jax.masks import binarize, check_n_m
+from attnprune_jax.masks import binarize
 from attnprune_jax.objective import blocked_factored_loss, factored_loss, kv_groups
-from attnprune_jax.solver import (BLOCKED_ABOVE, DEFAULT_BLOCK, cubic_schedule, minimize,
-                                  prune_progressively)
+from attnprune_jax.patterns import check_n_m
+from attnprune_jax.solver import cubic_schedule, default_block, minimize, prune_progressively
+from attnprune_jax.solver_config import MaskSolverConfig
 
-METHODS = ("attn", "attn-progressive", "attn-reweight")
-OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSolverConfig:
-  """Settings of the attention-aware methods (all our choice; the paper gives none).
-
-  Attributes:
-    optimizer: "adam" or "sgd" (plain gradient descent, the paper's Algorithm 1).
-    lr: step size.
-    lam: λ of the (λ/2)(‖M_Q‖² + ‖M_K‖²) term.
-    steps: optimizer steps of "attn" before its single cut.
-    rounds: prune steps of the progressive methods.
-    steps_per_round: optimizer steps before each prune step.
-    reweight_steps: extra steps on the final support ("attn-reweight" only).
-    reweight_lam: λ during those extra steps. The L2 term pulls the kept values towards 0,
-      which shrinks the attention logits: 0 by default (our choice, see paper_repro.md).
-    windows_per_step: calibration windows per optimizer step (must divide their count).
-  """
-  optimizer: str = "adam"
-  lr: float = 1e-2
-  lam: float = 3e-3
-  steps: int = 100
-  rounds: int = 8
-  steps_per_round: int = 12
-  reweight_steps: int = 40
-  reweight_lam: float = 0.0
-  windows_per_step: int = 2
-
-  def __post_init__(self):
-    if self.optimizer not in OPTIMIZERS:
-      raise InputError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-    validation.check_scalar("lr", self.lr, minimum=0.0, strict=True)
-    validation.check_scalar("lam", self.lam, minimum=0.0)
-    validation.check_scalar("reweight_lam", self.reweight_lam, minimum=0.0)
-    for name in ("steps", "rounds", "steps_per_round", "reweight_steps", "windows_per_step"):
-      validation.check_positive_int(name, getattr(self, name))
-
-
-# Chosen by `experiments/qk_sweep.py` on calibration text only (paper_repro.md has the table).
-DEFAULTS: dict[str, MaskSolverConfig] = {
-    "attn": MaskSolverConfig(lam=1e-2),
-    "attn-progressive": MaskSolverConfig(),
-    "attn-reweight": MaskSolverConfig(),
-}
+VARIANTS = ("attn", "attn-progressive", "attn-reweight")  # what `solve_layer` runs
+OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}  # by `solver_config.OPTIMIZERS` name
 
 
 class LayerPruning(NamedTuple):
@@ -97,6 +55,20 @@ class LayerPruning(NamedTuple):
   keep_q: Bool[Array, "hq d"]
   keep_k: Bool[Array, "hk d"]
   loss: Float[Array, "steps"]
+
+
+def _prune_layer(method: str, q_proj, k_proj, x, *, sparsity: float,
+                 n_m: tuple[int, int] | None, config, solver: MaskSolverConfig | None = None,
+                 mesh=None) -> LayerPruning:
+  """`solve_layer` with the attention layout of a model's `LlamaConfig`."""
+  return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
+                     config=solver, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                     rope=config.rope, mesh=mesh)
+
+
+prune_attn = functools.partial(_prune_layer, "attn")
+prune_attn_progressive = functools.partial(_prune_layer, "attn-progressive")
+prune_attn_reweight = functools.partial(_prune_layer, "attn-reweight")
 
 
 def prune_schedule(sparsity: float, n_m: tuple[int, int] | None, rounds: int) -> tuple:
@@ -127,15 +99,14 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   Args:
     q_proj: (heads·hd, d) query weight; k_proj: (kv_heads·hd, d) key weight.
     x: calibration attention inputs (post-RMSNorm), (windows, t, d).
-    method: one of `METHODS`.
+    method: one of `VARIANTS`.
     sparsity: fraction removed per output row, in [0, 1); n/m with `n_m`.
     n_m: (n, m) structure along the input axis, or None.
-    config: solver settings; None takes `DEFAULTS[method]`.
+    config: solver settings; None takes the method's registered ones (`Method.solver`).
     num_kv_heads, head_dim, rope: the model's attention layout.
     block: query rows per block of the row-blocked loss (`objective.blocked_factored_loss`,
       O(windows·group·block·t) memory per KV group instead of O(windows·group·t²), the same
-      result to rounding); None keeps the dense targets for t <= solver.BLOCKED_ABOVE and
-      uses blocks of solver.DEFAULT_BLOCK rows beyond.
+      result to rounding); None: `solver.default_block`.
     mesh: a `jax.sharding.Mesh` from `sharding.problem_mesh(num_kv_heads, windows_per_step)`:
       KV groups split over its "heads" axis, each step's windows over its "windows" axis (the
       same masks up to the rounding of the window sum); None runs where the inputs are.
@@ -144,9 +115,9 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   Raises:
     DivergenceError: if the loss or the masks became NaN or Inf.
   """
-  if method not in METHODS:
-    raise InputError(f"method must be one of {METHODS}, got {method!r}")
-  config = DEFAULTS[method] if config is None else config
+  if method not in VARIANTS:
+    raise InputError(f"method must be one of {VARIANTS}, got {method!r}", argument="method")
+  config = methods.get(method).solver if config is None else config
   rope = as_rope(rope)  # one static value per frequency set: 1e4 and Rope(1e4) compile once
   q_proj = validation.check_array("q_proj", q_proj, ndim=2)
   k_proj = validation.check_array("k_proj", k_proj, ndim=2)
@@ -167,10 +138,7 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   if x.shape[0] % config.windows_per_step:
     raise InputError(f"windows_per_step ({config.windows_per_step}) must divide the number of "
                      f"calibration windows ({x.shape[0]})")
-  if block is None:
-    block = DEFAULT_BLOCK if x.shape[1] > BLOCKED_ABOVE else None
-  else:
-    block = validation.check_positive_int("block", block)
+  block = default_block(x.shape[1], block)
   if method == "attn":
     schedule = ((sparsity, n_m),)
   else:

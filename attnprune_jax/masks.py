@@ -4,35 +4,22 @@ Layout convention (the whole project): weight matrices are (out, in) like the ch
 "row" is an output channel (axis -2 indexes rows, axis -1 runs along a row) and N:M groups run
 along the input (last) axis. Leading axes, if any, index independent matrices (e.g. heads).
 
-Counts: a group of size g keeps round_half_up((1 − s)·g) entries, computed exactly for the
-decimal s the user wrote (0.55 is 11/20, not the binary float just below it). A group must keep
-at least one entry. Ties are broken deterministically: among equal scores the lower index is kept
-first.
+Counts: a group of size g keeps `patterns.kept_count(g, s)` entries, exactly for the decimal s
+the user wrote. A group must keep at least one entry. Ties are broken deterministically: among
+equal scores the lower index is kept first.
 """
 
-import fractions
 import functools
-import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Real
 
 from attnprune_jax import validation
-from attnprune_jax.errors import InputError, InputTypeError
+from attnprune_jax.errors import InputError
+from attnprune_jax.patterns import check_n_m, kept_count
 
 GROUPS = ("row", "matrix")
-
-
-def kept_count(size: int, sparsity: float) -> int:
-  """Entries kept in a group of `size` at `sparsity`: round_half_up((1 − sparsity)·size).
-
-  The product is exact: `sparsity` is taken as the shortest decimal that reads back as the same
-  float (repr), so kept_count(30, 0.55) = round_half_up(13.5) = 14.
-  """
-  exact = fractions.Fraction(repr(validation.check_sparsity(sparsity)))
-  return math.floor((1 - exact) * size + fractions.Fraction(1, 2))
 
 
 @functools.partial(jax.jit, static_argnames="keep")
@@ -43,23 +30,6 @@ def _keep_top(score: Real[Array, "... g"], keep: int) -> Bool[Array, "... g"]:
   # lax.top_k is documented to put the lower index first among equal values.
   _, kept = jax.lax.top_k(score, keep)
   return jnp.put_along_axis(jnp.zeros(score.shape, bool), kept, True, axis=-1, inplace=False)
-
-
-def check_n_m(n_m, sparsity: float, cols: int) -> tuple[int, int]:
-  """Validates an (n, m) structure for rows of `cols` entries at `sparsity`; returns (n, m)."""
-  if (not isinstance(n_m, (tuple, list)) or len(n_m) != 2
-      or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in n_m)):
-    raise InputTypeError(f"n_m must be a pair of integers (n, m), got {n_m!r}")
-  n, m = int(n_m[0]), int(n_m[1])
-  if not 0 <= n < m:
-    raise InputError(f"n_m=(n, m) must satisfy 0 <= n < m, got {n_m!r}")
-  if cols % m:
-    raise InputError(f"n_m=({n}, {m}) needs the last axis to be a multiple of {m}, got {cols}")
-  if not math.isclose(sparsity, n / m, abs_tol=1e-9):
-    raise InputError(
-        f"sparsity={sparsity} contradicts n_m=({n}, {m}), which prunes {n / m}; "
-        f"pass sparsity={n / m}")
-  return n, m
 
 
 def binarize(score, sparsity: float, *, group: str = "row",

@@ -1,71 +1,135 @@
-"""The q/k pruning methods of a real attention layer, by name: one uniform call for all.
+"""Every pruning method, registered once.
 
-`prune_qk(method, q_proj, k_proj, x, ...)` prunes a layer's q_proj and k_proj from its
-calibration attention inputs x. The baselines (`baselines.BASELINES`) prune each matrix on its
-own from the statistics of x; the attention-aware methods (`layer_masks.METHODS`) solve the two
-together against the layer's attention matrices. Methods are pure functions of weights and
-inputs: they know nothing of models or pipelines.
+A method is one `Method` entry: its name, what it prunes from what, whether it changes the kept
+weights' values, the solver settings it starts from and its colour in figures. The command's
+choices, the settings' checks, the reproduce grids and the reports' colours and labels all derive
+from `REGISTRY`. Adding a method is one file holding its function plus one `register` line:
+
+    register(Method("ria", "linear", "attnprune_jax.baselines.ria:prune"))
+
+Two kinds, by what a method sees:
+- "linear": any linear w (out, in) on its own, from statistics of its inputs:
+  `prune(w, stats, sparsity, n_m) -> (new_w, keep)`, `stats` a `baselines.InputStats` (feature
+  norms, and the Gram matrix XᵀX if `needs_gram`).
+- "qk": a layer's q_proj and k_proj together, from the layer's attention inputs x (windows, t, d):
+  `prune(q_proj, k_proj, x, *, sparsity, n_m, config, solver, mesh) -> layer_masks.LayerPruning`
+  (`config` the model's `LlamaConfig`, `solver` a `MaskSolverConfig`, `mesh` None or a device
+  mesh for the solve).
+In both, `keep` is True for kept entries and counts are exact (`patterns.kept_count` per row, or
+N:M along the input axis).
+
+The registry imports no JAX: an implementation is named "module:function" and imported when the
+method first runs, so that the command answers `--help` and bad options at once.
 """
 
-import jax
-import jax.numpy as jnp
+import dataclasses
+import importlib
+from collections.abc import Callable
 
-from attnprune_jax.baselines import BASELINES, InputStats, input_stats
 from attnprune_jax.errors import InputError
-from attnprune_jax.layer_masks import METHODS as ATTENTION_METHODS
-from attnprune_jax.layer_masks import DEFAULTS, LayerPruning, MaskSolverConfig, solve_layer
-from attnprune_jax.models.llama import LlamaConfig
-from attnprune_jax.sharding import problem_mesh
+from attnprune_jax.solver_config import MaskSolverConfig
 
-METHODS = ("magnitude", "wanda", "sparsegpt") + ATTENTION_METHODS
-# Methods whose new weights differ from the dense ones on the support (weight updates).
-REWEIGHTING = ("sparsegpt", "attn-reweight")
+KINDS = ("linear", "qk")
+# Colours of methods registered without one, in order of registration (matplotlib's names).
+SPARE_COLORS = ("tab:green", "tab:brown", "tab:pink", "tab:cyan", "gold", "navy", "teal",
+                "salmon")
 
 
-def prune_qk(method: str, q_proj, k_proj, x, *, sparsity: float,
-             n_m: tuple[int, int] | None, config: LlamaConfig,
-             solver: MaskSolverConfig | None = None, devices=None) -> LayerPruning:
-  """Prunes one layer's q_proj and k_proj (out, in) with `method`.
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A registered pruning method.
 
-  Args:
-    method: one of `METHODS`.
-    q_proj: (heads·hd, d); k_proj: (kv_heads·hd, d).
-    x: the layer's calibration attention inputs (post-RMSNorm), (windows, t, d).
-    sparsity: fraction removed per output row (n/m with `n_m`).
-    n_m: (n, m) structure along the input axis, or None.
-    config: the model's architecture (head layout, RoPE base).
-    solver: settings of the attention-aware methods (None: their defaults); must be None for
-      the baselines.
-    devices: devices to shard an attention-aware solve over (KV groups and each step's
-      windows, `sharding.problem_mesh`); None runs where the inputs are. The baselines run
-      where the inputs are.
-  Returns:
-    a `LayerPruning`; its loss is empty for the baselines.
+  Attributes:
+    name: the `--method` name (letters, digits and '-'; '+' joins a q/k method and a rest
+      method in grids).
+    kind: "linear" or "qk" (see the module docstring).
+    implementation: the function, or "module:function" to import on first use.
+    needs_gram: "linear" methods: the statistics must carry the Gram matrix (SparseGPT).
+    changes_values: kept weights get new values (SparseGPT's update, re-weighting): reports
+      compare such a method with the others that do.
+    solver: "qk" methods solving for masks: the settings they start from (our choice), which
+      options override; None for methods without a solver.
+    color: its colour in figures; None takes one of `SPARE_COLORS`.
+    summary: one line for help texts.
   """
-  if method in ATTENTION_METHODS:
-    solver = DEFAULTS[method] if solver is None else solver
-    mesh = None if devices is None else problem_mesh(config.num_kv_heads,
-                                                     solver.windows_per_step, devices)
-    return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
-                       config=solver, num_kv_heads=config.num_kv_heads,
-                       head_dim=config.head_dim, rope=config.rope, mesh=mesh)
-  if method not in BASELINES:
-    raise InputError(f"method must be one of {METHODS}, got {method!r}")
-  if solver is not None:
-    raise InputError(f"solver settings apply to {ATTENTION_METHODS}, not to {method!r}")
-  stats = input_stats(x.reshape(-1, x.shape[-1]), gram=BASELINES[method].needs_gram)
-  new_q, keep_q = prune_linear(method, q_proj, stats, sparsity, n_m)
-  new_k, keep_k = prune_linear(method, k_proj, stats, sparsity, n_m)
-  return LayerPruning(new_q, new_k, keep_q, keep_k, jnp.zeros((0,), x.dtype))
+  name: str
+  kind: str
+  implementation: Callable | str
+  needs_gram: bool = False
+  changes_values: bool = False
+  solver: MaskSolverConfig | None = None
+  color: str | None = None
+  summary: str = ""
+
+  def __post_init__(self):
+    if not self.name or not all(c.isascii() and (c.isalnum() or c == "-") for c in self.name):
+      raise InputError(f"a method's name must be letters, digits and '-', got {self.name!r}")
+    if self.kind not in KINDS:
+      raise InputError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind == "linear" and self.solver is not None:
+      raise InputError(f"{self.name}: a linear method has no solver settings")
+    if self.kind == "qk" and self.needs_gram:
+      raise InputError(f"{self.name}: needs_gram applies to linear methods, which get statistics")
+
+  @property
+  def prune(self) -> Callable:
+    """The implementation, imported if it was given by name."""
+    if callable(self.implementation):
+      return self.implementation
+    module, _, function = self.implementation.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def prune_linear(method: str, w, stats: InputStats, sparsity: float,
-                 n_m: tuple[int, int] | None) -> tuple[jax.Array, jax.Array]:
-  """Prunes one linear w (out, in) with the baseline `method` (`baselines.BASELINES`) from its
-  inputs' statistics (with the Gram matrix if the method needs one).
+REGISTRY: dict[str, Method] = {}
 
-  Returns:
-    (new weight in w's dtype, mask (out, in), True = kept).
-  """
-  new, keep = BASELINES[method].prune(w, stats, sparsity, n_m)
-  return new.astype(w.dtype), keep
+
+def register(method: Method) -> Method:
+  """Adds `method` to `REGISTRY` (a name is registered once); returns it."""
+  if method.name in REGISTRY:
+    raise InputError(f"a method named {method.name!r} is registered already")
+  REGISTRY[method.name] = method
+  return method
+
+
+def names(kind: str | None = None) -> tuple[str, ...]:
+  """The registered names (of one kind), in order of registration."""
+  return tuple(name for name, method in REGISTRY.items() if kind in (None, method.kind))
+
+
+def get(name: str, kind: str | None = None, *, argument: str = "method") -> Method:
+  """The method registered as `name` (of `kind`, if given); an InputError naming `argument`
+  and the choices."""
+  method = REGISTRY.get(name)
+  if method is None or kind not in (None, method.kind):
+    raise InputError(f"{argument} must be one of {names(kind)}, got {name!r}",
+                     argument=argument)
+  return method
+
+
+def color(name: str) -> str:
+  """The figure colour of a method, or of the q/k method of 'qk+rest'."""
+  method = REGISTRY.get(name.partition("+")[0])
+  if method is None:
+    return "black"
+  if method.color is not None:
+    return method.color
+  spare = [m for m in REGISTRY.values() if m.color is None]
+  return SPARE_COLORS[spare.index(method) % len(SPARE_COLORS)]
+
+
+register(Method("magnitude", "linear", "attnprune_jax.baselines.magnitude:prune",
+                color="tab:gray", summary="the largest |W| per output row"))
+register(Method("wanda", "linear", "attnprune_jax.baselines.wanda:prune", color="tab:blue",
+                summary="Wanda: |W_ij|·‖X_j‖ per output row"))
+register(Method("sparsegpt", "linear", "attnprune_jax.baselines.sparsegpt:prune",
+                needs_gram=True, changes_values=True, color="tab:purple",
+                summary="SparseGPT: OBS with the inputs' Hessian, kept weights updated"))
+register(Method("attn", "qk", "attnprune_jax.layer_masks:prune_attn",
+                solver=MaskSolverConfig(lam=1e-2), color="tab:olive",
+                summary="the paper's Algorithm 1 on the layer's attention, then one cut"))
+register(Method("attn-progressive", "qk", "attnprune_jax.layer_masks:prune_attn_progressive",
+                solver=MaskSolverConfig(), color="tab:red",
+                summary="optimizer rounds between prune steps on the attention; dense values kept"))
+register(Method("attn-reweight", "qk", "attnprune_jax.layer_masks:prune_attn_reweight",
+                solver=MaskSolverConfig(), changes_values=True, color="tab:orange",
+                summary="as attn-progressive, then the kept weights re-weighted"))

@@ -51,6 +51,13 @@ def check_problem(mask, w, x, *, w_ndim: int | tuple[int, ...] = 2
   return mask.astype(dtype), w.astype(dtype), x.astype(dtype)
 
 
+def merged_loss_given(mask: Float[Array, "d d"], w: Float[Array, "d d"], x: Float[Array, "b n d"],
+                      target: Float[Array, "b n n"], lam, causal: bool, compute_dtype=None):
+  """L(M) given the dense attention `target` = f(W) (one attention forward). No checks."""
+  f = softmax_attention(x, mask * w, causal=causal, compute_dtype=compute_dtype)
+  return 0.5 * jnp.sum((f - target)**2) + 0.5 * lam * jnp.sum(mask**2)
+
+
 def merged_loss_and_grad(mask: Float[Array, "d d"], w: Float[Array, "d d"],
                          x: Float[Array, "b n d"], target: Float[Array, "b n n"], lam,
                          causal: bool, compute_dtype=None):

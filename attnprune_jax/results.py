@@ -2,7 +2,6 @@
 
 import datetime
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -11,12 +10,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
-import jax
+import numpy as np
 
 from attnprune_jax.errors import InputError
 
@@ -37,21 +34,23 @@ def git_commit() -> str | None:
   return commit + ("-dirty" if dirty.strip() else "")
 
 
-def code_fingerprint(modules: Iterable[ModuleType | str]) -> str:
-  """Short sha256 of the source of `modules` (objects or dotted names): a stored result made by
-  other code has another fingerprint. A package counts with every .py file below it.
-  """
+def fingerprint(*arrays) -> str:
+  """A SHA-256 of arrays' shapes, dtypes and bytes: what a stored result was computed from."""
   digest = hashlib.sha256()
-  loaded = [importlib.import_module(m) if isinstance(m, str) else m for m in modules]
-  for module in sorted({m.__name__: m for m in loaded}.values(), key=lambda m: m.__name__):
-    if getattr(module, "__file__", None) is None:
-      raise TypeError(f"code_fingerprint: modules must have a source file, got {module!r}")
-    source = Path(module.__file__)
-    files = sorted(source.parent.rglob("*.py")) if hasattr(module, "__path__") else [source]
-    for path in files:
-      digest.update(f"{module.__name__}:{path.relative_to(source.parent)}\0".encode())
-      digest.update(path.read_bytes())
-  return digest.hexdigest()[:16]
+  for array in arrays:
+    array = np.ascontiguousarray(np.asarray(array))
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    digest.update(array.reshape(-1).view(np.uint8))  # the bytes, hashed in place: no copy
+  return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+  """A SHA-256 of a model's architecture (its config, RoPE scaling included) and weights: what
+  a stored result was computed from. Hashing SmolLM2 takes about a second: compute it once per
+  job."""
+  weights = model.weights()
+  return fingerprint(np.frombuffer(repr(model.config).encode(), np.uint8),
+                     *(weights[name] for name in sorted(weights)))
 
 
 def _version(package: str) -> str | None:
@@ -63,6 +62,7 @@ def _version(package: str) -> str | None:
 
 def provenance(*, seed: int | None, settings: dict, wall_time_s: float) -> dict:
   """What produced a result: code version, library versions, machine, seed, settings, time."""
+  import jax
   return {
       "git_commit": git_commit(),
       "versions": {name: _version(name) for name in _PACKAGES} | {
@@ -150,17 +150,17 @@ def json_text(document: dict) -> str:
                      "JSON") from None
 
 
-def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
-  """Writes `document` as standard JSON (see `json_text`) to `path` so that a reader sees the old
-  file or the new one, never half; a failed write leaves no temporary file behind."""
+def write_atomic(path: str | os.PathLike, write) -> None:
+  """Calls write(binary handle) on a temporary file beside `path`, then renames it to `path`,
+  so that a reader sees the old file or the new one, never half; a failed write leaves no
+  temporary file behind. The file is readable by all (mode 0644), like the folder's others."""
   path = Path(path)
-  text = json_text(document)
   path.parent.mkdir(parents=True, exist_ok=True)
-  handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                       suffix=".tmp", delete=False)
+  handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                       delete=False)
   try:
     with handle:
-      handle.write(text)
+      write(handle)
       handle.flush()
       os.fsync(handle.fileno())
     os.chmod(handle.name, 0o644)
@@ -170,9 +170,15 @@ def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
     raise
 
 
-def cached_result(path: Path, settings: dict, code: dict, compute):
-  """The stored result at `path` if it was made with `settings` and `code["fingerprint"]`, else
-  compute and store it with `code` (fingerprint and git commit).
+def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
+  """Writes `document` as standard JSON (see `json_text`) to `path` atomically (`write_atomic`)."""
+  text = json_text(document).encode()
+  write_atomic(path, lambda handle: handle.write(text))
+
+
+def cached_result(path: Path, settings: dict, numerics: int, compute):
+  """The stored result at `path` if it was made with `settings` and the numerics version
+  `numerics` (see `numerics`), else compute and store it with both and the git commit.
 
   Returns the result and the commit that stored it ("unknown" outside git), or None if computed
   now. A file that is not a stored result is moved aside to `<name>.damaged`, with a warning.
@@ -189,11 +195,11 @@ def cached_result(path: Path, settings: dict, code: dict, compute):
       warnings.warn(f"{path} is not a stored result ({err}); moved it to "
                     f"{damaged.name} and computing it again", RuntimeWarning, stacklevel=2)
     else:
-      if stored["settings"] == settings and stored.get("code") == code["fingerprint"]:
+      if stored["settings"] == settings and stored.get("numerics") == numerics:
         return stored["result"], stored.get("git_commit") or "unknown"
   result = compute()
-  write_json_atomic(path, {"settings": settings, "code": code["fingerprint"],
-                           "git_commit": code["git_commit"], "result": result})
+  write_json_atomic(path, {"settings": settings, "numerics": numerics,
+                           "git_commit": git_commit(), "result": result})
   return result, None
 
 

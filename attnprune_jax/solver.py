@@ -22,13 +22,22 @@ from attnprune_jax import sharding, validation
 from attnprune_jax.attention import softmax_attention
 from attnprune_jax.errors import DivergenceError, InputError, InputTypeError
 from attnprune_jax.masks import binarize, merged_activation_score
-from attnprune_jax.objective import (blocked_loss_and_grad, check_inputs, merged_loss,
-                                     merged_loss_and_grad)
+from attnprune_jax.objective import (blocked_loss_and_grad, check_inputs, merged_loss_and_grad,
+                                     merged_loss_given)
 
 # Our choice: up to n = 1024 the dense (b, n, n) reference is small and fastest; beyond it, blocks
 # of 64 query rows keep a step's memory at O(b·64·n) per head.
 BLOCKED_ABOVE = 1024
 DEFAULT_BLOCK = 64
+
+
+def default_block(tokens: int, block: int | None = None) -> int | None:
+  """Query rows per block of the row-blocked objectives for windows of `tokens`: `block` if
+  given (a positive integer), else None (the dense objective) up to `BLOCKED_ABOVE` tokens and
+  `DEFAULT_BLOCK` beyond."""
+  if block is not None:
+    return validation.check_positive_int("block", block)
+  return DEFAULT_BLOCK if tokens > BLOCKED_ABOVE else None
 
 
 class MaskSolution(NamedTuple):
@@ -100,10 +109,7 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     init = validation.check_array("init", init)
     if init.shape != w.shape:
       raise InputError(f"init must have w's shape {tuple(w.shape)}, got {tuple(init.shape)}")
-  if block is None:
-    block = DEFAULT_BLOCK if x.shape[-2] > BLOCKED_ABOVE else None
-  else:
-    block = validation.check_positive_int("block", block)
+  block = default_block(x.shape[-2], block)
   compute_dtype = _check_compute_dtype(compute_dtype)
   if compute_dtype is not None:
     x = x.astype(compute_dtype)
@@ -115,15 +121,13 @@ def solve_mask(w, x, *, lam, steps: int, lr=None, causal: bool = True,
     w, init = sharding.place(w, mesh, *heads), sharding.place(init, mesh, *heads)
     lr = sharding.place(lr, mesh, *heads[:lr.ndim])
     x = sharding.place(x, mesh, "windows")
-  solution = _solve(w, x, init, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
-                    causal=causal, optimizer=optimizer, block=block,
-                    compute_dtype=compute_dtype)
+  solution, final = _solve(w, x, init, jnp.asarray(lam, dtype=w.dtype), lr, steps=steps,
+                           causal=causal, optimizer=optimizer, block=block,
+                           compute_dtype=compute_dtype)
   if mesh is not None:
-    solution = sharding.replicate(solution, mesh)
+    solution, final = sharding.replicate((solution, final), mesh)
   if not validation.is_traced(solution.loss):
     # The history holds the loss before each update; the last update is checked too.
-    final = _loss_at(solution.mask, w, x, jnp.asarray(lam, w.dtype), causal, block,
-                     compute_dtype)
     step_size = "the optimizer's step size" if optimizer is not None else _describe_lr(lr)
     check_descent(jnp.concatenate([solution.loss, final[..., None]], axis=-1),
                   (solution.mask,), step_size=step_size)
@@ -215,18 +219,6 @@ def check_descent(loss, masks, *, step_size: str, runs: str = "heads") -> None:
                   "1/L_s", RuntimeWarning, stacklevel=3)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "block", "compute_dtype"))
-def _loss_at(masks, w, x, lam, causal, block=None, compute_dtype=None):
-  """L(M) of one mask (d, d) or of each head (h, d, d), row-blocked if `block` is given."""
-  if block is None:
-    loss = functools.partial(merged_loss, x=x, lam=lam, causal=causal,
-                             compute_dtype=compute_dtype)
-  else:
-    loss = lambda mask, w: blocked_loss_and_grad(mask, w, x, lam, causal, block,
-                                                 compute_dtype)[0]
-  return jax.vmap(loss)(masks, w) if w.ndim == 3 else loss(masks, w)
-
-
 def minimize(loss_and_grad, params, *, optimizer: optax.GradientTransformation, steps: int,
              keep=None, opt_state=None, first_step: int = 0):
   """The one solver loop: `steps` optimizer steps on a mask pytree inside `lax.scan`.
@@ -290,7 +282,9 @@ def prune_progressively(loss_and_grad, params, *, optimizer: optax.GradientTrans
 
 
 def _solve_head(w, mask, *, x, lam, steps, causal, optimizer, block=None,
-                compute_dtype=None) -> MaskSolution:
+                compute_dtype=None) -> tuple[MaskSolution, jax.Array]:
+  """One head's solution and the loss at its final mask (for the descent check: the history
+  holds the loss before each update)."""
   # The dense reference f(W) is computed once, or (blocked) per block of rows at every step.
   target = (softmax_attention(x, w, causal=causal, compute_dtype=compute_dtype)
             if block is None else None)
@@ -302,7 +296,11 @@ def _solve_head(w, mask, *, x, lam, steps, causal, optimizer, block=None,
     return blocked_loss_and_grad(mask, w, x, lam, causal, block, compute_dtype)
 
   mask, _, loss, grad_norm = minimize(loss_and_grad, mask, optimizer=optimizer, steps=steps)
-  return MaskSolution(mask, loss, grad_norm)
+  if block is None:
+    final = merged_loss_given(mask, w, x, target, lam, causal, compute_dtype)
+  else:
+    final = loss_and_grad(mask, steps)[0]
+  return MaskSolution(mask, loss, grad_norm), final
 
 
 class ProgressiveSolution(NamedTuple):

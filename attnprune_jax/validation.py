@@ -1,35 +1,44 @@
-"""Input checks shared by the public functions.
+"""Input checks shared by the public functions and the settings.
 
 Called eagerly, the public functions reject bad input with an `errors.InputError` (a
 `ValueError`; `InputTypeError` is also a `TypeError`) that names the argument, what was expected
 and what was received. Under `jit`, `vmap` or `grad` the
 inputs are tracers: shape and dtype checks still run (they are static), checks that need concrete
 values (finiteness, ranges of traced scalars) are skipped.
+
+This module imports JAX only when it is handed an array: the settings dataclasses check plain
+numbers with it, so that a command rejects a bad option before JAX is loaded.
 """
 
 from collections.abc import Sequence
 import numbers
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from attnprune_jax.errors import InputError, InputTypeError
 
 
+def _loaded_jax():
+  """The jax module if something imported it already, else None (then nothing is a JAX value)."""
+  return sys.modules.get("jax")
+
+
 def is_traced(value) -> bool:
   """True when `value` is an abstract tracer, i.e. its contents are unknown now."""
-  return isinstance(value, jax.core.Tracer)
+  jax = _loaded_jax()
+  return jax is not None and isinstance(value, jax.core.Tracer)
 
 
-def at_least_float32(array: jax.Array) -> jax.Array:
+def at_least_float32(array):
   """float16/bfloat16 arrays as float32; float32 and float64 unchanged (the precision policy:
   masks, losses and scores are computed in at least float32 whatever the input dtype)."""
+  import jax.numpy as jnp
   return array.astype(jnp.promote_types(array.dtype, jnp.float32))
 
 
 def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
-                min_ndim: int | None = None, floating: bool = True) -> jax.Array:
+                min_ndim: int | None = None, floating: bool = True) -> "jax.Array":
   """Converts `value` to an array and checks its rank, dtype and (if concrete) finiteness.
 
   Args:
@@ -41,6 +50,7 @@ def check_array(name: str, value, *, ndim: int | Sequence[int] | None = None,
   Returns:
     `value` as a jax array (tracers are returned as they are).
   """
+  import jax.numpy as jnp
   if value is None:
     raise InputTypeError(f"{name} must be an array, got None")
   try:
@@ -72,16 +82,20 @@ def _scalar(name: str, value, kind: str):
   ("integer" or "real"; bools are neither), else an error naming `name`."""
   what = "an integer" if kind == "integer" else "a real number"
   if isinstance(value, (bool, np.bool_)):
-    raise InputTypeError(f"{name} must be {what}, got bool")
-  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+    raise InputTypeError(f"{name} must be {what}, got bool", argument=name)
+  jax = _loaded_jax()
+  if isinstance(value, (np.ndarray, np.generic)) or (jax is not None
+                                                      and isinstance(value, jax.Array)):
     if np.ndim(value) != 0:
-      raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}")
+      raise InputError(f"{name} must be a scalar, got shape {np.shape(value)}", argument=name)
     value = np.asarray(value)[()]
-    if jnp.issubdtype(value.dtype, jnp.floating) and not isinstance(value, np.floating):
-      value = np.float32(value)  # bfloat16 and other ml_dtypes floats are exact in float32
+    if not isinstance(value, (np.integer, np.floating, np.bool_)):
+      import jax.numpy as jnp  # bfloat16 and other ml_dtypes floats, exact in float32
+      if jnp.issubdtype(value.dtype, jnp.floating):
+        value = np.float32(value)
   expected = numbers.Integral if kind == "integer" else numbers.Real
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, expected):
-    raise InputTypeError(f"{name} must be {what}, got {type(value).__name__}")
+    raise InputTypeError(f"{name} must be {what}, got {type(value).__name__}", argument=name)
   return value
 
 
@@ -95,42 +109,43 @@ def check_scalar(name: str, value, *, minimum: float | None = None,
     return
   number = float(_scalar(name, value, "real"))
   if not np.isfinite(number):
-    raise InputError(f"{name} must be finite, got {number}")
+    raise InputError(f"{name} must be finite, got {number}", argument=name)
   if minimum is not None:
     if strict and number <= minimum:
-      raise InputError(f"{name} must be > {minimum}, got {number}")
+      raise InputError(f"{name} must be > {minimum:g}, got {number:g}", argument=name)
     if not strict and number < minimum:
-      raise InputError(f"{name} must be >= {minimum}, got {number}")
+      raise InputError(f"{name} must be >= {minimum:g}, got {number:g}", argument=name)
 
 
 MAX_COUNT = np.iinfo(np.int32).max  # step counters run as int32 inside JAX
+MAX_STEPS = 10**7  # our choice: far beyond any useful run of a solver
 
 
 def check_positive_int(name: str, value, *, maximum: int = MAX_COUNT) -> int:
   """Checks a positive integer count such as `steps` (at most `maximum`); returns an int."""
   number = int(_scalar(name, value, "integer"))
   if number <= 0:
-    raise InputError(f"{name} must be a positive integer, got {number}")
+    raise InputError(f"{name} must be a positive integer, got {number}", argument=name)
   if number > maximum:
-    raise InputError(f"{name} must be at most {maximum}, got {number}")
+    raise InputError(f"{name} must be at most {maximum}, got {number}", argument=name)
   return number
 
 
 def check_bool(name: str, value) -> bool:
   """Checks a flag: True or False (numpy bools too), never a string or None."""
   if not isinstance(value, (bool, np.bool_)):
-    raise InputTypeError(f"{name} must be True or False, got {value!r}")
+    raise InputTypeError(f"{name} must be True or False, got {value!r}", argument=name)
   return bool(value)
 
 
-def check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
   """Checks a target sparsity (fraction of entries removed) in [0, 1).
 
   A numpy or JAX scalar is read as the shortest decimal of its own dtype (float32 0.55 is
   0.55), so that counts follow the decimal the user wrote (see `masks.kept_count`).
   """
-  value = _scalar("sparsity", sparsity, "real")
+  value = _scalar(name, sparsity, "real")
   value = float(str(value)) if isinstance(value, np.floating) else float(value)
   if not 0.0 <= value < 1.0:
-    raise InputError(f"sparsity must be in [0, 1), got {value}")
+    raise InputError(f"{name} must be in [0, 1), got {value}", argument=name)
   return value

@@ -90,8 +90,9 @@ def measure(folder: Path, method: str) -> dict:
   import jax
 
   from attnprune_jax import data, evaluate, models
-  from attnprune_jax.pipeline import PruneSettings, prune_model
-  from experiments.qk_pruning import DataConfig, windows
+  from attnprune_jax.pipeline import prune_model
+  from attnprune_jax.runs import token_windows as windows
+  from attnprune_jax.settings import DataConfig, PruneSettings
   result = {"method": method, "start_peak_gib": peak()}
   start = time.perf_counter()
   model = models.load(folder)

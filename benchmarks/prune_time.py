@@ -15,16 +15,17 @@ import time
 
 import jax
 
-from attnprune_jax import models
-from attnprune_jax.methods import METHODS
-from attnprune_jax.pipeline import PruneSettings, prune_model
-from experiments.qk_pruning import DataConfig, windows
+from attnprune_jax import methods, models
+from attnprune_jax.pipeline import prune_model
+from attnprune_jax.runs import token_windows as windows
+from attnprune_jax.settings import DataConfig, PruneSettings
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", default=None, help="first-last layer, e.g. 0-5 (default all)")
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument("--methods", nargs="+", default=list(methods.names()),
+                      choices=methods.names())
   parser.add_argument("--sparsity", type=float, default=0.5)
   parser.add_argument("--devices", type=int, default=1,
                       help="devices sharing each layer's attention-aware solve")

@@ -19,7 +19,9 @@ from attnprune_jax import theory
 from attnprune_jax.masks import merged_activation_score
 from attnprune_jax.solver import solve_mask_progressive
 
-METHODS = ("magnitude", "wanda-merged", "attn", "attn-progressive")
+# The binary-mask rules compared on merged problems (d × d per head): scores of the merged form,
+# not the model pruning methods of `attnprune_jax.methods`.
+MASK_RULES = ("magnitude", "wanda-merged", "attn", "attn-progressive")
 
 
 class Rounding(NamedTuple):
@@ -145,7 +147,7 @@ def sparsity_comparison(w, x, heldout, *, sparsities, attn_lam: float, attn_step
       (b', n', d) inputs that score the masks (x itself on synthetic problems).
   Returns:
     rows {"head", "method", "sparsity", "achieved_sparsity", "attention_error" (on heldout),
-    "calibration_error" (on x)}, sparsity by sparsity, head by head, in the order of METHODS.
+    "calibration_error" (on x)}, sparsity by sparsity, head by head, in the order of MASK_RULES.
   """
   heads = _heads(w)
   ones = jnp.ones_like(heads)
@@ -164,7 +166,7 @@ def sparsity_comparison(w, x, heldout, *, sparsities, attn_lam: float, attn_step
       keeps["attn-progressive"] = solve_mask_progressive(
           head, x, sparsity=sparsity, lam=progressive_lam, lr=progressive_lr[h],
           rounds=progressive_rounds, steps_per_round=progressive_steps).keep
-      for method in METHODS:
+      for method in MASK_RULES:
         keep = keeps[method].astype(head.dtype)
         error = float(ap.attention_error(keep, head, heldout))
         rows.append({"head": h, "method": method, "sparsity": sparsity,

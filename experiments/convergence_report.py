@@ -1,5 +1,5 @@
-"""Figures and tables of the convergence experiments, synthetic and real (outside the code
-fingerprints of their stored results: a change here recomputes nothing)."""
+"""Figures and tables of the convergence experiments, synthetic and real (presentation only: a
+change here changes no stored number)."""
 
 from pathlib import Path
 
@@ -93,7 +93,7 @@ def plot_synthetic(results: dict, out: Path) -> list[Path]:
 
   # 4. Attention error vs sparsity per method (mean over seeds, min-max bars).
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for method in convergence.METHODS:
+  for method in convergence.MASK_RULES:
     rows = [row for row in sweep if row["method"] == method]
     levels = sorted({row["sparsity"] for row in rows})
     values = [[row["attention_error"] for row in rows if row["sparsity"] == s] for s in levels]
@@ -167,7 +167,7 @@ def plot_real(results: dict, out: Path) -> list[Path]:
   levels = sorted({row["sparsity"] for row in sweep})
   fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 4.2), squeeze=False)
   for ax, level in zip(axes[0], levels):
-    for method in convergence.METHODS:
+    for method in convergence.MASK_RULES:
       means = [np.mean([row["attention_error"] for row in sweep if (
           row["layer"], row["method"], row["sparsity"]) == (layer, method, level)])
                for layer in layers]

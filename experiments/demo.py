@@ -17,40 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnprune_jax as ap
-from attnprune_jax import validation
-from attnprune_jax.errors import DivergenceError, InputError
+from attnprune_jax.errors import DivergenceError
 from attnprune_jax.masks import merged_activation_score
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.synthetic import synthetic_problem
 from attnprune_jax.theory import smoothness_measured
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-  """Settings of the demo (all our choice)."""
-  n: int = 128
-  d: int = 64
-  batch: int = 4
-  rank: int = 16
-  lam: float = 1e-2
-  steps: int = 500
-  step_fraction: float = 1.0
-  sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
-  causal: bool = True
-  seed: int = 0
-
-  def __post_init__(self):
-    for name in ("n", "d", "batch", "rank", "steps"):
-      validation.check_positive_int(name, getattr(self, name))
-    if self.rank > self.d:
-      raise InputError(f"rank must be at most d={self.d}, got {self.rank}")
-    validation.check_scalar("lam", self.lam, minimum=0.0)
-    validation.check_scalar("step_fraction", self.step_fraction, minimum=0.0, strict=True)
-    if not self.sparsities:
-      raise InputError("sparsities must name at least one sparsity")
-    for sparsity in self.sparsities:
-      validation.check_sparsity(sparsity)
-    validation.check_bool("causal", self.causal)
+from experiments.configs import DemoConfig
 
 
 MAX_HALVINGS = 20

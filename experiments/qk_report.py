@@ -1,21 +1,17 @@
-"""Figures and Markdown tables of the real-model comparison (`qk_pruning`'s rows).
+"""Figures and Markdown tables of the real-model comparison (the rows of `runs.reproduce`).
 
-Kept apart from `qk_pruning` so that a change of presentation does not change the code
-fingerprint that keys the stored rows.
+Methods appear in the grids' order, any others after them; their colours come from the method
+registry (`methods.color`), so a newly registered method needs nothing here.
 """
 
 from pathlib import Path
 
 import numpy as np
 
-from attnprune_jax import pipeline
+from attnprune_jax import methods, runs
 from attnprune_jax.models import Llama
-from experiments import qk_pruning
-
-METHOD_COLORS = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:purple",
-                 "attn": "tab:olive", "attn-progressive": "tab:red",
-                 "attn-reweight": "tab:orange", "attn-progressive+wanda": "tab:red",
-                 "attn-reweight+sparsegpt": "tab:orange"}
+from attnprune_jax.results import model_fingerprint
+from attnprune_jax.settings import QK_METHODS, TARGETS, WHOLE_MODEL_METHODS, DataConfig
 # The issue's bar: (ours, the baselines it must beat) on the perplexity increase over dense.
 CHECKS = {
     "qk": {"Δppl `attn-progressive` / min(magnitude, Wanda)": ("attn-progressive",
@@ -41,7 +37,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot(rows: list[dict], figures: Path, *, model: Llama | None = None,
-         work: Path | None = None, config: qk_pruning.DataConfig | None = None) -> list[Path]:
+         work: Path | None = None, config: DataConfig | None = None) -> list[Path]:
   """The figures of the real-model comparison; the attention maps need the model and the
   rows' checkpoints in `work`. Returns the paths written."""
   import matplotlib
@@ -49,19 +45,19 @@ def plot(rows: list[dict], figures: Path, *, model: Llama | None = None,
   from matplotlib import pyplot as plt
   dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), None)
   pruned = [row for row in rows if row["method"] != "dense"]
-  methods = [m for m in qk_pruning.REPRODUCE_METHODS if any(row["method"] == m for row in pruned)]
+  names = _in_order({row["method"] for row in pruned}, QK_METHODS)
   paths = []
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2),
                                     gridspec_kw={"width_ratios": [2.2, 1]})
-  for method in methods:
+  for method in names:
     points = sorted((row["sparsity"], row["perplexity"]) for row in pruned
                     if row["method"] == method and row["pattern"] == "unstructured")
     if points:
-      left.plot(*zip(*points), "o-", color=METHOD_COLORS[method], label=method)
-  nm = [(m, row["perplexity"]) for m in methods for row in pruned
+      left.plot(*zip(*points), "o-", color=methods.color(method), label=method)
+  nm = [(m, row["perplexity"]) for m in names for row in pruned
         if row["method"] == m and row["pattern"] == "2:4"]
-  right.bar(range(len(nm)), [p for _, p in nm], color=[METHOD_COLORS[m] for m, _ in nm])
+  right.bar(range(len(nm)), [p for _, p in nm], color=[methods.color(m) for m, _ in nm])
   right.set_xticks(range(len(nm)), [m for m, _ in nm], rotation=40, ha="right")
   for axis, title in ((left, "unstructured, per output row"), (right, "2:4")):
     if dense is not None:
@@ -78,13 +74,13 @@ def plot(rows: list[dict], figures: Path, *, model: Llama | None = None,
   fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.8), sharey=True,
                            squeeze=False)
   for axis, (pattern, sparsity) in zip(axes[0], patterns):
-    for method in methods:
+    for method in names:
       row = next((r for r in pruned if (r["method"], r["pattern"], r["sparsity"])
                   == (method, pattern, sparsity)), None)
       if row:
         layers = sorted(row["attention_error_per_layer"], key=int)
         axis.plot([int(k) for k in layers], [row["attention_error_per_layer"][k] for k in layers],
-                  ".-", color=METHOD_COLORS[method], label=method)
+                  ".-", color=methods.color(method), label=method)
     axis.set_yscale("log")
     axis.set_xlabel("layer")
     axis.set_title(pattern if pattern != "unstructured" else f"sparsity {sparsity:g}")
@@ -98,31 +94,32 @@ def plot(rows: list[dict], figures: Path, *, model: Llama | None = None,
 
   fig, axis = plt.subplots(figsize=(6, 3.8))
   times = [(m, np.mean([r["prune_time_s"] for r in pruned if r["method"] == m]))
-           for m in methods]
-  axis.bar(range(len(times)), [t for _, t in times], color=[METHOD_COLORS[m] for m, _ in times])
+           for m in names]
+  axis.bar(range(len(times)), [t for _, t in times], color=[methods.color(m) for m, _ in times])
   axis.set_xticks(range(len(times)), [m for m, _ in times], rotation=30, ha="right")
   axis.set_yscale("log")
   axis.set_ylabel("prune time of 30 layers, s (mean over rows)")
   paths.append(_save(fig, figures / "prune_time.png"))
 
   if model is not None and work is not None:
-    path = _plot_attention_maps(model, work, config or qk_pruning.DataConfig(),
+    path = _plot_attention_maps(model, work, config or DataConfig(),
                                 figures / "attention_maps.png")
     if path is not None:
       paths.append(path)
   return paths
 
 
-def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig, path: Path):
+def _plot_attention_maps(model: Llama, work: Path, config: DataConfig, path: Path):
   """Dense, Wanda and attn-progressive attention of one head on a held-out window, at 0.7."""
   from matplotlib import pyplot as plt
-  heldout = qk_pruning.windows(model, config)["heldout"][:1, :MAP_TOKENS]
+  heldout = runs.token_windows(model, config)["heldout"][:1, :MAP_TOKENS]
+  model_key = model_fingerprint(model)
   maps = {}
   for method in ("dense", "wanda", "attn-progressive"):
     weights = None
     if method != "dense":
-      weights = pipeline.checkpoint_weights(
-          qk_pruning.row_folder(work, method, str(MAP_SPARSITY)), model)
+      weights = runs.row_folder(work, method, str(MAP_SPARSITY)).finished_weights(model,
+                                                                                  model_key)
       if weights is None:
         return None
     _, captured = model(heldout, weights=weights, return_attention=True)
@@ -146,9 +143,9 @@ def _plot_attention_maps(model: Llama, work: Path, config: qk_pruning.DataConfig
   return _save(fig, path)
 
 
-def _in_order(methods: set[str], order: tuple[str, ...]) -> list[str]:
-  """`methods` in the grid's `order`, any others after them alphabetically."""
-  return [m for m in order if m in methods] + sorted(methods - set(order))
+def _in_order(names: set[str], order: tuple[str, ...]) -> list[str]:
+  """`names` in the grid's `order`, any others after them alphabetically."""
+  return [m for m in order if m in names] + sorted(names - set(order))
 
 
 def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
@@ -156,17 +153,17 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   prune time, the fractions removed (targets beyond q/k), and the issue's bar (ratios of
   perplexity increases, layers won)."""
   scope = "qk" if targets == "qk" else "rest"
-  order = qk_pruning.REPRODUCE_METHODS if scope == "qk" else qk_pruning.WHOLE_MODEL_METHODS
+  order = QK_METHODS if scope == "qk" else WHOLE_MODEL_METHODS
   dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), float("nan"))
   cells = {(row["method"], row["pattern"] if row["pattern"] != "unstructured"
             else f"{row['sparsity']:g}"): row for row in rows if row["method"] != "dense"}
   columns = sorted({c for _, c in cells}, key=lambda c: (":" in c, c))
-  methods = _in_order({m for m, _ in cells}, order)
+  names = _in_order({m for m, _ in cells}, order)
 
   def table(title, value):
     lines = [f"| {title} | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(columns)]
-    for method in methods:
+    for method in names:
       lines.append(f"| `{method}` | " + " | ".join(
           value(cells[(method, c)]) if (method, c) in cells else "not run" for c in columns)
           + " |")
@@ -211,7 +208,7 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
 
 def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path:
   """Left: perplexity of every method at every sparsity (grouped bars, log scale), every target
-  (`pipeline.TARGETS[targets]`) of every block pruned. Right: each attention-aware q/k row's
+  (`settings.TARGETS[targets]`) of every block pruned. Right: each attention-aware q/k row's
   perplexity increase over dense divided by that of the baseline it runs inside."""
   import matplotlib
   matplotlib.use("Agg")
@@ -221,7 +218,7 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
   columns = sorted({(pattern != "unstructured", sparsity, pattern)
                     for _, sparsity, pattern in cells})
   names = [f"{s:g}" if p == "unstructured" else p for _, s, p in columns]
-  methods = _in_order({method for method, _, _ in cells}, qk_pruning.WHOLE_MODEL_METHODS)
+  names = _in_order({method for method, _, _ in cells}, WHOLE_MODEL_METHODS)
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
                                     gridspec_kw={"width_ratios": [1.8, 1]})
 
@@ -233,19 +230,19 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
         height = value(method, sparsity, pattern)
         if height is not None:
           axis.bar(j + (i - (len(series) - 1) / 2) * width, height, width,
-                   color=METHOD_COLORS.get(method, "tab:green"), edgecolor="white",
+                   color=methods.color(method), edgecolor="white",
                    hatch="//" if "+" in method else "", label=label)
           label = None
     axis.set_xticks(range(len(columns)), names)
 
-  bars(left, methods, lambda m, s, p: cells[(m, s, p)]["perplexity"] if (m, s, p) in cells
+  bars(left, names, lambda m, s, p: cells[(m, s, p)]["perplexity"] if (m, s, p) in cells
        else None)
   if dense is not None:
     left.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
   left.set_yscale("log")
   left.set_ylabel("perplexity (Pride and Prejudice)")
   left.set_xlabel("sparsity of every target (unstructured, per row) or 2:4")
-  left.set_title(", ".join(pipeline.TARGETS[targets]) + " of every block pruned, same sparsity",
+  left.set_title(", ".join(TARGETS[targets]) + " of every block pruned, same sparsity",
                  fontsize=9)
   left.legend(fontsize=8)
 

@@ -15,10 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from attnprune_jax import evaluate, models, pipeline
+from attnprune_jax import evaluate, models, numerics, runs
+from attnprune_jax.patterns import parse_pattern, pattern_name
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import provenance, result_document, write_json_atomic
-from experiments import qk_pruning
+from attnprune_jax.results import model_fingerprint, provenance, result_document, write_json_atomic
+from attnprune_jax.settings import QK, DataConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,29 +35,30 @@ def main(argv: list[str] | None = None) -> None:
   reporter = Reporter(quiet=args.quiet)
   start = time.perf_counter()
   stored = json.loads(Path(args.results).read_text())
-  config = qk_pruning.DataConfig(**stored["data"])
+  config = DataConfig(**stored["data"])
   model = models.load(args.model)
-  evaluation = qk_pruning.windows(model, config)["evaluation"]
+  model_key = model_fingerprint(model)
+  evaluation = runs.token_windows(model, config)["evaluation"]
   dense = model.weights()
   rows = []
   for method in args.methods:
     for sparsity in args.sparsities:
-      value, n_m = qk_pruning.parse_pattern(sparsity)
+      value, n_m = parse_pattern(sparsity)
       row = next((r for r in stored["rows"] if (r["method"], r["pattern"], r["sparsity"])
-                  == (method, qk_pruning.pattern_name(n_m), value)), None)
-      weights = pipeline.checkpoint_weights(
-          qk_pruning.row_folder(Path(args.work), method, sparsity, "all"), model)
+                  == (method, pattern_name(n_m), value)), None)
+      weights = runs.row_folder(Path(args.work), method, sparsity, "all").finished_weights(
+          model, model_key)
       if row is None or weights is None:
         reporter.info(f"{method} at {sparsity}: no finished row or checkpoint; skipped")
         continue
-      weights |= {name: dense[name] for name in pipeline.QK}
+      weights |= {name: dense[name] for name in QK}
       ppl = evaluate.perplexity(model, evaluation, batch_size=config.batch, weights=weights,
                                 reporter=reporter)["perplexity"]
       rows.append({"method": method, "sparsity": sparsity, "perplexity": row["perplexity"],
                    "perplexity_dense_qk": ppl, "qk_cost": row["perplexity"] - ppl})
       reporter.info(f"{method} at {sparsity}: {row['perplexity']:.2f}, with dense q/k {ppl:.2f}")
   write_json_atomic(args.out, result_document("whole-model-qk-share", {
-      "rows": rows, "data": dataclasses.asdict(config)}, provenance(
+      "rows": rows, "data": dataclasses.asdict(config), "numerics": numerics.PRUNING}, provenance(
           seed=None, settings=vars(args), wall_time_s=time.perf_counter() - start)))
 
 

@@ -1,4 +1,5 @@
-"""The small sweep that chose the attention-aware methods' defaults (`layer_masks.DEFAULTS`).
+"""The small sweep that chose the attention-aware methods' solver settings (registered with each
+method, `methods.REGISTRY`).
 
 It looks only at calibration text (Emma): solves a few layers of the real model on calibration
 windows and measures the attention error on held-out Emma windows that follow them, never the
@@ -17,21 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import models
-from attnprune_jax.baselines import BASELINES, input_stats
-from attnprune_jax.layer_masks import DEFAULTS, solve_layer
+from attnprune_jax import methods, models, runs
+from attnprune_jax.baselines import input_stats
+from attnprune_jax.layer_masks import solve_layer
 from attnprune_jax.models.llama import forward, layer_weights
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import provenance, result_document, write_json_atomic
-from experiments import qk_pruning
+from attnprune_jax.settings import DataConfig
 
 LAYERS = (5, 15, 25)
 
 
 def variants(method: str) -> dict:
   """The configurations tried for one method: the default and one-setting changes of it."""
-  base = DEFAULTS[method]
+  base = methods.get(method).solver
   changes = {"default": {}, "lr 3e-2": {"lr": 3e-2}, "lam 1e-3": {"lam": 1e-3},
              "lam 1e-2": {"lam": 1e-2}, "lam 0": {"lam": 0.0},
              "windows/step 4": {"windows_per_step": 4}, "steps/round 6": {"steps_per_round": 6},
@@ -51,7 +52,7 @@ def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
   model = models.load("smollm2")
   config = model.config
   # The same calibration and held-out Emma windows as a default `reproduce` row.
-  token_windows = qk_pruning.windows(model, qk_pruning.DataConfig())
+  token_windows = runs.token_windows(model, DataConfig())
   calibration = len(token_windows["calibration"])
   tokens = np.concatenate([token_windows["calibration"], token_windows["heldout"]])
   _, captured = forward(model.weights(), jnp.asarray(tokens), config,
@@ -73,8 +74,8 @@ def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
     for sparsity in sparsities:
       n_m = (2, 4) if sparsity == "2:4" else None
       s = 0.5 if n_m else float(sparsity)
-      reference = {name: error(BASELINES[name].prune(q, stats, s, n_m)[0],
-                               BASELINES[name].prune(k, stats, s, n_m)[0])
+      reference = {name: error(methods.get(name).prune(q, stats, s, n_m)[0],
+                               methods.get(name).prune(k, stats, s, n_m)[0])
                    for name in ("wanda", "sparsegpt")}
       for method in methods:
         for name, solver_config in reporter.progress(variants(method).items(),

@@ -9,7 +9,8 @@ attention f(W_h) (no RoPE) is from the attention the model computes, and a float
 
 Runs in float32, the model's precision; the checks use float32's rounding thresholds
 (`convergence.ROUNDING`). Every finished layer is written atomically to DIR/layers/ with the
-settings, the model and windows it came from and the code fingerprint (`CODE`): a rerun skips it.
+settings, the model and windows it came from and the numerics version (`numerics.REAL_CONVERGENCE`):
+a rerun skips it.
 All settings are our choice.
 """
 
@@ -23,59 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnprune_jax as ap
-from attnprune_jax import data
+from attnprune_jax import data, numerics
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama
-from attnprune_jax.pipeline import fingerprint, model_fingerprint
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import cached_result, code_fingerprint, git_commit, reuse_record
+from attnprune_jax.results import cached_result, fingerprint, model_fingerprint, reuse_record
 from experiments import convergence
-
-# The modules a stored layer depends on (the figures, `convergence_report`, are not among them).
-CODE = tuple(f"attnprune_jax.{name}" for name in (
-    "attention", "objective", "solver", "theory", "masks", "models", "validation")) + (
-        "experiments.convergence", __name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class RealConfig:
-  """Settings of the real-weight experiment (all our choice).
-
-  Attributes:
-    layers: the layers to run; None for six evenly spaced from the first to the last.
-    windows, ctx: calibration windows of Emma (start token + ctx − 1 tokens) the solver sees.
-    heldout_windows: the Emma windows after them, which score the binary masks.
-    lams, step_fractions: the grid; η = step_fraction / L̂ per head, L̂ measured at M₀.
-    steps, segments, power_iters, history_points: as in `convergence.convergence_runs`.
-    sparsities, attn_*, progressive_*: as in `convergence.sparsity_comparison`.
-    float64_heads, float64_steps: heads whose first run (the grid's first λ and step size)
-      is solved again in float64 for its first float64_steps steps, to bound the float32 error
-      of the recorded loss histories.
-  """
-  layers: tuple[int, ...] | None = None
-  windows: int = 2
-  ctx: int = 128
-  heldout_windows: int = 2
-  lams: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-  step_fractions: tuple[float, ...] = (0.5, 1.9)
-  steps: int = 160
-  segments: int = 2
-  power_iters: int = 20
-  history_points: int = 200
-  sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
-  attn_lam: float = 1e-2
-  attn_steps: int = 160
-  progressive_lam: float = 1e-3
-  progressive_rounds: int = 5
-  progressive_steps: int = 20
-  float64_heads: tuple[int, ...] = (0,)
-  float64_steps: int = 50
-
-
-QUICK = RealConfig(layers=(0,), windows=1, ctx=32, heldout_windows=1, lams=(1e-2, 1.0),
-                   steps=30, segments=1, power_iters=10, history_points=30, sparsities=(0.7,),
-                   attn_steps=30, progressive_rounds=2, progressive_steps=5, float64_steps=10)
+from experiments.configs import RealConfig
 
 
 def default_layers(num_layers: int, count: int = 6) -> tuple[int, ...]:
@@ -211,7 +167,7 @@ def layer_inputs(model: Llama, inputs: dict, layer: int) -> dict:
 
 
 def _layer_settings(config: RealConfig, model: Llama, windows: dict) -> dict:
-  """What a stored layer depends on besides the code: the settings, the model, the windows."""
+  """What a stored layer depends on besides the numerics: the settings, the model, the windows."""
   settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "layers"}
   return settings | {"model": model_fingerprint(model),
                      "data": fingerprint(windows["calibration"], windows["heldout"])}
@@ -220,7 +176,7 @@ def _layer_settings(config: RealConfig, model: Llama, windows: dict) -> dict:
 def run(model: Llama, config: RealConfig, out: Path, reporter: Reporter, *,
         windows: dict | None = None) -> dict:
   """Runs (or resumes) every layer of `config`; returns all records, the summary and, under
-  "provenance", the code fingerprint and the stored layers reused, by the commit that made them.
+  "provenance", the numerics version and the stored layers reused, by the commit that made them.
 
   Args:
     windows: {"calibration", "heldout"} token windows; None takes them from Emma
@@ -234,7 +190,6 @@ def run(model: Llama, config: RealConfig, out: Path, reporter: Reporter, *,
     if not all(isinstance(v, int) and 0 <= v < count for v in values):
       raise InputError(f"{name} must be integers in [0, {count}), got {tuple(values)}")
   windows = token_windows(model, config) if windows is None else windows
-  code = {"fingerprint": code_fingerprint(CODE), "git_commit": git_commit()}
   settings = _layer_settings(config, model, windows)
   inputs = {}  # the dense forward pass, run once if a layer is computed
 
@@ -245,8 +200,8 @@ def run(model: Llama, config: RealConfig, out: Path, reporter: Reporter, *,
 
   stored, origins = [], []
   for layer in reporter.progress(layers, desc="layers"):
-    result, origin = cached_result(out / "layers" / f"layer{layer}.json", settings, code,
-                                   lambda: compute(layer))
+    result, origin = cached_result(out / "layers" / f"layer{layer}.json", settings,
+                                   numerics.REAL_CONVERGENCE, lambda: compute(layer))
     stored.append(result)
     origins.append(origin)
     reporter.info(f"layer {layer}: {len(result['runs'])} runs"
@@ -255,11 +210,22 @@ def run(model: Llama, config: RealConfig, out: Path, reporter: Reporter, *,
   results = {key: [record for layer in stored for record in layer[key]]
              for key in ("runs", "sparsity_sweep", "merged_vs_model", "float64_check")}
   return {"config": dataclasses.asdict(config) | {"layers": list(layers)},
+          "golden": golden_sample(results["runs"]),
           "model": {"layers": c.num_layers, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                     "head_dim": c.head_dim, "hidden_size": c.hidden_size},
           **results, "summary": summarize(results),
-          "provenance": {"code_fingerprint": code["fingerprint"],
+          "provenance": {"numerics": numerics.REAL_CONVERGENCE,
                          "reused_layers": reuse_record(origins)}}
+
+
+def golden_sample(runs: list[dict]) -> dict:
+  """Head 0 of the first layer at the first setting of the grid: its coordinates and
+  measurements, the sample of the committed figures that the tests recompute."""
+  first = runs[0]
+  return {key: first[key] for key in ("layer", "head", "lam", "step_fraction",
+                                      "smoothness_measured", "smoothness_bound", "pl_xi",
+                                      "rate_measured")} | {
+      "loss_first": first["loss"][0], "loss_last": first["loss"][-1]}
 
 
 def summarize(results: dict) -> dict:

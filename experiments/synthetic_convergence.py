@@ -9,9 +9,9 @@ compares binary masks from magnitude, the merged-form Wanda score |W_ij|·‖X_i
 sparsification (`attn-progressive`).
 
 Runs in float64 (`jax.enable_x64`) so that rates can be fitted far below float32 rounding. Every
-finished run is written atomically to DIR/runs/ with the fingerprint of the code that made it
-(`CODE`) and its git commit, and skipped by a rerun with the same settings and fingerprint: an
-interrupted sweep loses nothing it finished. A stored file that cannot be read is moved aside to
+finished run is written atomically to DIR/runs/ with its settings, the numerics version
+(`numerics.SYNTHETIC`) and its git commit, and skipped by a rerun with the same settings and
+version: an interrupted sweep loses nothing it finished. A stored file that cannot be read is moved aside to
 `<name>.damaged` with a warning and computed again. All settings are our choice.
 """
 
@@ -22,47 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from attnprune_jax import numerics
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import cached_result, code_fingerprint, git_commit, reuse_record
+from attnprune_jax.results import cached_result, reuse_record
 from attnprune_jax.synthetic import synthetic_problem
 from experiments import convergence
+from experiments.configs import SyntheticConfig
 from experiments.convergence import summarize
-
-# The modules whose source a stored result depends on (the figures, `convergence_report`, are
-# not among them).
-CODE = tuple(f"attnprune_jax.{name}" for name in (
-    "attention", "objective", "solver", "theory", "masks", "synthetic", "validation")) + (
-        "experiments.convergence", __name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-  """Settings of the synthetic experiments (all our choice)."""
-  lams: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-  step_fractions: tuple[float, ...] = (0.25, 0.5, 1.0, 1.9)
-  sizes: tuple[tuple[int, int], ...] = ((32, 16), (64, 32), (128, 64))
-  causal: tuple[bool, ...] = (True, False)
-  seeds: tuple[int, ...] = (0, 1, 2)
-  batch: int = 2
-  steps: int = 4000
-  history_points: int = 400
-  segments: int = 4
-  power_iters: int = 100
-  sweep_size: tuple[int, int] = (128, 64)
-  sweep_batch: int = 4
-  sweep_seeds: tuple[int, ...] = (0, 1, 2)
-  sparsities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
-  sweep_power_iters: int = 100  # L̂ at M₀ for the sweep's step sizes
-  attn_lam: float = 1e-2
-  attn_steps: int = 1000
-  progressive_lam: float = 1e-3
-  progressive_rounds: int = 10
-  progressive_steps: int = 30
-
-
-QUICK = SyntheticConfig(lams=(1e-2, 1e-1, 1.0), step_fractions=(0.5, 1.9), sizes=((32, 16),),
-                        seeds=(0,), steps=400, power_iters=50, sweep_size=(64, 32),
-                        attn_steps=300, sweep_seeds=(0,), sparsities=(0.5, 0.7, 0.9))
 
 
 def _problem(n: int, d: int, batch: int, seed: int):
@@ -107,14 +73,25 @@ def _sweep_settings(config: SyntheticConfig) -> dict:
   return {k: getattr(config, k) for k in keys}
 
 
+GOLDEN_FIELDS = ("loss", "smoothness_measured", "smoothness_bound", "pl_xi", "rate_measured")
+
+
+def golden_sample(runs: list[dict]) -> dict:
+  """The first run's grid point and measurements (`GOLDEN_FIELDS`; its loss history at the first
+  and last recorded step): the sample of the committed figures that the tests recompute."""
+  first = runs[0]
+  sample = {key: first[key] for key in ("n", "d", "lam", "step_fraction", "causal", "seed")}
+  return sample | {key: first[key] for key in GOLDEN_FIELDS if key != "loss"} | {
+      "loss_first": first["loss"][0], "loss_last": first["loss"][-1]}
+
+
 def run(config: SyntheticConfig, out: Path, reporter: Reporter) -> dict:
   """Runs (or resumes) every convergence run and the sparsity sweep; returns all results.
 
-  Under "provenance": the code fingerprint, and how many stored results (runs and sweep seeds)
+  Under "provenance": the numerics version, and how many stored results (runs and sweep seeds)
   were reused, by the commit that made them.
   """
   out = Path(out)
-  code = {"fingerprint": code_fingerprint(CODE), "git_commit": git_commit()}
   grid = [(n, d, lam, fraction, causal, seed) for (n, d) in config.sizes for lam in config.lams
           for fraction in config.step_fractions for causal in config.causal
           for seed in config.seeds]
@@ -123,19 +100,20 @@ def run(config: SyntheticConfig, out: Path, reporter: Reporter) -> dict:
     for n, d, lam, fraction, causal, seed in reporter.progress(grid, desc="convergence runs"):
       name = f"n{n}_d{d}_lam{lam:g}_step{fraction:g}_{'causal' if causal else 'full'}_seed{seed}"
       result, origin = cached_result(
-          out / "runs" / f"{name}.json", _run_settings(config), code,
+          out / "runs" / f"{name}.json", _run_settings(config), numerics.SYNTHETIC,
           lambda: convergence_run(config, n=n, d=d, lam=lam, step_fraction=fraction,
                                   causal=causal, seed=seed))
       runs.append(result)
       origins.append(origin)
     for seed in reporter.progress(config.sweep_seeds, desc="sparsity sweep"):
       rows, origin = cached_result(out / "sweep" / f"seed{seed}.json", _sweep_settings(config),
-                                   code, lambda: sparsity_sweep(config, seed=seed))
+                                   numerics.SYNTHETIC, lambda: sparsity_sweep(config, seed=seed))
       sweep.extend(rows)
       origins.append(origin)
   reused = reuse_record(origins)
   if reused["count"]:
     reporter.info(f"resumed: {reused['count']} finished results were reused from {out}")
-  return {"config": dataclasses.asdict(config), "runs": runs, "sparsity_sweep": sweep,
+  return {"config": dataclasses.asdict(config), "runs": runs, "golden": golden_sample(runs),
+          "sparsity_sweep": sweep,
           "summary": summarize(runs, sweep),
-          "provenance": {"code_fingerprint": code["fingerprint"], "reused_runs": reused}}
+          "provenance": {"numerics": numerics.SYNTHETIC, "reused_runs": reused}}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from attnprune_jax.models.llama import LlamaConfig
-from experiments.qk_pruning import DataConfig
+from attnprune_jax.settings import DataConfig
 
 # A tiny GQA Llama (4 query heads in 2 KV groups) for tests of the layer-wise experiments.
 TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,

@@ -16,7 +16,7 @@ import numpy as np
 import attnprune_jax as ap
 from attnprune_jax import layer_masks, sharding, solver
 from attnprune_jax.errors import InputError
-from attnprune_jax.layer_masks import MaskSolverConfig
+from attnprune_jax.solver_config import MaskSolverConfig
 from attnprune_jax.models.llama import Llama
 from attnprune_jax.pipeline import PruneSettings, prune_model
 from attnprune_jax.synthetic import synthetic_problem
@@ -71,7 +71,8 @@ def check_the_solve_is_split():
   compiled = solver._solve.lower(placed_w, placed_x, ones, jnp.float32(0.0),
                                  jnp.float32(1e-3), steps=2, causal=True, optimizer=None,
                                  block=None).compile()
-  assert compiled.output_shardings.mask.spec == PartitionSpec("heads")
+  solution, final = compiled.output_shardings
+  assert solution.mask.spec == final.spec == PartitionSpec("heads")
   assert "all-reduce" in compiled.as_text()
 
 

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnprune_jax.baselines import (BASELINES, accumulate, empty_stats, input_stats, magnitude,
+from attnprune_jax import methods
+from attnprune_jax.baselines import (accumulate, empty_stats, input_stats, magnitude,
                                      sparsegpt, wanda)
 from attnprune_jax.baselines.sparsegpt import inverse_hessian_factor
-from attnprune_jax.masks import kept_count
+from attnprune_jax.patterns import kept_count
 import reference_numpy
 
 
@@ -98,8 +99,9 @@ def test_sparsegpt_counts_per_block():
 def test_reconstruction_error_orders_sparsegpt_wanda_magnitude():
   x = correlated_inputs(9, 1024, 128)
   w = np.random.default_rng(10).normal(size=(96, 128))
-  errors = {name: reconstruction_error(x, w, baseline.prune(w, input_stats(x), 0.5, None)[0])
-            for name, baseline in BASELINES.items()}
+  errors = {name: reconstruction_error(x, w, methods.get(name).prune(w, input_stats(x), 0.5,
+                                                                     None)[0])
+            for name in methods.names("linear")}
   assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
@@ -202,18 +204,21 @@ def test_rank_deficient_float32_inputs_never_give_nan():
   assert np.asarray(keep).sum() == kept_count(8 * 32, 0.5)
 
 
-def test_registry_names_and_uniform_interface():
-  assert set(BASELINES) == {"magnitude", "wanda", "sparsegpt"}
+def test_registered_linear_methods_share_one_interface():
+  assert methods.names("linear") == ("magnitude", "wanda", "sparsegpt")
   x = correlated_inputs(16, 64, 16)
   w = np.random.default_rng(17).normal(size=(6, 16))
   stats = input_stats(x)
-  for name, baseline in BASELINES.items():
-    assert baseline.name == name
-    new_w, keep = baseline.prune(w, stats, 0.5, (2, 4))
+  for name in methods.names("linear"):
+    method = methods.get(name)
+    new_w, keep = method.prune(w, stats, 0.5, (2, 4))
     assert new_w.shape == w.shape and keep.dtype == bool
     assert (np.asarray(keep).reshape(6, 4, 4).sum(-1) == 2).all()
     assert (np.asarray(new_w)[~np.asarray(keep)] == 0).all()
-  assert BASELINES["sparsegpt"].needs_gram and not BASELINES["wanda"].needs_gram
+    # Only a method that changes values may move a kept weight.
+    moved = ~np.isclose(np.asarray(new_w), w) & np.asarray(keep)
+    assert moved.any() == method.changes_values
+  assert methods.get("sparsegpt").needs_gram and not methods.get("wanda").needs_gram
 
 
 BAD = {

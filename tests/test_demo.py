@@ -10,8 +10,9 @@ from attnprune_jax.reporting import Reporter
 from attnprune_jax.synthetic import synthetic_problem
 from attnprune_jax.theory import smoothness_measured
 from experiments import demo
+from experiments.configs import DemoConfig
 
-SMALL = demo.DemoConfig(n=32, d=16, rank=8, batch=2, steps=200)
+SMALL = DemoConfig(n=32, d=16, rank=8, batch=2, steps=200)
 
 
 def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
@@ -29,7 +30,7 @@ def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
 
 def test_an_absurd_step_fraction_is_an_error_not_a_table(monkeypatch):
   monkeypatch.setattr(demo, "MAX_HALVINGS", 3)  # the same path as 20 halvings, 5x sooner
-  config = demo.DemoConfig(n=16, d=8, rank=4, batch=2, steps=20, step_fraction=1e9)
+  config = DemoConfig(n=16, d=8, rank=4, batch=2, steps=20, step_fraction=1e9)
   with pytest.raises(DivergenceError, match=r"--step-fraction 1e\+09"):
     demo.run(config, Reporter(quiet=True))
 
@@ -40,15 +41,15 @@ def test_an_absurd_step_fraction_is_an_error_not_a_table(monkeypatch):
     ("rank", 17, "rank must be at most d=16"),
     ("step_fraction", float("inf"), "step_fraction must be finite"),
     ("sparsities", (), "sparsities must name at least one"),
-    ("sparsities", (1.0,), r"sparsity must be in \[0, 1\)"),
+    ("sparsities", (1.0,), r"sparsities must be in \[0, 1\)"),
 ])
 def test_config_is_checked(field, value, message):
   with pytest.raises(InputError, match=message):
-    demo.DemoConfig(**{"n": 32, "d": 16, "rank": 8, field: value})
+    DemoConfig(**{"n": 32, "d": 16, "rank": 8, field: value})
 
 
 def test_a_rise_in_the_last_update_is_seen():
   # One step: the loss history holds only L(M₀); the rise is in L(M₁).
-  config = demo.DemoConfig(n=16, d=8, rank=4, batch=2, steps=1, step_fraction=1e3)
+  config = DemoConfig(n=16, d=8, rank=4, batch=2, steps=1, step_fraction=1e3)
   results = demo.run(config, Reporter(quiet=True))
   assert results["lr_halvings"] > 0 and results["loss_after"] <= results["loss_before"]

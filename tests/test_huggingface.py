@@ -397,5 +397,5 @@ def test_bad_token_ids_in_the_config_are_named(bos_folder, index, message):
 
 def test_commands_name_a_folder_without_a_tokenizer(saved, capsys):
   assert cli.main(["eval", "--model", str(saved), "--tokens", "64", "--ctx", "32", "--quiet"]) == 2
-  assert "--model has no tokenizer (a checkpoint folder without tokenizer.json?)" in \
+  assert "the model has no tokenizer (a checkpoint folder without tokenizer.json?)" in \
       capsys.readouterr().err

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnprune_jax import layer_masks, objective
+from attnprune_jax import layer_masks, objective, solver
 from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import DivergenceError
-from attnprune_jax.layer_masks import MaskSolverConfig, prune_schedule, solve_layer
+from attnprune_jax.layer_masks import prune_schedule, solve_layer
+from attnprune_jax.solver_config import MaskSolverConfig
 from attnprune_jax.models.llama import Llama, LlamaConfig, forward
 from attnprune_jax.objective import factored_loss, kv_groups
 import reference_numpy
@@ -296,9 +297,9 @@ def test_solve_layer_blocks_long_windows_by_default_with_the_same_masks(monkeypa
   monkeypatch.setattr(layer_masks, "_solve_layer",
                       lambda *a, **kw: blocks.append(kw["block"]) or real(*a, **kw))
   dense = solve()
-  monkeypatch.setattr(layer_masks, "BLOCKED_ABOVE", 11)
+  monkeypatch.setattr(solver, "BLOCKED_ABOVE", 11)
   blocked = solve()
-  assert blocks == [None, layer_masks.DEFAULT_BLOCK]
+  assert blocks == [None, solver.DEFAULT_BLOCK]
   np.testing.assert_allclose(blocked.loss, dense.loss, rtol=1e-5)
   np.testing.assert_array_equal(blocked.keep_q, dense.keep_q)
   np.testing.assert_array_equal(blocked.keep_k, dense.keep_k)

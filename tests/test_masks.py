@@ -11,7 +11,8 @@ import pytest
 
 import attnprune_jax as ap
 from attnprune_jax.errors import InputError
-from attnprune_jax.masks import kept_count, merged_activation_score
+from attnprune_jax.masks import merged_activation_score
+from attnprune_jax.patterns import kept_count
 import reference_numpy
 
 

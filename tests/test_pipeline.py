@@ -1,5 +1,5 @@
-"""Layer-sequential q/k pruning: exact counts, re-propagation, resume, the prune CLI and
-saving the pruned model."""
+"""Layer-sequential pruning (`pipeline.prune_model`): exact counts, re-propagation, per-layer
+sparsity, resume from a `RunFolder`; the prune command, saving the pruned model, reproduce."""
 
 import dataclasses
 import io
@@ -10,17 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnprune_jax import cli, evaluate, models, pipeline
-from attnprune_jax.attention import Llama3Scaling
+from attnprune_jax import cli, evaluate, models, numerics, pipeline, runs, settings
 from attnprune_jax.baselines import input_stats, wanda
 from attnprune_jax.errors import DivergenceError, InputError
-from attnprune_jax.layer_masks import MaskSolverConfig
 from attnprune_jax.models import huggingface
 from attnprune_jax.models.llama import Llama, LlamaConfig
-from attnprune_jax.pipeline import PruneSettings, prune_model
+from attnprune_jax.pipeline import prune_model
 from attnprune_jax.reporting import Reporter
+from attnprune_jax.results import model_fingerprint
+from attnprune_jax.run_folder import RunFolder
+from attnprune_jax.settings import Grid, PruneSettings
+from attnprune_jax.solver_config import MaskSolverConfig
 from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
-from experiments import qk_pruning, qk_report
+from experiments import qk_report
 
 CONFIG = TINY_LLAMA
 SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
@@ -78,24 +80,39 @@ def test_each_layer_sees_the_pruned_output_of_the_layers_before(tiny):
 
 def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, monkeypatch):
   model, calibration, heldout = tiny
-  settings = PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL)
-  whole = prune_model(model, settings, calibration, heldout)
-  interrupt_on_call(monkeypatch, pipeline, "prune_qk", 2)
+  prune = PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL, targets="all",
+                        rest="sparsegpt")
+  whole = prune_model(model, prune, calibration, heldout)
+  interrupt_on_call(monkeypatch, pipeline, "_prune_block", 2)
   with pytest.raises(KeyboardInterrupt):
-    prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+    prune_model(model, prune, calibration, heldout, folder=RunFolder(tmp_path))
   monkeypatch.undo()
-  resumed = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  for name in ("q_proj", "k_proj"):
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "layer-000.npz"]
+  calls = []
+  real = pipeline._prune_block
+  monkeypatch.setattr(pipeline, "_prune_block", lambda *a: calls.append(a[1]) or real(*a))
+  resumed = prune_model(model, prune, calibration, heldout, folder=RunFolder(tmp_path))
+  assert calls == [1, 2]  # layer 0 came from the checkpoint
+  for name in settings.TARGETS["all"]:
     np.testing.assert_array_equal(resumed.weights[name], whole.weights[name])
   strip = lambda records: [{k: v for k, v in r.items() if k != "prune_time_s"} for r in records]
   assert strip(resumed.layers) == strip(whole.layers)
+  stored = RunFolder(tmp_path).finished_weights(model, model_fingerprint(model))
+  for name in settings.TARGETS["all"]:
+    np.testing.assert_array_equal(stored[name], whole.weights[name])
   for other in [dict(settings=PruneSettings("wanda", 0.5, None, (0, 1, 2))),
                 dict(calibration=calibration[:, ::-1]), dict(heldout=heldout[::-1]),
                 dict(model=Llama.random(CONFIG, jax.random.key(9), scale=0.5))]:
-    arguments = dict(model=model, settings=settings, calibration=calibration,
+    arguments = dict(model=model, settings=prune, calibration=calibration,
                      heldout=heldout) | other
     with pytest.raises(ValueError, match="other settings, calibration data or model"):
-      prune_model(**arguments, checkpoint_dir=tmp_path)
+      prune_model(**arguments, folder=RunFolder(tmp_path))
+  # A checkpoint of another numerics version is discarded, whatever else it was made with.
+  monkeypatch.setattr(numerics, "PRUNING", numerics.PRUNING + 1)
+  stream = io.StringIO()
+  prune_model(model, PruneSettings("wanda", 0.7, None, (0,)), calibration, heldout,
+              folder=RunFolder(tmp_path), reporter=Reporter(stream=stream))
+  assert "numerics version" in stream.getvalue() and len(calls) == 3
 
 
 def test_non_finite_solver_output_is_an_error_naming_the_layer(tiny):
@@ -107,41 +124,16 @@ def test_non_finite_solver_output_is_an_error_naming_the_layer(tiny):
                 heldout)
 
 
-def test_a_checkpoint_of_other_code_is_not_resumed(tiny, tmp_path, monkeypatch):
+def test_a_sparsity_per_layer_keeps_exact_counts_and_nothing_runs_past_the_last_layer(tiny):
   model, calibration, heldout = tiny
-  settings = PruneSettings("wanda", 0.5, None, (0, 1))
-  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  calls = []
-  real = pipeline.prune_qk
-  monkeypatch.setattr(pipeline, "prune_qk", lambda *a, **k: calls.append(1) or real(*a, **k))
-  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  assert calls == []  # same code: resumed, nothing recomputed
-  monkeypatch.setattr(pipeline, "code_fingerprint", lambda modules: "other code")
-  stream = io.StringIO()
-  prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path,
-              reporter=Reporter(stream=stream))
-  assert len(calls) == 2 and "made by other code" in stream.getvalue()
-  # Other code and other settings (or a model fingerprinted differently by the other code):
-  # replaced as well, not an error.
-  monkeypatch.setattr(pipeline, "code_fingerprint", lambda modules: "yet other code")
-  prune_model(model, PruneSettings("wanda", 0.7, None, (0, 1)), calibration, heldout,
-              checkpoint_dir=tmp_path, reporter=Reporter(stream=stream))
-  assert len(calls) == 4
-
-
-def test_default_solver_settings_are_recorded():
-  settings = PruneSettings("attn-progressive", 0.5, None, (0,))
-  assert settings.to_json()["solver"]["lam"] == 3e-3
-  assert PruneSettings("wanda", 0.5, None, (0,)).to_json()["solver"] is None
-
-
-def test_settings_are_checked():
-  with pytest.raises(ValueError, match="method must be one of"):
-    PruneSettings("random", 0.5, None, (0,))
-  with pytest.raises(ValueError, match="layers must be distinct"):
-    PruneSettings("wanda", 0.5, None, (2, 1))
-  with pytest.raises(ValueError, match="sparsity must be in"):
-    PruneSettings("wanda", 1.5, None, (0,))
+  result = prune_model(model, PruneSettings("wanda", (0.25, 0.75), None, (0, 1)), calibration,
+                       heldout)
+  kept = {layer: (np.asarray(result.weights["q_proj"][layer]) != 0).sum(-1) for layer in (0, 1)}
+  assert (kept[0] == 12).all() and (kept[1] == 4).all()  # of 16 per row
+  assert [r["layer"] for r in result.layers] == [0, 1]  # layer 2 changes nothing
+  assert [r["sparsity"] for r in result.layers] == [0.25, 0.75]
+  removed = pipeline.sparsity_summary(CONFIG, result.layers)
+  assert removed["per_target"]["q_proj"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -161,48 +153,20 @@ def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, me
   assert row["attention_error_mean"] > 0 and row["kept_fraction"] == 0.5
   assert row["provenance"]["git_commit"] is not None and row["prune_time_s"] > 0
   saved = models.load(out / "model")
-  evaluation = qk_pruning.windows(saved, qk_pruning.DataConfig(
-      calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64))["evaluation"]
+  evaluation = runs.token_windows(saved, SMALL_WINDOWS)["evaluation"]
   assert evaluate.perplexity(saved, evaluation)["perplexity"] == pytest.approx(
       row["perplexity"], rel=1e-6)
   dense = models.load(tiny_folder)
   assert not jnp.allclose(saved.weights()["q_proj"], dense.weights()["q_proj"])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "wanda"], "exactly one of --sparsity"),
-    (["--method", "wanda", "--sparsity", "0.5", "--pattern", "2:4"], "exactly one of"),
-    (["--method", "wanda", "--pattern", "2-4"], "--pattern must look like 2:4"),
-    (["--method", "wanda", "--sparsity", "0.5", "--lr", "0.1"], "applies only to"),
-    (["--method", "wanda", "--sparsity", "0.5", "--layers", "0-40"], "layers must lie in"),
-    (["--method", "wanda", "--sparsity", "0.5", "--layers", "1-0"], "layers must look like"),
-    (["--method", "wanda", "--pattern", "0.5"], "--pattern must look like 2:4"),
-    (["--method", "attn", "--sparsity", "0.5", "--windows-per-step", "3"], "must divide"),
-    (["--method", "wanda", "--sparsity", "0.5", "--calib-len", "1"], "--calib-len must be"),
-    (["--method", "wanda", "--sparsity", "1.2"], "sparsity must be in"),
-    (["--method", "wanda", "--sparsity", "0.99"], "keeps none of the 16 entries of a q_proj row"),
-    (["--method", "attn-progressive", "--sparsity", "0.5", "--targets", "all"],
-     "attn-progressive prunes only q_proj and k_proj: targets 'all' need a baseline"),
-    (["--method", "wanda", "--sparsity", "0.5", "--rest", "sparsegpt"],
-     "with targets 'qk' there are none"),
-    (["--method", "wanda", "--sparsity", "0.5", "--true-sequential"], "targets 'qk' are one group"),
-    (["--method", "wanda", "--pattern", "8:16", "--targets", "all"],
-     "down_proj: n_m=(8, 16) needs the last axis to be a multiple of 16, got 24"),
-])
-def test_prune_cli_errors(tiny_folder, tmp_path, capsys, argv, message):
-  assert cli.main(["prune", "--model", str(tiny_folder), *SMALL_DATA, *argv,
-                   "--out", str(tmp_path / "x"), "--quiet"]) == 2
-  assert message in capsys.readouterr().err
-
-
 def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monkeypatch):
   model = models.load(tiny_folder)
-  grid = qk_pruning.ReproduceConfig(
-      sparsities=("0.5", "2:4"), methods=("wanda", "magnitude"), layers=(0, 1),
-      data=qk_pruning.DataConfig(calib_seqs=2, calib_len=16, heldout_seqs=1, eval_tokens=64))
+  grid = Grid(sparsities=("0.5", "2:4"), methods=("wanda", "magnitude"), layers=(0, 1),
+              data=SMALL_WINDOWS)
   results = tmp_path / "results.json"
-  rows = qk_pruning.reproduce(model, results, tmp_path / "work", grid, reporter=Reporter(
-      quiet=True))
+  rows = runs.reproduce(model, grid, results, tmp_path / "work", reporter=Reporter(quiet=True),
+                        tables=qk_report.markdown_tables)
   assert [(r["method"], r["pattern"], r["sparsity"]) for r in rows] == [
       ("dense", "dense", 0.0), ("wanda", "unstructured", 0.5),
       ("magnitude", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("magnitude", "2:4", 0.5)]
@@ -216,15 +180,14 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   def fail(*args, **kwargs):
     raise AssertionError("a finished row was recomputed")
 
-  monkeypatch.setattr(qk_pruning, "prune_row", fail)
-  monkeypatch.setattr(qk_pruning, "dense_row", fail)
-  again = qk_pruning.reproduce(model, results, tmp_path / "work", grid,
-                               reporter=Reporter(quiet=True))
+  monkeypatch.setattr(runs, "prune_row", fail)
+  monkeypatch.setattr(runs, "dense_row", fail)
+  again = runs.reproduce(model, grid, results, tmp_path / "work", reporter=Reporter(quiet=True))
   assert again == rows
-  # Rows computed by other code are computed again, not reused.
-  monkeypatch.setattr(qk_pruning, "code_fingerprint", lambda modules: "other code")
+  # Rows of another numerics version are computed again, not reused.
+  monkeypatch.setattr(numerics, "PRUNING", numerics.PRUNING + 1)
   with pytest.raises(AssertionError, match="a finished row was recomputed"):
-    qk_pruning.reproduce(model, results, tmp_path / "work", grid, reporter=Reporter(quiet=True))
+    runs.reproduce(model, grid, results, tmp_path / "work", reporter=Reporter(quiet=True))
   paths = qk_report.plot(rows, tmp_path / "figures")
   assert [p.name for p in paths] == ["perplexity.png", "attention_error_per_layer.png",
                                      "prune_time.png"]
@@ -233,15 +196,16 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   monkeypatch.undo()
   other = Llama(model.config, model.weights() | {"norm": model.weights()["norm"] * 2},
                 model.tokenizer)
-  monkeypatch.setattr(qk_pruning, "dense_row", fail)
+  monkeypatch.setattr(runs, "dense_row", fail)
   with pytest.raises(AssertionError, match="a finished row was recomputed"):
-    qk_pruning.reproduce(other, results, tmp_path / "work", grid, reporter=Reporter(quiet=True))
+    runs.reproduce(other, grid, results, tmp_path / "work", reporter=Reporter(quiet=True))
 
 
 def test_reproduce_cli_on_another_model_keeps_its_rows_apart(tiny_folder, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(qk_pruning, "QUICK", dataclasses.replace(qk_pruning.QUICK,
-                                                               data=SMALL_WINDOWS))
+  real = settings.reproduce_grid
+  monkeypatch.setattr(settings, "reproduce_grid", lambda *a: dataclasses.replace(
+      real(*a), data=SMALL_WINDOWS))
   assert cli.main(["reproduce", "--model", str(tiny_folder), "--quick", "--methods", "wanda",
                    "--quiet"]) == 0
   stored = json.loads((tmp_path / "out/models/model-quick/qk_pruning.json").read_text())
@@ -274,14 +238,3 @@ def test_bad_windows_are_named(tiny, which, windows, message):
   arguments = {"calibration": calibration, "heldout": heldout, which: windows}
   with pytest.raises(InputError, match=message):
     prune_model(model, PruneSettings("wanda", 0.5, None, (0,)), **arguments)
-
-
-def test_model_fingerprint_covers_the_architecture_and_the_weights():
-  model = Llama.random(TINY_LLAMA, jax.random.key(0))
-  base = pipeline.model_fingerprint(model)
-  assert pipeline.model_fingerprint(Llama(TINY_LLAMA, model.weights())) == base
-  scaled = dataclasses.replace(TINY_LLAMA, rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 16))
-  assert pipeline.model_fingerprint(Llama(scaled, model.weights())) != base
-  norm = model.weights()["norm"]
-  assert pipeline.model_fingerprint(Llama(TINY_LLAMA, model.weights() | {
-      "norm": norm.at[0].add(1.0)})) != base

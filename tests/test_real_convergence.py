@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 
 import attnprune_jax as ap
-from attnprune_jax import cli, models
+from attnprune_jax import cli, models, numerics
 from attnprune_jax.errors import InputError
 from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.reporting import Reporter
 from conftest import TINY_LLAMA
-from experiments import convergence, convergence_report
+from experiments import configs, convergence, convergence_report
 from experiments import real_convergence as experiment
 
 CONFIG = TINY_LLAMA
-TINY = dataclasses.replace(experiment.QUICK, layers=(0, 2))
+TINY = dataclasses.replace(configs.REAL_QUICK, layers=(0, 2))
 RUN_FIELDS = ("layer", "head", "kv_head", "lam", "lr", "loss", "grad_norm", "smoothness_measured",
               "smoothness_bound", "pl_mu", "pl_xi", "pl_xi_needed", "rate_measured",
               "rate_predicted", "lr_within_bound", "monotone")
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
                                              windows=windows)
 
 
-def _check_runs(results, config: experiment.RealConfig, heads: int) -> None:
+def _check_runs(results, config: configs.RealConfig, heads: int) -> None:
   """Every field recorded for every head and setting; the checks hold where they must."""
   runs = results["runs"]
   assert len(runs) == len(config.layers) * heads * len(config.lams) * len(config.step_fractions)
@@ -61,7 +61,7 @@ def _check_runs(results, config: experiment.RealConfig, heads: int) -> None:
   for record in results["merged_vs_model"]:
     assert 0 <= record["row_tv"] <= 1 and record["gap"] >= 0
   rows = results["sparsity_sweep"]
-  assert len(rows) == len(config.layers) * heads * len(convergence.METHODS) * len(
+  assert len(rows) == len(config.layers) * heads * len(convergence.MASK_RULES) * len(
       config.sparsities)
   for row in rows:
     assert row["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=1 / 16)
@@ -174,10 +174,11 @@ def test_command_on_one_real_layer(smollm2, tmp_path, monkeypatch):
                    str(figures), "--quiet"]) == 0
   document = json.loads((out / "results.json").read_text())
   assert document["kind"] == "convergence" and document["config"]["layers"] == [3]
-  config = dataclasses.replace(experiment.QUICK, layers=(3,))
+  config = dataclasses.replace(configs.REAL_QUICK, layers=(3,))
   _check_runs(document, config, smollm2.config.num_heads)
   assert document["model"]["hidden_size"] == 576
-  assert document["provenance"]["code_fingerprint"] and document["provenance"]["git_commit"]
+  assert document["provenance"]["numerics"] == numerics.REAL_CONVERGENCE
+  assert document["provenance"]["git_commit"]
   summary = json.loads((figures / "summary.json").read_text())
   assert summary["summary"] == document["summary"]
   assert sorted(p.name for p in figures.glob("*.png")) == sorted(convergence_report.FIGURES)
@@ -196,10 +197,10 @@ def test_command_refuses_options_beyond_the_model(smollm2, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--steps", "5"], "--steps must be an integer in [10,"),
-    (["--windows", "0"], "--windows must be an integer in [1,"),
-    (["--ctx", "1"], "--ctx must be an integer in [2,"),
-    (["--layers", "3-1"], "--layers must look like 0-29 or 0,5,10-12 or all, got '3-1'"),
+    (["--steps", "5"], "--steps must be at least 10"),
+    (["--windows", "0"], "--windows must be a positive integer"),
+    (["--ctx", "1"], "--ctx must be an integer >= 2"),
+    (["--layers", "3-1"], "--layers must look like 0-29 or 0,5,10-12, got '3-1'"),
     (["--layers", "abc"], "--layers must look like"),
 ])
 def test_command_refuses_bad_options_before_loading(tmp_path, monkeypatch, capsys, options,

@@ -1,16 +1,21 @@
-"""Result files: atomic writes, provenance naming the commit, fingerprints of the code."""
+"""Result files: atomic writes, provenance naming the commit, fingerprints of what a result
+was computed from, stored results reused by settings and numerics version."""
 
-import importlib
+import dataclasses
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from attnprune_jax import results
-from attnprune_jax.results import code_fingerprint, provenance, write_json_atomic
+from attnprune_jax.attention import Llama3Scaling
+from attnprune_jax.models.llama import Llama
+from attnprune_jax.results import (cached_result, model_fingerprint, provenance, reuse_record,
+                                   write_json_atomic)
+from conftest import TINY_LLAMA
 
 
 def test_write_replaces_and_failed_write_keeps_old_file(tmp_path):
@@ -43,19 +48,27 @@ def test_provenance_names_code_and_versions():
   assert set(record["versions"]) >= {"jax", "jaxlib", "optax", "numpy", "python"}
 
 
-def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch):
-  monkeypatch.syspath_prepend(str(tmp_path))
-  (tmp_path / "fp_module.py").write_text("A = 1\n")
-  (tmp_path / "fp_package").mkdir()
-  (tmp_path / "fp_package" / "__init__.py").write_text("")
-  (tmp_path / "fp_package" / "part.py").write_text("B = 1\n")
-  fp_module = importlib.import_module("fp_module")
-  first = code_fingerprint(["fp_module", "fp_package"])
-  assert re.fullmatch(r"[0-9a-f]{16}", first)
-  assert code_fingerprint([sys.modules["fp_package"], fp_module, "fp_module"]) == first
-  (tmp_path / "fp_module.py").write_text("A = 2\n")
-  second = code_fingerprint(["fp_module", "fp_package"])
-  (tmp_path / "fp_package" / "part.py").write_text("B = 2\n")
-  assert len({first, second, code_fingerprint(["fp_module", "fp_package"])}) == 3
-  with pytest.raises(TypeError, match="source file"):  # a developer's bug, not bad input
-    code_fingerprint([sys])
+def test_model_fingerprint_covers_the_architecture_and_the_weights():
+  model = Llama.random(TINY_LLAMA, jax.random.key(0))
+  base = model_fingerprint(model)
+  assert model_fingerprint(Llama(TINY_LLAMA, model.weights())) == base
+  scaled = dataclasses.replace(TINY_LLAMA, rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 16))
+  assert model_fingerprint(Llama(scaled, model.weights())) != base
+  norm = model.weights()["norm"]
+  assert model_fingerprint(Llama(TINY_LLAMA, model.weights() | {
+      "norm": norm.at[0].add(1.0)})) != base
+
+
+def test_stored_results_are_reused_for_the_same_settings_and_numerics_only(tmp_path):
+  path, computed = tmp_path / "run.json", []
+  compute = lambda: computed.append(1) or {"value": len(computed)}
+  assert cached_result(path, {"a": 1}, 1, compute) == ({"value": 1}, None)
+  result, origin = cached_result(path, {"a": 1}, 1, compute)
+  assert result == {"value": 1} and origin and len(computed) == 1
+  assert cached_result(path, {"a": 2}, 1, compute)[0] == {"value": 2}  # other settings
+  assert cached_result(path, {"a": 2}, 2, compute)[0] == {"value": 3}  # other numerics
+  assert reuse_record([None, origin, origin]) == {"count": 2, "commits": {origin: 2}}
+  path.write_text("{not json")
+  with pytest.warns(RuntimeWarning, match="not a stored result"):
+    assert cached_result(path, {"a": 2}, 2, compute)[0] == {"value": 4}
+  assert (tmp_path / "run.json.damaged").read_text() == "{not json"

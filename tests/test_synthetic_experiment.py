@@ -10,11 +10,13 @@ import pytest
 
 from attnprune_jax import cli
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import code_fingerprint, git_commit
+from attnprune_jax import numerics
+from attnprune_jax.results import git_commit
+from experiments import configs
 from experiments import convergence, convergence_report
 from experiments import synthetic_convergence as experiment
 
-TINY = experiment.SyntheticConfig(
+TINY = configs.SyntheticConfig(
     lams=(0.1, 1.0), step_fractions=(0.5, 1.9), sizes=((12, 8),), causal=(True, False),
     seeds=(0,), steps=80, segments=2, power_iters=30, history_points=40, sweep_size=(24, 16),
     sweep_batch=2, sweep_seeds=(0,), sparsities=(0.5, 0.75), attn_steps=20,
@@ -90,7 +92,7 @@ def test_numbers_are_those_of_the_code_before_the_shared_core(tiny_results):
   assert (first["loss"][-1], last["loss"][-1]) == pytest.approx(
       (2.846938247780945, 2.7612399666716447), rel=1e-9)
   errors = {(r["method"], r["sparsity"]): r["attention_error"] for r in results["sparsity_sweep"]}
-  assert [errors[m, 0.75] for m in convergence.METHODS] == pytest.approx(
+  assert [errors[m, 0.75] for m in convergence.MASK_RULES] == pytest.approx(
       [24.540954437409788, 6.290912948170593, 26.72700591911356, 6.290912948170593], rel=1e-9)
 
 
@@ -98,9 +100,9 @@ def test_sparsity_sweep_covers_every_method_with_exact_sparsity(tiny_results):
   results, _ = tiny_results
   rows = results["sparsity_sweep"]
   assert {(r["method"], r["sparsity"]) for r in rows} == {
-      (m, s) for m in convergence.METHODS for s in TINY.sparsities}
-  assert "wanda-merged" in convergence.METHODS and "wanda" not in convergence.METHODS
-  assert set(results["summary"]["mean_attention_error"]) == set(convergence.METHODS)
+      (m, s) for m in convergence.MASK_RULES for s in TINY.sparsities}
+  assert "wanda-merged" in convergence.MASK_RULES and "wanda" not in convergence.MASK_RULES
+  assert set(results["summary"]["mean_attention_error"]) == set(convergence.MASK_RULES)
   assert all(r["achieved_sparsity"] == r["sparsity"] and r["attention_error"] >= 0 for r in rows)
 
 
@@ -137,17 +139,18 @@ def test_damaged_stored_run_is_moved_aside_and_computed_again(tiny_results, tmp_
   assert again["provenance"]["reused_runs"]["count"] == 8
 
 
-def test_stored_runs_of_other_code_are_computed_again(tiny_results, tmp_path, monkeypatch):
+def test_stored_runs_of_another_numerics_version_are_computed_again(tiny_results, tmp_path,
+                                                                   monkeypatch):
   out = _copy(tiny_results[1], tmp_path)
   one_run = dataclasses.replace(TINY, lams=(0.1,), step_fractions=(0.5,), causal=(True,))
-  monkeypatch.setattr(experiment, "code_fingerprint", lambda modules: "other code")
+  monkeypatch.setattr(numerics, "SYNTHETIC", numerics.SYNTHETIC + 1)
   calls = _count_calls(monkeypatch)
   results = experiment.run(one_run, out, Reporter(quiet=True))
   assert calls == ["convergence_run", "sparsity_sweep"]
-  assert results["provenance"] == {"code_fingerprint": "other code",
+  assert results["provenance"] == {"numerics": numerics.SYNTHETIC,
                                    "reused_runs": {"count": 0, "commits": {}}}
   stored = json.loads((out / "runs" / "n12_d8_lam0.1_step0.5_causal_seed0.json").read_text())
-  assert stored["code"] == "other code" and stored["git_commit"] == git_commit()
+  assert stored["numerics"] == numerics.SYNTHETIC and stored["git_commit"] == git_commit()
   experiment.run(one_run, out, Reporter(quiet=True))
   assert len(calls) == 2
 
@@ -158,7 +161,7 @@ def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, mon
   stored = json.loads(older.read_text())
   older.write_text(json.dumps(stored | {"git_commit": "0" * 40}))
   calls = _count_calls(monkeypatch)
-  monkeypatch.setattr(experiment, "QUICK", TINY)
+  monkeypatch.setattr(configs, "SYNTHETIC_QUICK", TINY)
   monkeypatch.setattr(convergence_report, "plot_synthetic", lambda results, out: [])
   assert cli.main(["synthetic", "--quick", "--out", str(out), "--figures", str(tmp_path / "fig"),
                    "--quiet"]) == 0
@@ -167,7 +170,7 @@ def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, mon
   for document in (out / "results.json", tmp_path / "fig" / "summary.json"):
     record = json.loads(document.read_text())["provenance"]
     assert record["reused_runs"] == expected
-    assert record["code_fingerprint"] == code_fingerprint(experiment.CODE)
+    assert record["numerics"] == numerics.SYNTHETIC
 
 
 def test_figures_are_written(tiny_results, tmp_path):
@@ -179,7 +182,7 @@ def test_figures_are_written(tiny_results, tmp_path):
 
 
 def test_command_writes_results_json(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(experiment, "QUICK", TINY)
+  monkeypatch.setattr(configs, "SYNTHETIC_QUICK", TINY)
   assert cli.main(["synthetic", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
   document = json.loads((tmp_path / "results.json").read_text())
   assert document["kind"] == "synthetic" and document["schema_version"] == 1
@@ -192,8 +195,8 @@ def test_command_writes_results_json(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.usefixtures("x64")  # experiment.run computes its runs in float64; so does this one
 def test_nothing_to_measure_is_stored_as_null_with_a_reason():
-  config = experiment.SyntheticConfig(batch=1, steps=8, segments=1, power_iters=5,
-                                                 history_points=8)
+  config = configs.SyntheticConfig(batch=1, steps=8, segments=1, power_iters=5,
+                                   history_points=8)
   run = experiment.convergence_run(config, n=6, d=4, lam=0.1, step_fraction=0.5,
                                               causal=True, seed=0)
   assert run["rate_measured"] is None and "no linear phase" in run["rate_measured_note"]

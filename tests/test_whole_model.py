@@ -1,6 +1,7 @@
 """Whole-model sparsity (`--targets attention|all`): every target at the exact count, the
 reference protocol's inputs (dense block forward, or true-sequential), resume, the CLI."""
 
+import dataclasses
 import io
 import json
 
@@ -8,13 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from attnprune_jax import cli, evaluate, models, pipeline
-from attnprune_jax.layer_masks import MaskSolverConfig
+from attnprune_jax import cli, evaluate, models, runs, settings
 from attnprune_jax.models.llama import Llama
-from attnprune_jax.pipeline import TARGETS, PruneSettings, prune_model, sparsity_summary
+from attnprune_jax.pipeline import prune_model, sparsity_summary
 from attnprune_jax.reporting import Reporter
-from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
-from experiments import qk_pruning, qk_report, qk_share
+from attnprune_jax.results import model_fingerprint
+from attnprune_jax.run_folder import RunFolder
+from attnprune_jax.settings import SEQUENTIAL_GROUPS, TARGETS, Grid, PruneSettings, split_method
+from attnprune_jax.solver_config import MaskSolverConfig
+from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA
+from experiments import qk_report, qk_share
 from reference_numpy import binarize_rows, llama_forward
 
 SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
@@ -30,7 +34,7 @@ def tiny():
 
 
 def _settings(name, n_m=None, layers=(0, 2), **kwargs):
-  method, rest = qk_pruning.split_method(name)
+  method, rest = split_method(name)
   return PruneSettings(method, 0.5, n_m, layers, SMALL if method.startswith("attn") else None,
                        targets="all", rest=rest, **kwargs)
 
@@ -116,7 +120,7 @@ def test_true_sequential_prunes_each_group_from_the_block_with_the_ones_before_p
   together = prune_model(model, _settings("wanda", layers=(0,)), calibration, heldout)
   kept = lambda pruned, target: np.asarray(pruned.weights[target][0]) != 0
   done = ()
-  for group in pipeline.SEQUENTIAL_GROUPS:
+  for group in SEQUENTIAL_GROUPS:
     expected = _wanda_masks(dense, 0, calibration, _with_layer(dense, result.weights, 0, done))
     for target in group:
       np.testing.assert_array_equal(kept(result, target), expected[target], err_msg=target)
@@ -125,31 +129,8 @@ def test_true_sequential_prunes_each_group_from_the_block_with_the_ones_before_p
   np.testing.assert_array_equal(kept(result, "q_proj"), kept(together, "q_proj"))
 
 
-def test_resume_of_a_whole_model_prune_gives_identical_results(tiny, tmp_path, monkeypatch):
-  model, calibration, heldout = tiny
-  settings = _settings("attn-progressive+sparsegpt", layers=(0, 1, 2))
-  whole = prune_model(model, settings, calibration, heldout)
-  interrupt_on_call(monkeypatch, pipeline, "_prune_block", 3)
-  with pytest.raises(KeyboardInterrupt):
-    prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  monkeypatch.undo()
-  assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "checkpoint.json", "layer-000.npz", "layer-001.npz"]
-  resumed = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
-  for target in ALL:
-    np.testing.assert_array_equal(resumed.weights[target], whole.weights[target])
-  strip = lambda records: [{k: v for k, v in r.items() if k != "prune_time_s"} for r in records]
-  assert strip(resumed.layers) == strip(whole.layers)
-  stored = pipeline.checkpoint_weights(tmp_path, model)
-  for target in ALL:
-    np.testing.assert_array_equal(stored[target], whole.weights[target])
-  with pytest.raises(ValueError, match="other settings"):  # q/k-only settings, same folder
-    prune_model(model, PruneSettings("wanda", 0.5, None, (0, 1, 2)), calibration, heldout,
-                checkpoint_dir=tmp_path)
-
-
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(method="attn-progressive", targets="attention"), "need a baseline for the other"),
+    (dict(method="attn-progressive", targets="attention"), "need a linear method for the other"),
     (dict(method="wanda", rest="wanda"), "with targets 'qk' there are none"),
     (dict(method="wanda", targets="all", rest="attn"), "rest must be one of"),
     (dict(method="wanda", targets="mlp"), "targets must be one of"),
@@ -191,8 +172,9 @@ def test_prune_cli_whole_model_reports_sparsity_per_target(tiny_folder, tmp_path
 def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_path,
                                                               monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(qk_pruning, "QUICK", qk_pruning.QUICK.__class__(
-      **{**qk_pruning.QUICK.__dict__, "data": SMALL_WINDOWS}))
+  real = settings.reproduce_grid
+  monkeypatch.setattr(settings, "reproduce_grid", lambda *a: dataclasses.replace(
+      real(*a), data=SMALL_WINDOWS))
   argv = ["reproduce", "--model", str(tiny_folder), "--quick", "--targets", "all", "--methods",
           "wanda", "magnitude", "--quiet"]
   assert cli.main(argv) == 0
@@ -202,7 +184,7 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   assert [(r["method"], r["sparsity"]) for r in stored["rows"]] == [
       ("dense", 0.0), ("wanda", 0.5), ("magnitude", 0.5)]
   assert all(r["removed"]["linear"] == 0.5 for r in stored["rows"][1:])
-  monkeypatch.setattr(qk_pruning, "prune_row", lambda *a, **k: pytest.fail("recomputed"))
+  monkeypatch.setattr(runs, "prune_row", lambda *a, **k: pytest.fail("recomputed"))
   assert cli.main(argv) == 0  # resumed: every row stored
   tables = path.with_suffix(".md").read_text()
   assert "removed: decoder linears" in tables and "50.00 %" in tables
@@ -214,10 +196,10 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   [entry] = json.loads(share.read_text())["rows"]
   model = models.load(tiny_folder)
   wanda_row = stored["rows"][1]
-  weights = pipeline.checkpoint_weights(
-      tmp_path / "out/models/model-quick/work/whole_model/all-wanda-0.5", model)
+  weights = RunFolder(tmp_path / "out/models/model-quick/work/whole_model/all-wanda-0.5"
+                      ).finished_weights(model, model_fingerprint(model))
   weights |= {name: model.weights()[name] for name in ("q_proj", "k_proj")}
-  evaluation = qk_pruning.windows(model, SMALL_WINDOWS)["evaluation"]
+  evaluation = runs.token_windows(model, SMALL_WINDOWS)["evaluation"]
   assert entry["perplexity_dense_qk"] == pytest.approx(evaluate.perplexity(
       model, evaluation, weights=weights)["perplexity"], rel=1e-6)
   assert entry["perplexity"] == wanda_row["perplexity"] != entry["perplexity_dense_qk"]
@@ -229,27 +211,27 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   # The rows of one kind of targets are never mixed with (or overwritten by) another's.
   assert cli.main(["reproduce", "--model", str(tiny_folder), "--quick", "--results", str(path),
                    "--report-only", "--quiet"]) == 2
-  assert "holds rows of --targets all, not qk" in capsys.readouterr().err
+  assert "--results: " in capsys.readouterr().err
   with pytest.raises(ValueError, match="holds rows of targets 'all', not 'qk'"):
-    qk_pruning.reproduce(models.load(tiny_folder), path, tmp_path / "w",
-                         qk_pruning.QUICK.__class__(layers=(0,), data=SMALL_WINDOWS),
-                         reporter=Reporter(quiet=True))
+    runs.reproduce(models.load(tiny_folder), Grid(layers=(0,), data=SMALL_WINDOWS), path,
+                   tmp_path / "w", reporter=Reporter(quiet=True))
 
 
 def test_unfinished_or_unreadable_checkpoints_are_not_used(tiny, tmp_path):
   model, calibration, heldout = tiny
-  settings = _settings("wanda", layers=(0, 2))
-  whole = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path)
+  prune = _settings("wanda", layers=(0, 2))
+  folder, key = RunFolder(tmp_path), model_fingerprint(model)
+  whole = prune_model(model, prune, calibration, heldout, folder=folder)
   state = json.loads((tmp_path / "checkpoint.json").read_text())
-  assert pipeline.checkpoint_weights(tmp_path, Llama.random(TINY_LLAMA, jax.random.key(5))) \
-      is None  # another model's
+  other = Llama.random(TINY_LLAMA, jax.random.key(5))
+  assert folder.finished_weights(other, model_fingerprint(other)) is None  # another model's
   (tmp_path / "checkpoint.json").write_text(json.dumps(state | {"layers": state["layers"][:1]}))
-  assert pipeline.checkpoint_weights(tmp_path, model) is None  # layer 2 not finished
+  assert folder.finished_weights(model, key) is None  # layer 2 not finished
   (tmp_path / "layer-000.npz").write_bytes(b"")  # truncated
   (tmp_path / "checkpoint.json").write_text(json.dumps(state))
-  assert pipeline.checkpoint_weights(tmp_path, model) is None
+  assert folder.finished_weights(model, key) is None
   stream = io.StringIO()
-  again = prune_model(model, settings, calibration, heldout, checkpoint_dir=tmp_path,
+  again = prune_model(model, prune, calibration, heldout, folder=folder,
                       reporter=Reporter(stream=stream))
   assert "a layer file cannot be read" in stream.getvalue()
   for target in ALL:

@@ -19,3 +19,12 @@ def magnitude(w, sparsity: float, *, group: str = "row",
   """
   w = validation.check_array("w", w, ndim=2)
   return binarize(jnp.abs(w), sparsity, group=group, n_m=n_m)
+
+
+def prune(w, stats, sparsity: float, n_m: tuple[int, int] | None):
+  """The registered "magnitude" (`methods`): per output row (our choice, Wanda's group;
+  `magnitude(group="matrix")` is the reference repositories' per-matrix threshold); `stats` is
+  not used. Returns (w with zeros where pruned, keep)."""
+  del stats
+  keep = magnitude(w, sparsity, n_m=n_m)
+  return jnp.where(keep, w, 0), keep

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from attnprune_jax import validation
-from attnprune_jax.baselines.calibration import as_stats
+from attnprune_jax.baselines.calibration import InputStats, as_stats
 from attnprune_jax.errors import InputError
-from attnprune_jax.masks import binarize, check_n_m
+from attnprune_jax.masks import binarize
+from attnprune_jax.patterns import check_n_m
 
 MAX_DAMPING_RETRIES = 6
 
@@ -143,3 +144,9 @@ def sparsegpt(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None,
   w = jnp.where(dead[None, :], 0, w.astype(dtype))
   factor, _ = inverse_hessian_factor(hessian, percdamp)
   return _sweep(w, factor, sparsity=sparsity, n_m=n_m, blocksize=blocksize)
+
+
+def prune(w, stats: InputStats, sparsity: float, n_m: tuple[int, int] | None):
+  """The registered "sparsegpt" (`methods`): its defaults (blocks of 128, 1 % damping).
+  Returns (updated w with zeros where pruned, keep)."""
+  return sparsegpt(w, stats, sparsity, n_m=n_m)

@@ -31,3 +31,9 @@ def wanda(w, x, sparsity: float, *, n_m: tuple[int, int] | None = None) -> Bool[
     raise InputError(f"x must have {w.shape[1]} input features (w is {tuple(w.shape)}), "
                      f"got {stats.sq_norms.shape[0]}")
   return binarize(wanda_score(w, stats), sparsity, group="row", n_m=n_m)
+
+
+def prune(w, stats: InputStats, sparsity: float, n_m: tuple[int, int] | None):
+  """The registered "wanda" (`methods`). Returns (w with zeros where pruned, keep)."""
+  keep = wanda(w, stats, sparsity, n_m=n_m)
+  return jnp.where(keep, w, 0), keep
