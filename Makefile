@@ -1,5 +1,7 @@
 # make setup: create .venv and install everything pinned (idempotent; instant when done).
-# make test:  setup + the whole default test suite.
+# make test:  setup + the default test tier (a few minutes on 2 cores).
+# make test-all: setup + every tier (slow, reference, multidevice too): run it before calling
+#             an issue resolved.
 # make demo:  setup + the main job on the embedded default: a synthetic head, then the real
 #             model's q/k pruned in three layers by Wanda, SparseGPT and the attention-aware
 #             methods (a few minutes on 2 cores).
@@ -12,7 +14,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-all demo bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +32,9 @@ $(STAMP): requirements.txt requirements-reference.txt requirements-model.txt pyp
 
 test: setup
 	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ""
 
 demo: setup
 	$(VENV)/bin/attnprune demo

@@ -14,18 +14,19 @@ import dataclasses
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import methods, models, runs
+from attnprune_jax import methods, models, numerics, runs
 from attnprune_jax.baselines import input_stats
 from attnprune_jax.layer_masks import solve_layer
-from attnprune_jax.models.llama import forward, layer_weights
+from attnprune_jax.models.llama import LAYER_WEIGHTS, forward, layer_weights
 from attnprune_jax.objective import layer_attention_error
+from attnprune_jax.patterns import parse_pattern
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import provenance, result_document, write_json_atomic
 from attnprune_jax.settings import DataConfig
+from attnprune_jax.solver_config import MaskSolverConfig
 
 LAYERS = (5, 15, 25)
 
@@ -46,46 +47,73 @@ def variants(method: str) -> dict:
   return {name: dataclasses.replace(base, **change) for name, change in changes.items()}
 
 
-def run(methods, sparsities, layers, reporter: Reporter) -> list[dict]:
-  """Rows {method, variant, sparsity, pattern, layer, heldout_error, wanda/sparsegpt error,
-  time_s}."""
-  model = models.load("smollm2")
-  config = model.config
-  # The same calibration and held-out Emma windows as a default `reproduce` row.
-  token_windows = runs.token_windows(model, DataConfig())
-  calibration = len(token_windows["calibration"])
-  tokens = np.concatenate([token_windows["calibration"], token_windows["heldout"]])
-  _, captured = forward(model.weights(), jnp.asarray(tokens), config,
+def layer_problems(model, layers) -> dict[int, dict]:
+  """Each layer's q/k weights and its calibration and held-out attention inputs (the same Emma
+  windows as a default `reproduce` row), from one forward of the dense model's layers up to the
+  last one asked for."""
+  windows = runs.token_windows(model, DataConfig())
+  calibration = len(windows["calibration"])
+  tokens = np.concatenate([windows["calibration"], windows["heldout"]])
+  last = max(layers) + 1
+  weights = {name: value[:last] if name in LAYER_WEIGHTS else value
+             for name, value in model.weights().items()}
+  _, captured = forward(weights, jnp.asarray(tokens), model.config,
                         return_attention_inputs=True)
   inputs = captured["attention_inputs"]
-  layout = dict(num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                rope=config.rope)
-  rows = []
+  problems = {}
   for layer in layers:
-    x, heldout = inputs[layer, :calibration], inputs[layer, calibration:]
     weights = layer_weights(model.weights(), layer)
-    q, k = weights["q_proj"], weights["k_proj"]
-    stats = input_stats(x.reshape(-1, x.shape[-1]))
+    problems[layer] = {"q": weights["q_proj"], "k": weights["k_proj"],
+                       "x": inputs[layer, :calibration], "heldout": inputs[layer, calibration:]}
+  return problems
 
-    def error(new_q, new_k, q=q, k=k, heldout=heldout):
-      return float(layer_attention_error(new_q, new_k, q, k, heldout, head_dim=config.head_dim,
-                                         rope=config.rope).mean())
 
+def heldout_error(model, problem: dict, new_q, new_k) -> float:
+  """The held-out attention error of new q/k weights, mean over windows."""
+  config = model.config
+  return float(layer_attention_error(new_q, new_k, problem["q"], problem["k"],
+                                     problem["heldout"], head_dim=config.head_dim,
+                                     rope=config.rope).mean())
+
+
+def baseline_errors(model, problem: dict, sparsity: str) -> dict[str, float]:
+  """{"wanda", "sparsegpt"}: the held-out errors of the two baselines at `sparsity`."""
+  value, n_m = parse_pattern(sparsity)
+  x = problem["x"]
+  stats = input_stats(x.reshape(-1, x.shape[-1]))
+  return {name: heldout_error(model, problem,
+                              methods.get(name).prune(problem["q"], stats, value, n_m)[0],
+                              methods.get(name).prune(problem["k"], stats, value, n_m)[0])
+          for name in ("wanda", "sparsegpt")}
+
+
+def solved_error(model, problem: dict, method: str, sparsity: str,
+                 solver: MaskSolverConfig) -> float:
+  """The held-out error of an attention-aware method with `solver` settings at `sparsity`."""
+  value, n_m = parse_pattern(sparsity)
+  config = model.config
+  result = solve_layer(problem["q"], problem["k"], problem["x"], method=method, sparsity=value,
+                       n_m=n_m, config=solver, num_kv_heads=config.num_kv_heads,
+                       head_dim=config.head_dim, rope=config.rope)
+  return heldout_error(model, problem, result.q_proj, result.k_proj)
+
+
+def run(method_names, sparsities, layers, reporter: Reporter) -> list[dict]:
+  """Rows {method, variant, solver (its settings), sparsity, layer, heldout_error,
+  wanda_error, sparsegpt_error, time_s}."""
+  model = models.load("smollm2")
+  problems = layer_problems(model, layers)
+  rows = []
+  for layer, problem in problems.items():
     for sparsity in sparsities:
-      n_m = (2, 4) if sparsity == "2:4" else None
-      s = 0.5 if n_m else float(sparsity)
-      reference = {name: error(methods.get(name).prune(q, stats, s, n_m)[0],
-                               methods.get(name).prune(k, stats, s, n_m)[0])
-                   for name in ("wanda", "sparsegpt")}
-      for method in methods:
-        for name, solver_config in reporter.progress(variants(method).items(),
-                                                     desc=f"layer {layer} {sparsity} {method}"):
+      reference = baseline_errors(model, problem, sparsity)
+      for method in method_names:
+        for name, solver in reporter.progress(variants(method).items(),
+                                              desc=f"layer {layer} {sparsity} {method}"):
           start = time.perf_counter()
-          result = solve_layer(q, k, x, method=method, sparsity=s, n_m=n_m,
-                               config=solver_config, **layout)
-          jax.block_until_ready(result.q_proj)
-          rows.append({"method": method, "variant": name, "sparsity": str(sparsity),
-                       "layer": layer, "heldout_error": error(result.q_proj, result.k_proj),
+          error = solved_error(model, problem, method, sparsity, solver)
+          rows.append({"method": method, "variant": name, "solver": dataclasses.asdict(solver),
+                       "sparsity": str(sparsity), "layer": layer, "heldout_error": error,
                        "wanda_error": reference["wanda"],
                        "sparsegpt_error": reference["sparsegpt"],
                        "time_s": time.perf_counter() - start})
@@ -120,7 +148,8 @@ def main() -> None:
   header = ["method", "sparsity", "variant", "error / reference", "s per layer"]
   reporter.table(header, summary)
   write_json_atomic(Path(args.out) / "results.json", result_document(
-      "qk-sweep", {"rows": rows, "summary": [dict(zip(header, row)) for row in summary]},
+      "qk-sweep", {"rows": rows, "summary": [dict(zip(header, row)) for row in summary],
+                   "numerics": numerics.PRUNING},
       provenance(seed=None, settings=vars(args), wall_time_s=time.perf_counter() - start)))
 
 

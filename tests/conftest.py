@@ -8,7 +8,14 @@ float64 ones compute the float32 result in the default mode and the float64 one 
 `jax.enable_x64(True)`, with a stated tolerance. `random_problem` makes float32 arrays unless
 asked otherwise: with x64 off, JAX would silently round float64 inputs to float32, and a numpy
 reference fed the unrounded inputs would not compute the same problem.
+
+Most tests compile many small programs and run each once, so XLA's backend optimizations cost
+them more time than they save: tests compile with `jax_disable_most_optimizations` (LLVM's
+optimization level 0; the same HLO, the same numbers to rounding; subprocesses inherit it
+through JAX_DISABLE_MOST_OPTIMIZATIONS). A test of real-size work asks for `optimized_xla`.
 """
+
+import os
 
 import jax
 import numpy as np
@@ -21,6 +28,18 @@ from attnprune_jax.settings import DataConfig
 TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,
                          num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0,
                          rms_eps=1e-5)
+
+
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def optimized_xla():
+  """XLA's optimizations on for this test's compilations (real-size work that runs long)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +80,20 @@ def tiny_folder(tmp_path_factory, smollm2):
   folder = tmp_path_factory.mktemp("tiny") / "model"
   huggingface.write_folder(folder, config, model.weights(), tokenizer)
   return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory, smollm2):
+  """SmolLM2 exported once as a Hugging Face folder, with half of layer 0's q_proj pruned:
+  (folder, the replacement weights)."""
+  from attnprune_jax import models
+  q = np.asarray(smollm2.weights()["q_proj"])
+  keep = np.random.default_rng(2).permutation(q[0].size) < q[0].size // 2
+  pruned = q.copy()
+  pruned[0] *= keep.reshape(q[0].shape)
+  folder = tmp_path_factory.mktemp("smollm2") / "pruned"
+  models.save(smollm2, folder, weights={"q_proj": pruned})
+  return folder, {"q_proj": pruned}
 
 
 # Small windows for the real-model commands on `tiny_folder` (CLI options and DataConfig).

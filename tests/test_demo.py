@@ -15,6 +15,7 @@ from experiments.configs import DemoConfig
 SMALL = DemoConfig(n=32, d=16, rank=8, batch=2, steps=200)
 
 
+@pytest.mark.slow  # the default tier: a rise in the last update is seen (below)
 def test_large_logits_make_the_rule_backtrack_until_the_loss_falls():
   # Saturated softmax: L̂ at M₀ is ~λ, so η = 1/L̂ ~ 100 and the loss rises 10⁹-fold.
   w, x = synthetic_problem(jax.random.key(0), n=32, d=16, batch=2, rank=8)

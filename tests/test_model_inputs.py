@@ -19,6 +19,7 @@ CONFIG = dataclasses.replace(CONFIGS["gqa"], num_layers=1)
 WINDOWS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(3, 8)).astype(np.int32)
 
 
+@pytest.mark.slow  # the default tier: a corrupted tiny GGUF (below)
 def test_corrupted_tensor_data_in_the_real_gguf_is_refused(tmp_path, monkeypatch):
   path = tmp_path / "smollm2.gguf"
   shutil.copyfile(models.model_path("smollm2"), path)

@@ -136,10 +136,8 @@ def test_a_sparsity_per_layer_keeps_exact_counts_and_nothing_runs_past_the_last_
   assert removed["per_target"]["q_proj"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("wanda", ["--sparsity", "0.5"]),
-    ("attn-progressive", ["--pattern", "2:4", "--rounds", "2", "--steps-per-round", "2",
-                          "--windows-per-step", "1"])])
+# The command with an attention-aware method and a pattern: test_whole_model.
+@pytest.mark.parametrize("method,extra", [("wanda", ["--sparsity", "0.5"])])
 def test_prune_cli_writes_results_and_a_loadable_model(tiny_folder, tmp_path, method, extra):
   out = tmp_path / "run"
   argv = ["prune", "--model", str(tiny_folder), "--method", method, *extra, *SMALL_DATA,

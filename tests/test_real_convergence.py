@@ -167,6 +167,7 @@ def test_rerun_skips_finished_layers(tiny, monkeypatch):
   assert layers == [1, 0]  # other windows: computed again
 
 
+@pytest.mark.slow  # the default tier: the tiny model, and the golden sample of the real figures
 def test_command_on_one_real_layer(smollm2, tmp_path, monkeypatch):
   monkeypatch.setattr(models, "load", lambda name: smollm2)
   out, figures = tmp_path / "out", tmp_path / "figures"

@@ -25,6 +25,7 @@ def test_logits_match_numpy_forward_on_a_short_prompt(smollm2):
   assert (logits.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow  # the default tier checks a bound (the eval command) and logits against numpy
 def test_perplexity_on_pride_and_prejudice_matches_an_independent_measurement(smollm2):
   # A wrong RoPE/q-k row order gives ~130+, a wrong GQA mapping far more. The float64 numpy
   # forward of tests/reference_numpy.py (`llama_forward`, window by window, log-softmax in
@@ -87,7 +88,8 @@ def test_eval_command_writes_perplexity_json(smollm2, tmp_path, monkeypatch):
   assert cli.main(["eval", "--tokens", "512", "--ctx", "256", "--json", str(out), "--quiet"]) == 0
   document = json.loads(out.read_text())
   assert document["kind"] == "eval" and document["tokens"] == 2 * 255
-  assert document["ctx"] == 256 and document["perplexity"] > 1
+  # 18.40 here; a wrong RoPE/q-k row order gives ~130, a wrong GQA mapping far more.
+  assert document["ctx"] == 256 and 1 < document["perplexity"] < 25
   for field in ("git_commit", "versions", "wall_time_s", "settings"):
     assert field in document["provenance"]
   assert cli.main(["eval", "--tokens", "100", "--ctx", "256", "--quiet"]) == 2

@@ -19,6 +19,7 @@ import sharded_checks
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.mark.multidevice
 def test_sharded_solves_equal_single_device_ones_on_four_devices():
   # LLVM's optimization level 0 halves the compile time of these small problems; the checks
   # compare sharded with single-device results compiled alike.

@@ -53,9 +53,9 @@ def test_heads_are_solved_independently():
   assert stacked.loss.shape == stacked.grad_norm.shape == (3, 15)
   for h in range(3):
     alone = ap.solve_mask(ws[h], x, lam=0.05, steps=15, lr=0.1)
-    np.testing.assert_allclose(stacked.mask[h], alone.mask, rtol=1e-12)
-    np.testing.assert_allclose(stacked.loss[h], alone.loss, rtol=1e-12)
-    np.testing.assert_allclose(stacked.grad_norm[h], alone.grad_norm, rtol=1e-12)
+    np.testing.assert_allclose(stacked.mask[h], alone.mask, rtol=1e-6)
+    np.testing.assert_allclose(stacked.loss[h], alone.loss, rtol=1e-6)
+    np.testing.assert_allclose(stacked.grad_norm[h], alone.grad_norm, rtol=1e-6)
   lrs = np.array([0.1, 0.03, 0.2])  # one step size per head
   per_head = ap.solve_mask(ws, x, lam=0.05, steps=15, lr=lrs)
   for h in range(3):

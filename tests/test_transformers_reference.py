@@ -8,11 +8,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from attnprune_jax import models
 from attnprune_jax.attention import Llama3Scaling
+
+pytestmark = pytest.mark.reference
+# torch and transformers are imported inside the functions that use them: importing them takes
+# about 10 s, which every test worker would pay while collecting, even when this tier is left out.
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -22,6 +24,8 @@ def reference_model(*, heads=4, kv_heads=2, tie=False, rope_scaling=None, seed=0
   """A tiny random `LlamaForCausalLM` whose every weight (norms included) is drawn afresh, large
   enough that attention is far from uniform. head_dim 8, θ = 1e4: with LLAMA3's 64 original
   positions the 4 RoPE frequencies fall in all three regimes (kept, interpolated, divided)."""
+  import torch
+  import transformers
   config = transformers.LlamaConfig(
       vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
@@ -38,6 +42,7 @@ def reference_model(*, heads=4, kv_heads=2, tie=False, rope_scaling=None, seed=0
 
 
 def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
+  import torch
   with torch.no_grad():
     return model(torch.as_tensor(tokens)).logits.float().numpy()
 
@@ -78,12 +83,14 @@ def test_llama3_scaling_changes_the_logits(tmp_path):
   assert not np.allclose(reference_logits(reference_model(), TOKENS), want, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_tensors_are_read_exactly(tmp_path, dtype):
-  reference = reference_model(rope_scaling=LLAMA3).to(dtype)
+  import torch
+  import transformers
+  reference = reference_model(rope_scaling=LLAMA3).to(getattr(torch, dtype))
   reference.save_pretrained(tmp_path / "half")
   document = json.loads((tmp_path / "half" / "config.json").read_text())
-  assert document["dtype" if "dtype" in document else "torch_dtype"] == str(dtype)[6:]
+  assert document["dtype" if "dtype" in document else "torch_dtype"] == dtype
   model = models.load(tmp_path / "half")
   assert model.weights()["q_proj"].dtype == np.float32
   upcast = transformers.LlamaForCausalLM.from_pretrained(
@@ -97,6 +104,7 @@ def test_half_precision_tensors_are_read_exactly(tmp_path, dtype):
 def test_our_folders_load_in_transformers(tmp_path):
   """A tiny llama3-scaled model written by `models.save`, sharded: transformers reads it with
   the same logits, and its config says the same RoPE scaling."""
+  import transformers
   reference = reference_model(rope_scaling=LLAMA3, tie=True)
   reference.save_pretrained(tmp_path / "theirs")
   ours = models.load(tmp_path / "theirs")
@@ -111,9 +119,10 @@ def test_our_folders_load_in_transformers(tmp_path):
   assert models.load(tmp_path / "ours").config == ours.config
 
 
-def test_smollm2_exported_loads_back_identically_and_in_transformers(smollm2, tmp_path):
-  models.save(smollm2, tmp_path / "smollm2")
-  loaded = models.load(tmp_path / "smollm2")
+def test_smollm2_exported_loads_back_identically_and_in_transformers(smollm2, smollm2_folder):
+  import transformers
+  folder, pruned = smollm2_folder
+  loaded = models.load(folder)
   assert loaded.config == smollm2.config
   tokenizer = loaded.tokenizer
   assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.adds_bos) == (
@@ -123,12 +132,12 @@ def test_smollm2_exported_loads_back_identically_and_in_transformers(smollm2, tm
   text = "It is a truth universally acknowledged, that a single man in possession"
   tokens = np.array([[tokenizer.token_id(tokenizer.start_token)] + tokenizer.encode(text)])
   ours = np.asarray(loaded(tokens))
-  np.testing.assert_array_equal(ours, np.asarray(smollm2(tokens)))
+  np.testing.assert_array_equal(ours, np.asarray(smollm2(tokens, weights=pruned)))
   reference = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / "smollm2", attn_implementation="eager").eval()
+      folder, attn_implementation="eager").eval()
   want = reference_logits(reference, tokens)
   np.testing.assert_allclose(ours, want, rtol=1e-3, atol=2e-3)
   assert (ours.argmax(-1) == want.argmax(-1)).all()
-  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "smollm2")
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
   assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
