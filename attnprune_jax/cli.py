@@ -8,6 +8,7 @@ import no JAX, so `--help` and bad options answer at once; JAX loads when the wo
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -498,6 +499,19 @@ def _message(err: InputError, args: argparse.Namespace | None) -> str:
   return f"{option}: {message}"
 
 
+def _use_compilation_cache() -> None:
+  """JAX's persistent compilation cache for the work of a command started from the shell, so
+  that a rerun (or resumed run) does not compile again what compiled before:
+  $XDG_CACHE_HOME/attnprune_jax/xla (~/.cache/...), unless JAX_COMPILATION_CACHE_DIR names
+  another folder; every compilation is kept (a rerun of `make demo` saves ~15 s of ~2 min).
+  Only before JAX loads: a program that imported JAX keeps its own settings."""
+  if "jax" in sys.modules:
+    return
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "attnprune_jax", "xla"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Entry point of `attnprune`; returns the exit status: 0 done, 2 bad input (one line on
   stderr), 130 interrupted; any other exception is a bug and keeps its traceback."""
@@ -509,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(quiet=args.quiet)
     start = time.perf_counter()
     _check_outputs(args)
+    _use_compilation_cache()
     results, seed = command.run(args, reporter)
     document = result_document(command.name, results,
                                provenance(seed=seed, settings=_settings(args),

@@ -251,7 +251,10 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     if index + 1 < last:  # the next layer's calibration inputs
       hidden, _, _ = _run_layer(hidden, pruned_layer, config)
     new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config)
-    dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config)
+    if index < settings.layers[0]:  # nothing pruned yet: the pruned model's pass is the dense one
+      dense_hidden, dense_probs = new_heldout, heldout_probs
+    else:
+      dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config)
     if not done:
       # An unpruned layer keeps its dense q/k: its local error is 0 by definition.
       local = 0.0 if not record["pruned"] else float(jnp.mean(_attention_error(

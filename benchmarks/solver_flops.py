@@ -12,6 +12,11 @@ run. Each of `--runs` runs takes the best of `--repeats` timings of the jitted s
 ratio printed last is the median over runs. The row-blocked problem runs `--blocked-steps`
 steps (its steps take seconds each).
 
+The whole public call, `ap.solve_mask` with its input checks, final loss and descent check, is
+timed apart on the first size at 10 and 200 steps (`--call-steps`) against a 2048³ float32
+matmul: a fixed cost per call shows as a lower rate at 10 steps than at 200. Its useful FLOPs
+add the final loss (one more attention forward).
+
   python benchmarks/solver_flops.py [--sizes 512:4 4096:1] [--steps 5] [--runs 3] [--repeats 3]
 """
 
@@ -71,6 +76,17 @@ def rate_runs(w, x, *, steps: int, runs: int, repeats: int, compute_dtype=None) 
           "useful": useful, "executed": executed, "blocked": blocked}
 
 
+def call_rate(w, x, *, steps: int, repeats: int) -> float:
+  """Useful FLOP/s of the public `ap.solve_mask` (checks, final loss and descent check
+  included), best of `repeats` calls after a compiling one."""
+  h, d = w.shape[0], w.shape[-1]
+  b, n = x.shape[0], x.shape[1]
+  useful, _ = flop_counts(h, b, n, d, steps, blocked=False)
+  useful += h * (2 * b * n * d * d + 2 * b * n * n * d)  # the loss at the final mask
+  solve = lambda: ap.solve_mask(w, x, lam=1e-3, steps=steps, lr=1e-3)
+  return useful / best_time(solve, repeats)
+
+
 def agreement(a, b, w, sparsity: float) -> tuple[float, float]:
   """Fractions of equal binary masks per row from the two solutions: by |M∘W| and by |M|."""
   same = lambda score_a, score_b: float(np.mean(
@@ -113,6 +129,8 @@ def main() -> None:
                       help="skip the bfloat16 comparison (run on the first size)")
   parser.add_argument("--accuracy-steps", type=int, default=50,
                       help="steps of the bfloat16-vs-float32 accuracy comparison")
+  parser.add_argument("--call-steps", type=int, nargs="*", default=[10, 200],
+                      help="steps of the timed public solve_mask calls (first size)")
   args = parser.parse_args()
   h, d = args.heads, args.d
   print(f"devices: {jax.devices()}  jax {jax.__version__}")
@@ -132,6 +150,13 @@ def main() -> None:
           + ", ".join(f"{r:.2f}" for r in result["ratios"]))
     print(f"  median ratio solver / matmul (useful FLOPs), n={n}: "
           f"{statistics.median(result['ratios']):.2f}")
+    if index == 0 and args.call_steps:
+      reference = matmul_rate(2048, 2048, 2048, args.repeats)
+      for steps in args.call_steps:
+        rate = call_rate(w, x, steps=steps, repeats=args.repeats if steps <= 20 else 1)
+        print(f"  solve_mask call, {steps} steps (checks and final loss included): "
+              f"{rate / 1e9:.1f} GFLOP/s, {rate / reference:.2f}x a 2048^3 matmul "
+              f"({reference / 1e9:.1f} GFLOP/s)")
     if index == 0 and args.bfloat16:
       low = rate_runs(w, x, steps=steps, runs=1, repeats=args.repeats, compute_dtype="bfloat16")
       print(f"  bfloat16 compute, n={n}: time ratio bf16 / f32 "
