@@ -20,7 +20,7 @@ from attnprune_jax import __version__, methods
 from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import (check_output_path, json_text, provenance, result_document,
-                                   write_json_atomic)
+                                   write_atomic, write_json_atomic)
 
 
 class Command(NamedTuple):
@@ -72,19 +72,19 @@ def _check_outputs(args: argparse.Namespace) -> None:
       check_output_path("--" + dest, path, folder=folder)
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
+def _layers(text: str | None, extra: str = "") -> tuple[int, ...] | None:
   """--layers '0-29' or '0,5,10-12' -> sorted distinct indices (the model bounds them); None
-  stays None."""
+  stays None. `extra` names other accepted values in the error."""
   if text is None:
     return None
   layers = set()
   for part in text.split(","):
-    first, _, last = part.partition("-")
-    if not all(p.isascii() and p.isdigit() for p in (first, last or first)) \
-        or int(first) > int(last or first):
-      raise InputError(f"layers must look like 0-29 or 0,5,10-12, got {text!r}",
+    first, dash, last = part.strip().partition("-")
+    last = last if dash else first
+    if not all(p.isascii() and p.isdigit() for p in (first, last)) or int(first) > int(last):
+      raise InputError(f"layers must look like 0-29 or 0,5,10-12{extra}, got {text!r}",
                        argument="layers")
-    layers.update(range(int(first), int(last or first) + 1))
+    layers.update(range(int(first), int(last) + 1))
   return tuple(sorted(layers))
 
 
@@ -228,7 +228,7 @@ def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict
   overrides = {dest: getattr(args, dest) for dest in ("windows", "ctx", "steps")
                if getattr(args, dest) is not None}
   if args.layers not in (None, "all"):
-    overrides["layers"] = _layers(args.layers)
+    overrides["layers"] = _layers(args.layers, extra=" or all")
   config = dataclasses.replace(REAL_QUICK if args.quick else RealConfig(), **overrides)
   from attnprune_jax import data, models, runs
   from experiments import convergence_report
@@ -421,15 +421,16 @@ def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, 
   figures = args.figures or defaults[2]
   if figures:
     check_output_path("--figures", figures, folder=True)
-  from attnprune_jax import runs
-  rows = runs.stored_rows(results, grid.targets) if results.is_file() else None
+  from attnprune_jax.results import stored_rows
+  rows = stored_rows(results, grid.targets) if results.is_file() else None
   if args.report_only and rows is None:
     raise InputError(f"--report-only needs stored rows; {results} does not exist")
-  from attnprune_jax import models
+  from attnprune_jax import models, runs
   from experiments import qk_report
   model = models.load(args.model)
   if args.report_only:
-    results.with_suffix(".md").write_text(qk_report.markdown_tables(rows, grid.targets))
+    text = qk_report.markdown_tables(rows, grid.targets).encode()
+    write_atomic(results.with_suffix(".md"), lambda handle: handle.write(text))
   else:
     rows = runs.reproduce(model, grid, results, work, reporter=reporter,
                           tables=qk_report.markdown_tables)

@@ -176,6 +176,24 @@ def write_json_atomic(path: str | os.PathLike, document: dict) -> None:
   write_atomic(path, lambda handle: handle.write(text))
 
 
+def stored_rows(path: Path, targets: str) -> list[dict]:
+  """The rows of a results file of `reproduce` for `targets`; an InputError naming `results`
+  if it is not one."""
+  try:
+    document = json.loads(path.read_text())
+    rows = document["rows"]
+  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as err:
+    raise InputError(f"{path} is not a results file of reproduce ({type(err).__name__}: {err})",
+                     argument="results") from None
+  if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+    raise InputError(f"{path} holds no list of rows", argument="results")
+  stored = document.get("targets", "qk")
+  if stored != targets:
+    raise InputError(f"{path} holds rows of targets {stored!r}, not {targets!r}; write them to "
+                     "another file", argument="results")
+  return rows
+
+
 def cached_result(path: Path, settings: dict, numerics: int, compute):
   """The stored result at `path` if it was made with `settings` and the numerics version
   `numerics` (see `numerics`), else compute and store it with both and the git commit.

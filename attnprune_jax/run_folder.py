@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attnprune_jax import numerics
 from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import check_output_path, write_atomic, write_json_atomic
+from attnprune_jax.settings import TARGETS
 
 # What a missing, truncated or foreign layer file raises in np.load.
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -55,8 +57,8 @@ class RunFolder:
     check_output_path(option, self.path, folder=True)
     check_output_path(f"{option} (results.json)", self.results)
     if save_model and (self.model.exists() or self.model.is_symlink()):
-      raise InputError(f"--save-weights: {self.model} exists already; remove it or choose "
-                       f"another {option}", argument="save_weights")
+      raise InputError(f"save_weights: the model folder {self.model} exists already; remove "
+                       f"it or choose another {option}", argument="save_weights")
 
   def write_results(self, document: dict) -> Path:
     write_json_atomic(self.results, document)
@@ -121,8 +123,8 @@ class RunFolder:
   def finished_weights(self, model, model_fingerprint: str) -> dict | None:
     """The replacement weights (its targets, the layers it did not prune dense) of a checkpoint
     that finished every layer it was asked for, from `model` (whose fingerprint is given);
-    None if there is none, it is unfinished, of another model, or cannot be read."""
-    from attnprune_jax.settings import TARGETS
+    None if there is none, it is unfinished, of another model or numerics version, or cannot be
+    read."""
     state = self._read_state(Reporter(quiet=True))
     if state is None:
       return None
@@ -130,7 +132,7 @@ class RunFolder:
     settings = key.get("settings") or {}
     finished = {record.get("layer") for record in records if record.get("pruned")}
     if (not set(settings.get("layers") or [None]) <= finished
-        or key.get("model") != model_fingerprint):
+        or key.get("model") != model_fingerprint or key.get("numerics") != numerics.PRUNING):
       return None
     targets = TARGETS[settings.get("targets", "qk")]
     dense = model.weights()

@@ -22,7 +22,7 @@ from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import (fingerprint, model_fingerprint, provenance, result_document,
-                                   write_json_atomic)
+                                   stored_rows, write_atomic, write_json_atomic)
 from attnprune_jax.run_folder import RunFolder
 from attnprune_jax.settings import RESULTS, DataConfig, Grid, PruneSettings, quick_layers
 
@@ -125,29 +125,14 @@ def row_folder(work: Path, method: str, sparsity: str, targets: str = "qk") -> R
   return RunFolder(work / (name if targets == "qk" else f"{targets}-{name}"))
 
 
-def stored_rows(path: Path, targets: str) -> list[dict]:
-  """The rows of a results file of `reproduce` for `targets`; an InputError naming `results`
-  if it is not one."""
-  try:
-    document = json.loads(path.read_text())
-    rows = document["rows"]
-  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as err:
-    raise InputError(f"{path} is not a results file of reproduce ({type(err).__name__}: {err})",
-                     argument="results") from None
-  if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-    raise InputError(f"{path} holds no list of rows", argument="results")
-  stored = document.get("targets", "qk")
-  if stored != targets:
-    raise InputError(f"{path} holds rows of targets {stored!r}, not {targets!r}; write them to "
-                     "another file", argument="results")
-  return rows
+def row_key(settings: PruneSettings | None, context: dict) -> dict:
+  """What a stored row is reused for: the same settings (None for the dense row) in the same
+  context (`reproduce`: token windows, model and numerics version)."""
+  return {"settings": None if settings is None else settings.to_json(), **context}
 
 
-def row_key(settings: PruneSettings | None, windows_key: str, model_key: str) -> dict:
-  """What a stored row is reused for: the same settings (None for the dense row), token
-  windows, model and numerics version."""
-  return {"settings": None if settings is None else settings.to_json(),
-          "windows": windows_key, "model": model_key, "numerics": numerics.PRUNING}
+def _cell(row: dict) -> tuple:
+  return row["method"], row["pattern"], row["sparsity"]
 
 
 def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, reporter: Reporter,
@@ -156,9 +141,11 @@ def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, repor
 
   Finished rows are kept in `results_path`, rewritten atomically after every row (with
   `tables`, also `tables(rows, targets)` as Markdown beside it, `.md`). A stored row is reused
-  only for the same settings, token windows, model and numerics version (`row_key`); others are
-  computed again. A row's layer checkpoints live in `row_folder(work, ...)`. A results file of
-  other targets is an error.
+  only for the same settings, token windows, model and numerics version (`row_key`) in a file of
+  the same data settings and layers; a row of this grid made otherwise is computed again, and
+  rows of other methods or sparsities made alike are kept (a grid of a few methods adds to the
+  file). A row's layer checkpoints live in `row_folder(work, ...)`. A results file of other
+  targets is an error. Returns every row of the file.
   """
   config = grid.data
   num_layers = model.config.num_layers
@@ -166,23 +153,32 @@ def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, repor
   grid = dataclasses.replace(grid, layers=layers, quick=False)
   windows = token_windows(model, config)
   model_key = model_fingerprint(model)
-  windows_key = fingerprint(*(windows[k] for k in sorted(windows)))
+  context = {"windows": fingerprint(*(windows[k] for k in sorted(windows))), "model": model_key,
+             "numerics": numerics.PRUNING}
   cells = [("dense", None)] + [(method, sparsity) for sparsity in grid.sparsities
                                for method in grid.methods]
   # `attn` (Algorithm 1 and one cut) runs after every other row.
   cells.sort(key=lambda cell: cell[0] == "attn")
   settings = {cell: None if cell[0] == "dense" else grid.settings(*cell).for_model(model.config)
               for cell in cells}
-  keys = {cell: row_key(settings[cell], windows_key, model_key) for cell in cells}
+  keys = {cell: row_key(settings[cell], context) for cell in cells}
+  named = {("dense", "dense", 0.0) if s is None else (s.name, s.pattern, s.mean_sparsity): cell
+           for cell, s in settings.items()}
   rows = []
   if results_path.is_file():
     stored = stored_rows(results_path, grid.targets)
-    rows = [row for row in stored if row.get("key") in keys.values()]
+    document = json.loads(results_path.read_text())
+    same_file = (document.get("data") == dataclasses.asdict(config)
+                 and document.get("layers") == list(layers))
+    rows = [row for row in stored
+            if same_file and {k: v for k, v in (row.get("key") or {}).items()
+                              if k != "settings"} == context
+            and (_cell(row) not in named or row["key"] == keys[named[_cell(row)]])]
     if len(stored) > len(rows):
       commits = sorted({row.get("provenance", {}).get("git_commit") or "unknown"
                         for row in stored if row not in rows})
-      reporter.info(f"reproduce: {len(stored) - len(rows)} stored rows are not of this grid or "
-                    f"were computed with other settings, windows, model or numerics (commits "
+      reporter.info(f"reproduce: {len(stored) - len(rows)} stored rows were computed with other "
+                    f"settings, data, layers, windows, model or numerics (commits "
                     f"{', '.join(commits)}); they are dropped")
   done = [row["key"] for row in rows]
   start = time.perf_counter()
@@ -210,7 +206,8 @@ def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, repor
                                  "methods": list(grid.methods)},
             wall_time_s=time.perf_counter() - start)))
     if tables is not None:
-      results_path.with_suffix(".md").write_text(tables(rows, grid.targets))
+      text = tables(rows, grid.targets).encode()
+      write_atomic(results_path.with_suffix(".md"), lambda handle: handle.write(text))
     reporter.table(["method", "pattern", "sparsity", "perplexity", "attn error", "prune s"],
                    [[row["method"], row["pattern"], row["sparsity"], row["perplexity"],
                      row["attention_error_mean"], row["prune_time_s"]]])

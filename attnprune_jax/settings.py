@@ -107,8 +107,9 @@ class PruneSettings:
 
   @property
   def pattern(self) -> str:
-    """'unstructured' or 'N:M'."""
-    return pattern_name(self.n_m)
+    """'unstructured', 'N:M', or 'per-layer' for a sparsity per layer (its rows are told
+    apart from the uniform ones at the same mean sparsity)."""
+    return "per-layer" if isinstance(self.sparsity, tuple) else pattern_name(self.n_m)
 
   @property
   def mean_sparsity(self) -> float:

@@ -142,7 +142,7 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
   """Checks a target sparsity (fraction of entries removed) in [0, 1).
 
   A numpy or JAX scalar is read as the shortest decimal of its own dtype (float32 0.55 is
-  0.55), so that counts follow the decimal the user wrote (see `masks.kept_count`).
+  0.55), so that counts follow the decimal the user wrote (see `patterns.kept_count`).
   """
   value = _scalar(name, sparsity, "real")
   value = float(str(value)) if isinstance(value, np.floating) else float(value)

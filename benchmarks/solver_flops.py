@@ -8,7 +8,7 @@ closed-form gradient), plus the dense reference f(W) once (2bnd² + 2bn²d), whi
 objective recomputes at every step (counted apart as "executed"). The reference is a jitted
 float32 matmul of the solver's largest operand shape, (b·n, d) @ (d, h·d), timed in the same
 run. Each of `--runs` runs takes the best of `--repeats` timings of the jitted solve
-(`solver._solve`, without `solve_mask`'s input checks and final loss) and of the matmul; the
+(`solver._solve`, without `solve_mask`'s input checks) and of the matmul; the
 ratio printed last is the median over runs. The row-blocked problem runs `--blocked-steps`
 steps (its steps take seconds each).
 
@@ -57,13 +57,15 @@ def rate_runs(w, x, *, steps: int, runs: int, repeats: int, compute_dtype=None) 
   `repeats` matmuls of the operand shape: the same statistic on both sides."""
   h, d = w.shape[0], w.shape[-1]
   b, n = x.shape[0], x.shape[1]
-  blocked = n > solver.BLOCKED_ABOVE
+  block = solver.default_block(n)
+  blocked = block is not None
   useful, executed = flop_counts(h, b, n, d, steps, blocked)
-  # The jitted solve itself: `solve_mask`'s input checks and final loss are not counted.
+  # The jitted solve itself (`solve_mask`'s input checks are not timed; its final loss, one
+  # attention forward more, is timed but not counted).
   operands = (w, x if compute_dtype is None else x.astype(compute_dtype), jnp.ones_like(w),
               jnp.float32(1e-3), jnp.float32(1e-3))
   solve = lambda: solver._solve(*operands, steps=steps, causal=True, optimizer=None,
-                                block=solver.DEFAULT_BLOCK if blocked else None,
+                                block=block,
                                 compute_dtype=None if compute_dtype is None else jnp.bfloat16)
   start = time.perf_counter()
   solution = jax.block_until_ready(solve())
@@ -137,7 +139,7 @@ def main() -> None:
   for index, size in enumerate(args.sizes):
     n, b = (int(v) for v in size.split(":"))
     w, x = synthetic_problem(jax.random.key(0), n=n, d=d, batch=b, rank=64, heads=h)
-    steps = args.blocked_steps if n > solver.BLOCKED_ABOVE else args.steps
+    steps = args.blocked_steps if solver.default_block(n) else args.steps
     result = rate_runs(w, x, steps=steps, runs=args.runs, repeats=args.repeats)
     best = min(result["seconds"])
     kind = "row-blocked, blocks of 64" if result["blocked"] else "dense"

@@ -217,8 +217,8 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
   cells = {(r["method"], r["sparsity"], r["pattern"]): r for r in rows if r["method"] != "dense"}
   columns = sorted({(pattern != "unstructured", sparsity, pattern)
                     for _, sparsity, pattern in cells})
-  names = [f"{s:g}" if p == "unstructured" else p for _, s, p in columns]
-  names = _in_order({method for method, _, _ in cells}, WHOLE_MODEL_METHODS)
+  labels = [f"{s:g}" if p == "unstructured" else p for _, s, p in columns]
+  series = _in_order({method for method, _, _ in cells}, WHOLE_MODEL_METHODS)
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2),
                                     gridspec_kw={"width_ratios": [1.8, 1]})
 
@@ -233,9 +233,9 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
                    color=methods.color(method), edgecolor="white",
                    hatch="//" if "+" in method else "", label=label)
           label = None
-    axis.set_xticks(range(len(columns)), names)
+    axis.set_xticks(range(len(columns)), labels)
 
-  bars(left, names, lambda m, s, p: cells[(m, s, p)]["perplexity"] if (m, s, p) in cells
+  bars(left, series, lambda m, s, p: cells[(m, s, p)]["perplexity"] if (m, s, p) in cells
        else None)
   if dense is not None:
     left.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")

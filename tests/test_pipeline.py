@@ -182,6 +182,10 @@ def test_reproduce_is_resumable_row_by_row_and_plots(tiny_folder, tmp_path, monk
   monkeypatch.setattr(runs, "dense_row", fail)
   again = runs.reproduce(model, grid, results, tmp_path / "work", reporter=Reporter(quiet=True))
   assert again == rows
+  # A grid of part of the methods reuses its rows and keeps the others.
+  part = dataclasses.replace(grid, methods=("wanda",), sparsities=("2:4",))
+  assert runs.reproduce(model, part, results, tmp_path / "work",
+                        reporter=Reporter(quiet=True)) == rows
   # Rows of another numerics version are computed again, not reused.
   monkeypatch.setattr(numerics, "PRUNING", numerics.PRUNING + 1)
   with pytest.raises(AssertionError, match="a finished row was recomputed"):

@@ -201,7 +201,7 @@ def test_command_refuses_options_beyond_the_model(smollm2, tmp_path, monkeypatch
     (["--steps", "5"], "--steps must be at least 10"),
     (["--windows", "0"], "--windows must be a positive integer"),
     (["--ctx", "1"], "--ctx must be an integer >= 2"),
-    (["--layers", "3-1"], "--layers must look like 0-29 or 0,5,10-12, got '3-1'"),
+    (["--layers", "3-1"], "--layers must look like 0-29 or 0,5,10-12 or all, got '3-1'"),
     (["--layers", "abc"], "--layers must look like"),
 ])
 def test_command_refuses_bad_options_before_loading(tmp_path, monkeypatch, capsys, options,

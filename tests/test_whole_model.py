@@ -232,7 +232,8 @@ def test_whole_model_tables_and_figure(tmp_path):
       "attention_error_mean": 1.0, "prune_time_s": 1.0, "removed": {"linear": 0.5, "model": 0.4},
       "attention_error_per_layer": {"0": 1.0, "1": 2.0}}
   rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, "perplexity": 10.0}] + [
-      row("wanda", 14.0), row("attn-progressive+wanda", 12.0), row("wanda", 20.0, "2:4")]
+      row("wanda", 14.0), row("attn-progressive+wanda", 12.0), row("wanda", 20.0, "2:4"),
+      row("sparsegpt", 13.0)]  # three methods in two columns
   rows[2]["attention_error_per_layer"] = {"0": 0.5, "1": 3.0}
   tables = qk_report.markdown_tables(rows, "all")
   assert "| Δppl `attn-progressive+wanda` / Wanda | 0.50 | – |" in tables
