@@ -13,10 +13,14 @@ numbers with it, so that a command rejects a bad option before JAX is loaded.
 from collections.abc import Sequence
 import numbers
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from attnprune_jax.errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+  import jax
 
 
 def _loaded_jax():

@@ -173,7 +173,7 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
     row = cells.get((method, column))
     return None if row is None else row["perplexity"] - dense
 
-  bar = [f"| check | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+  bar = ["| check | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
   for title, (ours, theirs) in CHECKS[scope].items():
     values = []
     for column in columns:

@@ -8,12 +8,10 @@ row, one synthetic run, one head of one layer, the baselines of one sweep layer)
 tier recomputes layer 0 of every row, a solved sweep row, and the q/k-share diagnostic.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, runs

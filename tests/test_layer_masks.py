@@ -14,7 +14,7 @@ from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import DivergenceError
 from attnprune_jax.layer_masks import prune_schedule, solve_layer
 from attnprune_jax.solver_config import MaskSolverConfig
-from attnprune_jax.models.llama import Llama, LlamaConfig, forward
+from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.objective import factored_loss, kv_groups
 import reference_numpy
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import re
 import shutil
 
 import numpy as np
@@ -121,38 +120,6 @@ def test_rerun_resumes_without_recomputing(tiny_results, monkeypatch):
   changed = dataclasses.replace(TINY, steps=60)
   with pytest.raises(AssertionError, match="computed again"):
     experiment.run(changed, out, Reporter(quiet=True))
-
-
-@pytest.mark.parametrize("damage", ["{not json", '{"settings": {}}'])
-def test_damaged_stored_run_is_moved_aside_and_computed_again(tiny_results, tmp_path,
-                                                              monkeypatch, damage):
-  out = _copy(tiny_results[1], tmp_path)
-  path = out / "runs" / "n12_d8_lam0.1_step0.5_causal_seed0.json"
-  path.write_text(damage)
-  (out / "runs" / f"{path.name}.damaged").write_text("an older damaged file")
-  calls = _count_calls(monkeypatch)
-  with pytest.warns(RuntimeWarning, match=re.escape(str(path))):
-    again = experiment.run(TINY, out, Reporter(quiet=True))
-  assert calls == ["convergence_run"]
-  assert (out / "runs" / f"{path.name}.damaged").read_text() == damage
-  assert json.loads(path.read_text())["result"] in again["runs"]
-  assert again["provenance"]["reused_runs"]["count"] == 8
-
-
-def test_stored_runs_of_another_numerics_version_are_computed_again(tiny_results, tmp_path,
-                                                                   monkeypatch):
-  out = _copy(tiny_results[1], tmp_path)
-  one_run = dataclasses.replace(TINY, lams=(0.1,), step_fractions=(0.5,), causal=(True,))
-  monkeypatch.setattr(numerics, "SYNTHETIC", numerics.SYNTHETIC + 1)
-  calls = _count_calls(monkeypatch)
-  results = experiment.run(one_run, out, Reporter(quiet=True))
-  assert calls == ["convergence_run", "sparsity_sweep"]
-  assert results["provenance"] == {"numerics": numerics.SYNTHETIC,
-                                   "reused_runs": {"count": 0, "commits": {}}}
-  stored = json.loads((out / "runs" / "n12_d8_lam0.1_step0.5_causal_seed0.json").read_text())
-  assert stored["numerics"] == numerics.SYNTHETIC and stored["git_commit"] == git_commit()
-  experiment.run(one_run, out, Reporter(quiet=True))
-  assert len(calls) == 2
 
 
 def test_provenance_lists_the_commits_of_reused_runs(tiny_results, tmp_path, monkeypatch):
