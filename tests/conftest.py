@@ -15,6 +15,7 @@ optimization level 0; the same HLO, the same numbers to rounding; subprocesses i
 through JAX_DISABLE_MOST_OPTIMIZATIONS). A test of real-size work asks for `optimized_xla`.
 """
 
+import contextlib
 import os
 
 import jax
@@ -34,12 +35,23 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+@contextlib.contextmanager
+def optimized_compilation():
+  """XLA's optimizations on for the compilations inside (for a fixture wider than one test that
+  prepares real-size inputs: levels of optimization round differently, and a stored result was
+  computed with all of them)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture
 def optimized_xla():
   """XLA's optimizations on for this test's compilations (real-size work that runs long)."""
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", True)
+  with optimized_compilation():
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from conftest import optimized_compilation
+
 from attnprune_jax import evaluate, methods, numerics, pipeline, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings
 from attnprune_jax.solver_config import MaskSolverConfig
@@ -139,8 +141,9 @@ SWEEPS = ("results/qk_sweep_progressive.json", "results/qk_sweep_attn.json")
 
 @pytest.fixture(scope="module")
 def sweep_problems(smollm2):
-  """The sweeps' first layer (5) on its dense inputs."""
-  return qk_sweep.layer_problems(smollm2, (5,))
+  """The sweeps' first layer (5) on its dense inputs, computed as the sweep computed them."""
+  with optimized_compilation():
+    return qk_sweep.layer_problems(smollm2, (5,))
 
 
 @pytest.mark.parametrize("path", SWEEPS)
