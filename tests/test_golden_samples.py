@@ -153,8 +153,7 @@ def sweep_baselines(smollm2, sweep_problems):
 
   def of(sparsity: str) -> dict:
     if sparsity not in cache:
-      with optimized_compilation():
-        cache[sparsity] = qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity)
+      cache[sparsity] = qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity)
     return cache[sparsity]
   return of
 
