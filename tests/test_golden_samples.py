@@ -84,7 +84,7 @@ def check_layer(recomputed: dict, row: dict) -> None:
       assert recomputed[field] == pytest.approx(expected[field], rel=RTOL32), field
 
 
-PRUNING_SAMPLES = [("results/qk_pruning.json", "attn-reweight", "0.7"),
+PRUNING_SAMPLES = [("results/qk_pruning.json", "attn", "0.7"),  # Algorithm 1 and its cut
                    ("results/qk_pruning.json", "sparsegpt", "2:4"),
                    ("results/whole_model.json", "wanda", "0.5")]
 EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
