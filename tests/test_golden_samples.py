@@ -5,22 +5,18 @@ that made it is unchanged: a refactor that changes no number passes; a change of
 fails here until the results are regenerated (and the kind's version in `numerics` raised, which
 the stored files must then carry). The default tier recomputes one sample per file (layer 0 of a
 row, one synthetic run, one head of one layer, the baselines of one sweep layer); the `slow`
-tier recomputes layer 0 of every row, a solved sweep row, and the q/k-share diagnostic.
+tier recomputes layer 0 of every row, a solved sweep row, and the q/k-share diagnostic. The
+theory figures' and the sweeps' samples are in test_golden_theory_and_sweeps.py.
 """
 
 import json
 from pathlib import Path
 
-import jax
 import pytest
-
-from conftest import optimized_compilation
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings
 from attnprune_jax.solver_config import MaskSolverConfig
-from experiments import convergence, qk_sweep, real_convergence, synthetic_convergence
-from experiments.configs import RealConfig, SyntheticConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # Recomputed on the same kind of machine, float32 results agree to rounding; float64 tighter.
@@ -100,82 +96,6 @@ def test_first_layer_of_a_pruning_row(smollm2, windows, request, path, method, s
     request.getfixturevalue("optimized_xla")
   row = row_of(stored(path), method, sparsity)
   check_layer(recompute_first_layer(smollm2, row, windows), row)
-
-
-def test_synthetic_figures_sample():
-  document = stored("figures/synthetic/summary.json")
-  assert document["provenance"]["numerics"] == numerics.SYNTHETIC
-  golden = document["golden"]
-  config = SyntheticConfig(**document["config"])
-  with jax.enable_x64(True):
-    run = synthetic_convergence.convergence_run(
-        config, **{k: golden[k] for k in ("n", "d", "lam", "step_fraction", "causal", "seed")})
-  assert synthetic_convergence.golden_sample([run]) == pytest.approx(golden, rel=RTOL64)
-
-
-@pytest.mark.usefixtures("optimized_xla")
-def test_real_weight_theory_figures_sample(smollm2):
-  document = stored("figures/real/theory/summary.json")
-  assert document["provenance"]["numerics"] == numerics.REAL_CONVERGENCE
-  golden = document["golden"]
-  config = RealConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in document["config"].items()})
-  inputs = real_convergence.attention_inputs(smollm2, real_convergence.token_windows(
-      smollm2, config))
-  layer = golden["layer"]
-  problem = real_convergence.layer_inputs(smollm2, inputs, layer)
-  c = smollm2.config
-  w = real_convergence.merged_heads(smollm2.weights()["q_proj"][layer],
-                                    smollm2.weights()["k_proj"][layer], num_heads=c.num_heads,
-                                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
-  records = convergence.convergence_runs(
-      w, problem["x"], lam=golden["lam"], step_fraction=golden["step_fraction"], causal=True,
-      steps=config.steps, segments=config.segments, power_iters=config.power_iters,
-      history_points=config.history_points, key=jax.random.key(layer))
-  record = {"layer": layer, "head": golden["head"], **records[golden["head"]]}
-  assert real_convergence.golden_sample([record]) == pytest.approx(golden, rel=RTOL32)
-
-
-SWEEPS = ("results/qk_sweep_progressive.json", "results/qk_sweep_attn.json")
-
-
-@pytest.fixture(scope="module")
-def sweep_problems(smollm2):
-  """The sweeps' first layer (5) on its dense inputs, computed as the sweep computed them."""
-  with optimized_compilation():
-    return qk_sweep.layer_problems(smollm2, (5,))
-
-
-@pytest.fixture(scope="module")
-def sweep_baselines(smollm2, sweep_problems):
-  """The baselines' errors on the sweeps' first layer by sparsity, computed once per module."""
-  cache = {}
-
-  def of(sparsity: str) -> dict:
-    if sparsity not in cache:
-      cache[sparsity] = qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity)
-    return cache[sparsity]
-  return of
-
-
-@pytest.mark.parametrize("path", SWEEPS)
-def test_sweep_baselines(sweep_baselines, path):
-  document = stored(path)
-  assert document["numerics"] == numerics.PRUNING
-  row = next(r for r in document["rows"] if r["layer"] == 5)
-  errors = sweep_baselines(row["sparsity"])
-  assert errors["wanda"] == pytest.approx(row["wanda_error"], rel=RTOL32)
-  assert errors["sparsegpt"] == pytest.approx(row["sparsegpt_error"], rel=RTOL32)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("optimized_xla")
-@pytest.mark.parametrize("path", SWEEPS)
-def test_sweep_solved_row(smollm2, sweep_problems, path):
-  row = next(r for r in stored(path)["rows"] if r["layer"] == 5 and r["variant"] == "default")
-  error = qk_sweep.solved_error(smollm2, sweep_problems[5], row["method"], row["sparsity"],
-                                MaskSolverConfig(**row["solver"]))
-  assert error == pytest.approx(row["heldout_error"], rel=RTOL32)
 
 
 @pytest.mark.slow
