@@ -16,7 +16,9 @@ through JAX_DISABLE_MOST_OPTIMIZATIONS). A test of real-size work asks for `opti
 """
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,6 +26,17 @@ import pytest
 
 from attnprune_jax.models.llama import LlamaConfig
 from attnprune_jax.settings import DataConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+# Golden samples recomputed on the same kind of machine: float32 results agree to rounding,
+# float64 ones tighter.
+RTOL32, RTOL64 = 1e-4, 1e-7
+
+
+def stored(path: str) -> dict:
+  """A committed result file (path from the repository root)."""
+  return json.loads((ROOT / path).read_text())
+
 
 # A tiny GQA Llama (4 query heads in 2 KV groups) for tests of the layer-wise experiments.
 TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3,

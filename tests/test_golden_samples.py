@@ -14,21 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RTOL32, stored
+
 from attnprune_jax import evaluate, methods, numerics, pipeline, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings
 from attnprune_jax.solver_config import MaskSolverConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-# Recomputed on the same kind of machine, float32 results agree to rounding; float64 tighter.
-RTOL32, RTOL64 = 1e-4, 1e-7
-# Rows written before numerics versions existed carry none: they are version 1, which these
-# tests check by recomputing them.
-FIRST_VERSION = 1
-
-
-def stored(path: str) -> dict:
-  return json.loads((ROOT / path).read_text())
-
 
 def row_of(document: dict, method: str, sparsity: str) -> dict:
   pattern = sparsity if ":" in sparsity else "unstructured"
@@ -71,7 +61,7 @@ def recompute_first_layer(model, row: dict, windows) -> dict:
 
 def check_layer(recomputed: dict, row: dict) -> None:
   expected = row["layers"][row["settings"]["layers"][0]]
-  assert row.get("numerics", FIRST_VERSION) == numerics.PRUNING
+  assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
   for field in ("attention_error", "attention_error_end_to_end", "loss_first", "loss_last"):
     if expected[field] is None:
@@ -114,6 +104,6 @@ def test_qk_share(smollm2, windows):
   weights = pruned.weights | {name: dense[name] for name in QK}
   ppl = evaluate.perplexity(smollm2, data["evaluation"], batch_size=s["data"]["batch"],
                             weights=weights)["perplexity"]
-  assert share.get("numerics", FIRST_VERSION) == numerics.PRUNING
+  assert share["numerics"] == numerics.PRUNING
   assert ppl == pytest.approx(entry["perplexity_dense_qk"], rel=RTOL32)
   assert entry["perplexity"] == row["perplexity"]

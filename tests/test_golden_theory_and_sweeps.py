@@ -6,11 +6,12 @@ a solved row of each sweep. In a file of their own so that the two test workers 
 samples' time.
 """
 
+import functools
+
 import jax
 import pytest
 
-from conftest import optimized_compilation
-from test_golden_samples import RTOL32, RTOL64, stored
+from conftest import RTOL32, RTOL64, optimized_compilation, stored
 
 from attnprune_jax import numerics
 from attnprune_jax.solver_config import MaskSolverConfig
@@ -65,13 +66,8 @@ def sweep_problems(smollm2):
 @pytest.fixture(scope="module")
 def sweep_baselines(smollm2, sweep_problems):
   """The baselines' errors on the sweeps' first layer by sparsity, computed once per module."""
-  cache = {}
-
-  def of(sparsity: str) -> dict:
-    if sparsity not in cache:
-      cache[sparsity] = qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity)
-    return cache[sparsity]
-  return of
+  return functools.cache(
+      lambda sparsity: qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity))
 
 
 @pytest.mark.parametrize("path", SWEEPS)
