@@ -264,6 +264,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+  from attnprune_jax.allocation import ALLOCATIONS
   from attnprune_jax.settings import TARGETS
   from attnprune_jax.solver_config import OPTIMIZERS, MaskSolverConfig
   parser.add_argument("--method", required=True, choices=methods.names(),
@@ -287,6 +288,10 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--pattern", metavar="N:M",
                       help="N:M structure along the input axis, e.g. 2:4 (sparsity N/M)")
   parser.add_argument("--layers", default=None, help="layers to prune, e.g. 0-29 (default: all)")
+  parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                      help="how --sparsity is shared among the layers: uniform (default) or owl "
+                           "(OWL's outlier-weighted layer sparsities, Yin et al. 2024; the "
+                           "overall sparsity stays --sparsity; unstructured only)")
   _data_arguments(parser)
   parser.add_argument("--out", required=True,
                       help="output folder: results.json, the layer checkpoint, the saved model")
@@ -342,7 +347,7 @@ def _prune_settings(args: argparse.Namespace):
     solver = dataclasses.replace(registered, **overrides)
   settings = PruneSettings(args.method, sparsity, n_m, _layers(args.layers), solver,
                            targets=args.targets, rest=args.rest,
-                           true_sequential=args.true_sequential)
+                           true_sequential=args.true_sequential, allocation=args.allocation)
   config = DataConfig(calib_seqs=args.calib_seqs, calib_len=args.calib_len,
                       heldout_seqs=args.heldout_seqs, eval_tokens=args.eval_tokens)
   settings.check_windows(config.calib_seqs)
@@ -395,7 +400,9 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                       "out/reproduce/NAME beyond qk; out/quick[/NAME] with --quick)")
   parser.add_argument("--methods", nargs="+",
                       help="a subset of the methods; beyond qk, METHOD+BASELINE prunes q/k with "
-                           "METHOD and the rest with BASELINE (e.g. attn-progressive+wanda)")
+                           "METHOD and the rest with BASELINE (e.g. attn-progressive+wanda); "
+                           "owl:NAME shares the sparsity among layers by OWL (e.g. owl:wanda; "
+                           "unstructured sparsities only)")
   parser.add_argument("--figures", metavar="DIR",
                       help="where the figures go (default figures/real; none with --quick)")
   parser.add_argument("--report-only", action="store_true",

@@ -107,8 +107,9 @@ def get(name: str, kind: str | None = None, *, argument: str = "method") -> Meth
 
 
 def color(name: str) -> str:
-  """The figure colour of a method, or of the q/k method of 'qk+rest'."""
-  method = REGISTRY.get(name.partition("+")[0])
+  """The figure colour of a method, or of the q/k method of 'qk+rest' (any 'allocation:'
+  prefix dropped)."""
+  method = REGISTRY.get(name.rpartition(":")[2].partition("+")[0])
   if method is None:
     return "black"
   if method.color is not None:

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import numerics, sharding
+from attnprune_jax import allocation, numerics, sharding
 from attnprune_jax.baselines import input_stats
+from attnprune_jax.baselines.wanda import wanda_score
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import LayerPruning
 from attnprune_jax.methods import Method
@@ -124,16 +125,42 @@ def prune_qk(method: Method, q_proj, k_proj, x, *, sparsity: float,
   return LayerPruning(new_q, new_k, keep_q, keep_k, jnp.zeros((0,), jnp.float32))
 
 
+def layer_sparsities(dense: dict, config: LlamaConfig, settings: PruneSettings,
+                     calibration) -> dict[int, float]:
+  """The sparsity of each layer of `settings.layers` (resolved for the model) under
+  `settings.allocation`; for "owl", from the Wanda scores of the targets on the dense model's
+  calibration inputs (see `allocation`)."""
+  if settings.allocation == "uniform":
+    return {index: settings.sparsity_of(index) for index in settings.layers}
+  targets = TARGETS[settings.targets]
+  hidden, ratios = _embed(dense, jnp.asarray(calibration)), []
+  for index in range(settings.layers[-1] + 1):
+    layer = layer_weights(dense, index)
+    if index in settings.layers:
+      inputs = _linear_inputs(hidden, layer, config)
+      stats = {source: input_stats(inputs[source].reshape(-1, inputs[source].shape[-1]),
+                                   gram=False) for source in {LINEAR_INPUTS[t] for t in targets}}
+      ratios.append(allocation.outlier_ratio(
+          [wanda_score(layer[t], stats[LINEAR_INPUTS[t]]) for t in targets]))
+    if index < settings.layers[-1]:
+      hidden, _, _ = _run_layer(hidden, layer, config)
+  shapes = config.weight_shapes()
+  sparsities = allocation.quantized_sparsities(
+      allocation.owl_densities(ratios, settings.sparsity), settings.sparsity,
+      [shapes[t][-1] for t in targets])
+  return dict(zip(settings.layers, sparsities))
+
+
 def _prune_block(settings: PruneSettings, index: int, block: dict, hidden, config: LlamaConfig,
-                 devices):
-  """Prunes layer `index`'s targets from calibration `hidden` (b, t, d) entering its block.
+                 devices, sparsity: float):
+  """Prunes layer `index`'s targets at `sparsity` from calibration `hidden` (b, t, d)
+  entering its block.
 
   Each group's inputs come from one forward of the block; the statistics of each input (with
   the Gram matrix if one of its linears needs it) are computed once per group.
 
   Returns (pruned targets by name, entries kept by name, the q/k solver's losses).
   """
-  sparsity = settings.sparsity_of(index)
   new, kept, losses = {}, {}, jnp.zeros((0,))
   for group in settings.groups():
     if {LINEAR_INPUTS[target] for target in group} == {"attention"}:  # no need of the rest
@@ -203,6 +230,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   dense = model.weights()
   # Host copies written layer by layer in place (a JAX `.at[].set` would copy each stack).
   weights = {name: np.array(dense[name]) for name in targets}
+  sparsities = layer_sparsities(dense, config, settings, calibration)
   records: list[dict] = []
   if folder is not None:
     key = checkpoint_key(settings, calibration, heldout,
@@ -228,7 +256,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     if record["pruned"] and not done:
       start = time.perf_counter()
       try:
-        new, kept, losses = _prune_block(settings, index, layer, hidden, config, devices)
+        new, kept, losses = _prune_block(settings, index, layer, hidden, config, devices,
+                                         sparsities[index])
       except DivergenceError as err:
         raise DivergenceError(f"layer {index}: {err}; nothing was written for this layer, "
                               "the layers before it are in the checkpoint") from None
@@ -241,7 +270,7 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       for name in targets:
         weights[name][index] = new[name]
       record |= {"prune_time_s": time.perf_counter() - start,
-                 "sparsity": settings.sparsity_of(index),
+                 "sparsity": sparsities[index],
                  "kept": {name: int(np.sum(kept[name])) for name in targets},
                  "kept_q": float(np.mean(kept["q_proj"])),
                  "kept_k": float(np.mean(kept["k_proj"])),

@@ -156,7 +156,7 @@ def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, repor
   context = {"windows": fingerprint(*(windows[k] for k in sorted(windows))), "model": model_key,
              "numerics": numerics.PRUNING}
   cells = [("dense", None)] + [(method, sparsity) for sparsity in grid.sparsities
-                               for method in grid.methods]
+                               for method in grid.methods if grid.applies(method, sparsity)]
   # `attn` (Algorithm 1 and one cut) runs after every other row.
   cells.sort(key=lambda cell: cell[0] == "attn")
   settings = {cell: None if cell[0] == "dense" else grid.settings(*cell).for_model(model.config)

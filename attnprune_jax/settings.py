@@ -7,6 +7,7 @@ JAX, so that a command refuses a bad option at once. `runs` does the work.
 import dataclasses
 
 from attnprune_jax import methods, validation
+from attnprune_jax.allocation import ALLOCATIONS
 from attnprune_jax.errors import InputError
 from attnprune_jax.patterns import check_n_m, kept_count, parse_pattern, pattern_name
 from attnprune_jax.solver_config import MaskSolverConfig
@@ -37,6 +38,9 @@ class PruneSettings:
     rest: a "linear" method for the targets other than q/k, or None for `method` itself.
     true_sequential: prune a block's groups (`SEQUENTIAL_GROUPS`) one after the other, each
       from the inputs of the block with the groups before it pruned.
+    allocation: how `sparsity` is shared among the layers (`allocation.ALLOCATIONS`): "uniform",
+      or "owl" (OWL's outlier-weighted sparsities, resolved from the dense model's calibration
+      inputs when the run starts; unstructured only).
   """
   method: str
   sparsity: float | tuple[float, ...]
@@ -46,6 +50,7 @@ class PruneSettings:
   targets: str = "qk"
   rest: str | None = None
   true_sequential: bool = False
+  allocation: str = "uniform"
 
   def __post_init__(self):
     method = methods.get(self.method)
@@ -95,6 +100,15 @@ class PruneSettings:
                        f"{methods.names('linear')} (rest=; prune --rest; reproduce --methods "
                        "METHOD+BASELINE, e.g. attn-progressive+wanda)", argument="rest")
     validation.check_bool("true_sequential", self.true_sequential)
+    if self.allocation not in ALLOCATIONS:
+      raise InputError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}",
+                       argument="allocation")
+    if self.allocation != "uniform" and (self.n_m is not None
+                                         or isinstance(self.sparsity, tuple)):
+      raise InputError(f"allocation {self.allocation!r} shares one unstructured sparsity among "
+                       "the layers: an N:M pattern must be the same in every layer for N:M "
+                       "hardware to run it, and a sparsity per layer is an allocation already",
+                       argument="allocation")
     if self.true_sequential and self.targets == "qk":
       raise InputError("true_sequential orders a block's groups of linears; targets 'qk' are "
                        "one group (choose targets 'attention' or 'all')",
@@ -102,8 +116,10 @@ class PruneSettings:
 
   @property
   def name(self) -> str:
-    """The method, or 'method+rest' when the other targets have their own."""
-    return self.method if self.rest is None else f"{self.method}+{self.rest}"
+    """The method, 'method+rest' when the other targets have their own, prefixed by
+    'allocation:' unless uniform (e.g. 'owl:wanda')."""
+    name = self.method if self.rest is None else f"{self.method}+{self.rest}"
+    return name if self.allocation == "uniform" else f"{self.allocation}:{name}"
 
   @property
   def pattern(self) -> str:
@@ -175,7 +191,10 @@ class PruneSettings:
             "layers": None if self.layers is None else list(self.layers),
             "solver": None if self.solver is None else dataclasses.asdict(self.solver),
             "targets": self.targets, "rest": self.rest,
-            "true_sequential": self.true_sequential}
+            "true_sequential": self.true_sequential,
+            # Only when not uniform: the settings of rows stored before allocations keep
+            # their keys (they were uniform).
+            **({} if self.allocation == "uniform" else {"allocation": self.allocation})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +230,12 @@ class DataConfig:
     return self.eval_tokens // self.calib_len
 
 
-def split_method(name: str) -> tuple[str, str | None]:
-  """'attn-progressive+wanda' -> ('attn-progressive', 'wanda'); 'wanda' -> ('wanda', None)."""
+def split_method(name: str) -> tuple[str, str | None, str]:
+  """A row's name as (method, rest, allocation): 'attn-progressive+wanda' ->
+  ('attn-progressive', 'wanda', 'uniform'); 'owl:wanda' -> ('wanda', None, 'owl')."""
+  allocation, _, name = name.rpartition(":")
   method, _, rest = name.partition("+")
-  return method, rest or None
+  return method, rest or None, allocation or "uniform"
 
 
 def quick_layers(num_layers: int) -> tuple[int, ...]:
@@ -267,7 +288,11 @@ class Grid:
       parse_pattern(sparsity)
     for name in self.methods:
       try:
-        self.settings(name, self.sparsities[0])
+        sparsities = [s for s in self.sparsities if self.applies(name, s)]
+        if not sparsities:
+          raise InputError(f"an allocation applies to unstructured sparsities only, not to "
+                           f"{self.sparsities}")
+        self.settings(name, sparsities[0])
       except InputError as err:
         raise InputError(f"{name} with targets {self.targets}: {err}",
                          argument="methods") from None
@@ -277,11 +302,18 @@ class Grid:
     """The name of its results file, e.g. 'qk_pruning'."""
     return RESULTS[self.targets][0]
 
+  @staticmethod
+  def applies(name: str, sparsity: str) -> bool:
+    """Whether row `name` runs at `sparsity`: a non-uniform allocation (e.g. 'owl:wanda')
+    only at unstructured sparsities (N:M hardware needs one pattern in every layer)."""
+    return split_method(name)[2] == "uniform" or parse_pattern(sparsity)[1] is None
+
   def settings(self, name: str, sparsity: str) -> PruneSettings:
     """The `PruneSettings` of one row ('method' or 'method+rest' at '0.7' or '2:4')."""
-    method, rest = split_method(name)
+    method, rest, allocation = split_method(name)
     value, n_m = parse_pattern(sparsity)
-    return PruneSettings(method, value, n_m, self.layers, targets=self.targets, rest=rest)
+    return PruneSettings(method, value, n_m, self.layers, targets=self.targets, rest=rest,
+                         allocation=allocation)
 
 
 def reproduce_grid(targets: str = "qk", size: str = "default",

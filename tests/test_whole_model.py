@@ -34,9 +34,9 @@ def tiny():
 
 
 def _settings(name, n_m=None, layers=(0, 2), **kwargs):
-  method, rest = split_method(name)
+  method, rest, allocation = split_method(name)
   return PruneSettings(method, 0.5, n_m, layers, SMALL if method.startswith("attn") else None,
-                       targets="all", rest=rest, **kwargs)
+                       targets="all", rest=rest, allocation=allocation, **kwargs)
 
 
 # 2:4 of Wanda and SparseGPT on the other targets is in the two combinations (and on q/k in
