@@ -266,7 +266,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 def _prune_arguments(parser: argparse.ArgumentParser) -> None:
   from attnprune_jax.allocation import ALLOCATIONS
   from attnprune_jax.settings import TARGETS
-  from attnprune_jax.solver_config import OPTIMIZERS, MaskSolverConfig
+  from attnprune_jax.solver_config import BLOCK_TARGETS, OPTIMIZERS, BlockSolverConfig
   parser.add_argument("--method", required=True, choices=methods.names(),
                       help="the method for q_proj and k_proj (and for every target, without "
                            "--rest): " + "; ".join(f"{m.name}: {m.summary}"
@@ -303,10 +303,15 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
   solver = parser.add_argument_group(
       "attention-aware methods", "override the method's registered solver settings (our "
       "choice; methods.REGISTRY)")
-  for field in dataclasses.fields(MaskSolverConfig):
+  for field in dataclasses.fields(BlockSolverConfig):  # the q/k methods' settings and more
     option = "--" + field.name.replace("_", "-")
     if field.name == "optimizer":
       solver.add_argument(option, choices=OPTIMIZERS)
+    elif field.name == "target":
+      solver.add_argument(option, choices=BLOCK_TARGETS,
+                          help="attn-block methods: fit each half to the dense model's own "
+                               "stream (teacher) or to the dense half on the pruned inputs "
+                               "(local)")
     else:
       solver.add_argument(option, type=field.type)
 
@@ -328,7 +333,7 @@ def _prune_settings(args: argparse.Namespace):
   """The `PruneSettings` and `DataConfig` of the prune options."""
   from attnprune_jax.patterns import parse_pattern
   from attnprune_jax.settings import DataConfig, PruneSettings
-  from attnprune_jax.solver_config import MaskSolverConfig
+  from attnprune_jax.solver_config import BlockSolverConfig
   if (args.sparsity is None) == (args.pattern is None):
     raise InputError("give exactly one of --sparsity S (unstructured) or --pattern N:M")
   if args.pattern is not None and ":" not in args.pattern:
@@ -336,14 +341,18 @@ def _prune_settings(args: argparse.Namespace):
                      f"{args.pattern!r}")
   sparsity, n_m = (args.sparsity, None) if args.pattern is None else parse_pattern(args.pattern)
   overrides = {field.name: getattr(args, field.name)
-               for field in dataclasses.fields(MaskSolverConfig)
+               for field in dataclasses.fields(BlockSolverConfig)
                if getattr(args, field.name) is not None}
   solver = None
   if overrides:
     registered = methods.get(args.method).solver
-    if registered is None:
-      raise InputError(f"--{next(iter(overrides)).replace('_', '-')} applies only to the "
-                       f"methods with a solver, not to {args.method}")
+    fields = () if registered is None else {f.name for f in dataclasses.fields(registered)}
+    foreign = [name for name in overrides if name not in fields]
+    if foreign:
+      with_it = [m.name for m in methods.REGISTRY.values()
+                 if m.solver is not None and foreign[0] in dataclasses.asdict(m.solver)]
+      raise InputError(f"--{foreign[0].replace('_', '-')} applies only to the methods "
+                       f"{', '.join(with_it)}, not to {args.method}")
     solver = dataclasses.replace(registered, **overrides)
   settings = PruneSettings(args.method, sparsity, n_m, _layers(args.layers), solver,
                            targets=args.targets, rest=args.rest,

@@ -15,7 +15,12 @@ Two kinds, by what a method sees:
   `prune(q_proj, k_proj, x, *, sparsity, n_m, config, solver, mesh) -> layer_masks.LayerPruning`
   (`config` the model's `LlamaConfig`, `solver` a `MaskSolverConfig`, `mesh` None or a device
   mesh for the solve).
-In both, `keep` is True for kept entries and counts are exact (`patterns.kept_count` per row, or
+- "block": every target of a decoder block together (our extension beyond q/k), from the pruned
+  model's residual stream entering the block:
+  `prune(layer, hidden, *, targets, sparsity, n_m, config, solver, teacher)
+  -> block_masks.BlockPruning` (`layer` the block's dense weights by name, `hidden`
+  (windows, t, d), `teacher` the dense model's stream after each half, or None).
+In all, `keep` is True for kept entries and counts are exact (`patterns.kept_count` per row, or
 N:M along the input axis).
 
 The registry imports no JAX: an implementation is named "module:function" and imported when the
@@ -27,9 +32,9 @@ import importlib
 from collections.abc import Callable
 
 from attnprune_jax.errors import InputError
-from attnprune_jax.solver_config import MaskSolverConfig
+from attnprune_jax.solver_config import BlockSolverConfig, MaskSolverConfig
 
-KINDS = ("linear", "qk")
+KINDS = ("linear", "qk", "block")
 # Colours of methods registered without one, in order of registration (matplotlib's names).
 SPARE_COLORS = ("tab:green", "tab:brown", "tab:pink", "tab:cyan", "gold", "navy", "teal",
                 "salmon")
@@ -68,8 +73,10 @@ class Method:
       raise InputError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}")
     if self.kind == "linear" and self.solver is not None:
       raise InputError(f"{self.name}: a linear method has no solver settings")
-    if self.kind == "qk" and self.needs_gram:
+    if self.kind != "linear" and self.needs_gram:
       raise InputError(f"{self.name}: needs_gram applies to linear methods, which get statistics")
+    if self.kind == "block" and not isinstance(self.solver, BlockSolverConfig):
+      raise InputError(f"{self.name}: a block method needs BlockSolverConfig settings")
 
   @property
   def prune(self) -> Callable:
@@ -134,3 +141,11 @@ register(Method("attn-progressive", "qk", "attnprune_jax.layer_masks:prune_attn_
 register(Method("attn-reweight", "qk", "attnprune_jax.layer_masks:prune_attn_reweight",
                 solver=MaskSolverConfig(), changes_values=True, color="tab:orange",
                 summary="as attn-progressive, then the kept weights re-weighted"))
+register(Method("attn-block", "block", "attnprune_jax.block_masks:prune_attn_block",
+                solver=BlockSolverConfig(), color="darkred",
+                summary="every target's mask fitted to its block half's output (and the "
+                        "attention matrix); dense values kept"))
+register(Method("attn-block-reweight", "block",
+                "attnprune_jax.block_masks:prune_attn_block_reweight",
+                solver=BlockSolverConfig(), changes_values=True, color="darkorange",
+                summary="as attn-block, then the kept weights re-weighted"))

@@ -22,6 +22,7 @@ the state after every pruned layer is saved there, and a rerun resumes after the
 one with identical results.
 """
 
+import functools
 import time
 from typing import NamedTuple
 
@@ -35,9 +36,9 @@ from attnprune_jax.baselines.wanda import wanda_score
 from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import LayerPruning
 from attnprune_jax.methods import Method
-from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, attention_input,
-                                        check_token_ids, decoder_layer, layer_weights,
-                                        linear_inputs)
+from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, attention_block,
+                                        attention_input, check_token_ids, decoder_layer,
+                                        layer_weights, linear_inputs, mlp_block)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import fingerprint, model_fingerprint
@@ -69,6 +70,13 @@ def _embed(weights: dict, tokens):
 
 
 _run_layer = jax.jit(decoder_layer, static_argnames="config")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _teacher(hidden, layer: dict, config: LlamaConfig):
+  """The dense block's residual stream (after its attention half, after the block)."""
+  mid = attention_block(hidden, layer, config)[0]
+  return mid, mlp_block(mid, layer, config)[0]
 _attention_input = jax.jit(attention_input, static_argnames="config")
 _linear_inputs = jax.jit(linear_inputs, static_argnames="config")
 _attention_error = jax.jit(layer_attention_error,
@@ -152,15 +160,25 @@ def layer_sparsities(dense: dict, config: LlamaConfig, settings: PruneSettings,
 
 
 def _prune_block(settings: PruneSettings, index: int, block: dict, hidden, config: LlamaConfig,
-                 devices, sparsity: float):
+                 devices, sparsity: float, teacher=None):
   """Prunes layer `index`'s targets at `sparsity` from calibration `hidden` (b, t, d)
   entering its block.
 
   Each group's inputs come from one forward of the block; the statistics of each input (with
   the Gram matrix if one of its linears needs it) are computed once per group.
 
-  Returns (pruned targets by name, entries kept by name, the q/k solver's losses).
+  A "block" method prunes every target at once from `hidden` (with the dense model's stream
+  `teacher` after each half, if its solver fits to it).
+
+  Returns (pruned targets by name, entries kept by name, the solver's losses).
   """
+  method = settings.method_of(QK[0])
+  if method.kind == "block":
+    result = method.prune(block, hidden, targets=TARGETS[settings.targets], sparsity=sparsity,
+                          n_m=settings.n_m, config=config, solver=settings.solver,
+                          teacher=teacher)
+    return ({name: w.astype(block[name].dtype) for name, w in result.weights.items()},
+            result.keep, result.loss)
   new, kept, losses = {}, {}, jnp.zeros((0,))
   for group in settings.groups():
     if {LINEAR_INPUTS[target] for target in group} == {"attention"}:  # no need of the rest
@@ -244,6 +262,9 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
       reporter.info(f"resuming after layer {len(records) - 1} from {folder.state}")
   calibration, heldout = jnp.asarray(calibration), jnp.asarray(heldout)
   hidden = _embed(dense, calibration)
+  # The dense model's calibration stream, for the methods that fit blocks to it.
+  fits_teacher = getattr(settings.solver, "target", None) == "teacher"
+  teacher_hidden = hidden if fits_teacher else None
   heldout_hidden = _embed(dense, heldout)
   dense_hidden = heldout_hidden
   block = default_block(heldout.shape[1])
@@ -256,8 +277,9 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     if record["pruned"] and not done:
       start = time.perf_counter()
       try:
+        teacher = None if teacher_hidden is None else _teacher(teacher_hidden, layer, config)
         new, kept, losses = _prune_block(settings, index, layer, hidden, config, devices,
-                                         sparsities[index])
+                                         sparsities[index], teacher)
       except DivergenceError as err:
         raise DivergenceError(f"layer {index}: {err}; nothing was written for this layer, "
                               "the layers before it are in the checkpoint") from None
@@ -278,7 +300,11 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
                  "loss_last": float(losses[-1]) if losses.size else None}
     pruned_layer = layer | {name: jnp.asarray(weights[name][index]) for name in targets}
     if index + 1 < last:  # the next layer's calibration inputs
-      hidden, _, _ = _run_layer(hidden, pruned_layer, config)
+      new_hidden, _, _ = _run_layer(hidden, pruned_layer, config)
+      if teacher_hidden is not None:  # equal to the pruned stream before the first pruned layer
+        teacher_hidden = (new_hidden if index < settings.layers[0]
+                          else _run_layer(teacher_hidden, layer, config)[0])
+      hidden = new_hidden
     new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config)
     if index < settings.layers[0]:  # nothing pruned yet: the pruned model's pass is the dense one
       dense_hidden, dense_probs = new_heldout, heldout_probs

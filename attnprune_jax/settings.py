@@ -60,8 +60,8 @@ class PruneSettings:
       raise InputError(f"solver settings apply to the methods with a solver "
                        f"{tuple(n for n, m in methods.REGISTRY.items() if m.solver)}, not to "
                        f"{self.method!r}", argument="solver")
-    elif not isinstance(self.solver, MaskSolverConfig):
-      raise InputError(f"solver must be a MaskSolverConfig, got {self.solver!r}",
+    elif not isinstance(self.solver, type(method.solver)):
+      raise InputError(f"solver must be a {type(method.solver).__name__}, got {self.solver!r}",
                        argument="solver")
     if isinstance(self.sparsity, (tuple, list)):
       if self.n_m is not None:
@@ -91,10 +91,13 @@ class PruneSettings:
                        argument="targets")
     if self.rest is not None:
       methods.get(self.rest, "linear", argument="rest")
+      if method.kind == "block":
+        raise InputError(f"{self.method} prunes every target of a block itself; rest applies "
+                         "to the q/k methods", argument="rest")
       if self.targets == "qk":
         raise InputError(f"rest={self.rest!r} prunes the targets beyond q/k; with targets 'qk' "
                          "there are none (choose targets 'attention' or 'all')", argument="rest")
-    if self.targets != "qk" and self.rest is None and method.kind != "linear":
+    if self.targets != "qk" and self.rest is None and method.kind == "qk":
       raise InputError(f"{self.method} prunes only q_proj and k_proj: targets {self.targets!r} "
                        f"need a linear method for the other linears, one of "
                        f"{methods.names('linear')} (rest=; prune --rest; reproduce --methods "
@@ -109,6 +112,9 @@ class PruneSettings:
                        "the layers: an N:M pattern must be the same in every layer for N:M "
                        "hardware to run it, and a sparsity per layer is an allocation already",
                        argument="allocation")
+    if self.true_sequential and method.kind == "block":
+      raise InputError(f"{self.method} prunes a block's attention half, then its MLP on the "
+                       "pruned half's output: it is sequential already", argument="true_sequential")
     if self.true_sequential and self.targets == "qk":
       raise InputError("true_sequential orders a block's groups of linears; targets 'qk' are "
                        "one group (choose targets 'attention' or 'all')",

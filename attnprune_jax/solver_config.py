@@ -44,3 +44,33 @@ class MaskSolverConfig:
     for name in ("steps", "rounds", "steps_per_round", "reweight_steps"):
       validation.check_positive_int(name, getattr(self, name), maximum=validation.MAX_STEPS)
     validation.check_positive_int("windows_per_step", self.windows_per_step)
+
+
+BLOCK_TARGETS = ("teacher", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSolverConfig(MaskSolverConfig):
+  """Settings of the whole-block attention-aware methods (`block_masks`; all our choice).
+
+  The inherited fields mean what they mean for the q/k methods, on every target's mask.
+
+  Attributes:
+    attention_weight: weight of the paper's attention-matrix term beside the attention half's
+      output error (both relative: squared error over the reference's squared norm).
+    target: what each half of a pruned block is fitted to: "teacher", the dense model's own
+      residual stream after that half (so errors from earlier blocks are corrected, not
+      carried), or "local", the dense half's output on the pruned model's inputs (the
+      protocol of Wanda, SparseGPT and the q/k methods).
+  """
+  lr: float = 3e-3
+  lam: float = 0.0
+  attention_weight: float = 1.0
+  target: str = "teacher"
+
+  def __post_init__(self):
+    super().__post_init__()
+    validation.check_scalar("attention_weight", self.attention_weight, minimum=0.0)
+    if self.target not in BLOCK_TARGETS:
+      raise InputError(f"target must be one of {BLOCK_TARGETS}, got {self.target!r}",
+                       argument="target")

@@ -112,6 +112,41 @@ def _rope(x, base):
   return out
 
 
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def attention_half(x: np.ndarray, w: dict, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One sequence's attention from its post-RMSNorm input x (t, d), head by head with explicit
+  GQA indexing (head j reads KV head j // (heads / kv_heads)): (output (t, d), attention
+  (heads, t, t), mixed heads (t, heads·hd)); `w` one layer's weights by name."""
+  hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
+  t = x.shape[0]
+  q_all, k_all, v_all = (x @ w[name].T for name in ("q_proj", "k_proj", "v_proj"))
+  outs, probs = [], []
+  for j in range(heads):
+    g = j // (heads // kv)
+    q = _rope(q_all[:, j * hd:(j + 1) * hd], config.rope_base)
+    k = _rope(k_all[:, g * hd:(g + 1) * hd], config.rope_base)
+    v = v_all[:, g * hd:(g + 1) * hd]
+    scores = q @ k.T / np.sqrt(hd)
+    a = np.zeros((t, t))
+    for i in range(t):
+      row = scores[i, :i + 1]
+      e = np.exp(row - row.max())
+      a[i, :i + 1] = e / e.sum()
+    probs.append(a)
+    outs.append(a @ v)
+  mixed = np.concatenate(outs, axis=-1)
+  return mixed @ w["o_proj"].T, np.stack(probs), mixed
+
+
+def mlp_half(m: np.ndarray, w: dict) -> tuple[np.ndarray, np.ndarray]:
+  """SwiGLU of the post-RMSNorm input m (t, d): (output (t, d), gated (t, f))."""
+  gate = m @ w["gate_proj"].T
+  gated = (gate / (1 + np.exp(-gate))) * (m @ w["up_proj"].T)
+  return gated @ w["down_proj"].T, gated
+
+
 def llama_forward(weights: dict, tokens: np.ndarray, config, *,
                   linear_inputs: list | None = None) -> tuple[np.ndarray, list, list]:
   """Logits (t, vocab) of one sequence, with each layer's attention input and attention
@@ -120,37 +155,18 @@ def llama_forward(weights: dict, tokens: np.ndarray, config, *,
   each linear by weight name."""
   assert getattr(config, "rope_scaling", None) is None, "this reference has no RoPE scaling"
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
-  hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
   h = w["embed_tokens"][np.asarray(tokens)]
-  t = h.shape[0]
   inputs, attentions = [], []
   for layer in range(config.num_layers):
     x = _rms_norm(h, w["input_layernorm"][layer], config.rms_eps)
     inputs.append(x)
-    q_all = x @ w["q_proj"][layer].T
-    k_all = x @ w["k_proj"][layer].T
-    v_all = x @ w["v_proj"][layer].T
-    outs, probs = [], []
-    for j in range(heads):
-      g = j // (heads // kv)
-      q = _rope(q_all[:, j * hd:(j + 1) * hd], config.rope_base)
-      k = _rope(k_all[:, g * hd:(g + 1) * hd], config.rope_base)
-      v = v_all[:, g * hd:(g + 1) * hd]
-      scores = q @ k.T / np.sqrt(hd)
-      a = np.zeros((t, t))
-      for i in range(t):
-        row = scores[i, :i + 1]
-        e = np.exp(row - row.max())
-        a[i, :i + 1] = e / e.sum()
-      probs.append(a)
-      outs.append(a @ v)
-    attentions.append(np.stack(probs))
-    heads_out = np.concatenate(outs, axis=-1)
-    h = h + heads_out @ w["o_proj"][layer].T
+    this = {name: value[layer] for name, value in w.items() if name in BLOCK_LINEARS}
+    output, probs, heads_out = attention_half(x, this, config)
+    attentions.append(probs)
+    h = h + output
     m = _rms_norm(h, w["post_attention_layernorm"][layer], config.rms_eps)
-    gate = m @ w["gate_proj"][layer].T
-    gated = (gate / (1 + np.exp(-gate))) * (m @ w["up_proj"][layer].T)
-    h = h + gated @ w["down_proj"][layer].T
+    output, gated = mlp_half(m, this)
+    h = h + output
     if linear_inputs is not None:
       linear_inputs.append({"q_proj": x, "k_proj": x, "v_proj": x, "o_proj": heads_out,
                             "gate_proj": m, "up_proj": m, "down_proj": gated})

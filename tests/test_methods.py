@@ -24,9 +24,10 @@ def registry(monkeypatch):
 def test_every_method_is_registered_once_with_what_it_needs():
   assert methods.names("linear") == ("magnitude", "wanda", "sparsegpt")
   assert methods.names("qk") == ("attn", "attn-progressive", "attn-reweight")
+  assert methods.names("block") == ("attn-block", "attn-block-reweight")
   assert {m.name for m in methods.REGISTRY.values() if m.changes_values} == {
-      "sparsegpt", "attn-reweight"}
-  assert all((m.solver is not None) == (m.kind == "qk") for m in methods.REGISTRY.values())
+      "sparsegpt", "attn-reweight", "attn-block-reweight"}
+  assert all((m.solver is not None) == (m.kind != "linear") for m in methods.REGISTRY.values())
   assert methods.get("attn").solver.lam == 1e-2 and methods.get("attn-progressive").solver.lam == 3e-3
   for method in methods.REGISTRY.values():
     assert callable(method.prune)  # every implementation imports
@@ -43,7 +44,9 @@ def test_registration_is_checked(registry):
   with pytest.raises(InputError, match="letters, digits and '-'"):
     methods.Method("a+b", "linear", "example_method:prune")
   with pytest.raises(InputError, match="kind must be one of"):
-    methods.Method("x", "block", "example_method:prune")
+    methods.Method("x", "layer", "example_method:prune")
+  with pytest.raises(InputError, match="a block method needs BlockSolverConfig settings"):
+    methods.Method("x", "block", "example_method:prune", solver=methods.get("attn").solver)
   with pytest.raises(InputError, match="a linear method has no solver settings"):
     methods.Method("x", "linear", "example_method:prune", solver=methods.get("attn").solver)
   with pytest.raises(InputError, match=r"rest must be one of \('magnitude', 'wanda', 'sparsegpt'\)"):

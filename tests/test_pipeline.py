@@ -20,7 +20,7 @@ from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import model_fingerprint
 from attnprune_jax.run_folder import RunFolder
 from attnprune_jax.settings import Grid, PruneSettings
-from attnprune_jax.solver_config import MaskSolverConfig
+from attnprune_jax.solver_config import BlockSolverConfig, MaskSolverConfig
 from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA, interrupt_on_call
 from experiments import qk_report
 
@@ -78,10 +78,16 @@ def test_each_layer_sees_the_pruned_output_of_the_layers_before(tiny):
   np.testing.assert_array_equal(np.asarray(result.weights["q_proj"][1]) != 0, expected)
 
 
-def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prune", [
+    PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL, targets="all", rest="sparsegpt"),
+    # The dense teacher stream and the OWL sparsities are rebuilt on resuming.
+    PruneSettings("attn-block-reweight", 0.5, None, (0, 1, 2),
+                  BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2,
+                                    windows_per_step=1), targets="all", allocation="owl")],
+    ids=["attn-reweight+sparsegpt", "owl:attn-block-reweight"])
+def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, monkeypatch,
+                                                               prune):
   model, calibration, heldout = tiny
-  prune = PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL, targets="all",
-                        rest="sparsegpt")
   whole = prune_model(model, prune, calibration, heldout)
   interrupt_on_call(monkeypatch, pipeline, "_prune_block", 2)
   with pytest.raises(KeyboardInterrupt):

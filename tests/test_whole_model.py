@@ -16,13 +16,15 @@ from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import model_fingerprint
 from attnprune_jax.run_folder import RunFolder
 from attnprune_jax.settings import SEQUENTIAL_GROUPS, TARGETS, Grid, PruneSettings, split_method
-from attnprune_jax.solver_config import MaskSolverConfig
+from attnprune_jax.solver_config import BlockSolverConfig, MaskSolverConfig
 from conftest import SMALL_DATA, SMALL_WINDOWS, TINY_LLAMA
 from experiments import qk_report, qk_share
 from reference_numpy import binarize_rows, llama_forward
 
 SMALL = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
                          windows_per_step=1)
+SMALL_BLOCK = BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2,
+                                windows_per_step=1)
 ALL = TARGETS["all"]
 
 
@@ -35,16 +37,19 @@ def tiny():
 
 def _settings(name, n_m=None, layers=(0, 2), **kwargs):
   method, rest, allocation = split_method(name)
-  return PruneSettings(method, 0.5, n_m, layers, SMALL if method.startswith("attn") else None,
-                       targets="all", rest=rest, allocation=allocation, **kwargs)
+  solver = (SMALL_BLOCK if method.startswith("attn-block") else
+            SMALL if method.startswith("attn") else None)
+  return PruneSettings(method, 0.5, n_m, layers, solver, targets="all", rest=rest,
+                       allocation=allocation, **kwargs)
 
 
 # 2:4 of Wanda and SparseGPT on the other targets is in the two combinations (and on q/k in
 # test_pipeline).
 @pytest.mark.parametrize("name,n_m", [
     (name, None) for name in ("magnitude", "wanda", "sparsegpt", "attn-progressive+wanda",
-                              "attn-reweight+sparsegpt")] + [
-    (name, (2, 4)) for name in ("magnitude", "attn-progressive+wanda", "attn-reweight+sparsegpt")])
+                              "attn-reweight+sparsegpt", "attn-block", "attn-block-reweight")] + [
+    (name, (2, 4)) for name in ("magnitude", "attn-progressive+wanda", "attn-reweight+sparsegpt",
+                                "attn-block-reweight")])
 def test_every_target_at_the_exact_count_and_nothing_else_changed(tiny, name, n_m):
   model, calibration, heldout = tiny
   before = {k: np.array(v) for k, v in model.weights().items()}

@@ -109,6 +109,23 @@ def attention_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaCon
   return rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
 
 
+def attention_output(attn_input: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """What the attention adds to the residual stream, from its post-RMSNorm input.
+
+  Returns:
+    (output (b, t, d), attention (b, heads, t, t), mixed heads (b, t, heads·hd): o_proj's
+    input).
+  """
+  b, t, _ = attn_input.shape
+  kv, hd = config.num_kv_heads, config.head_dim
+  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
+                          rope=config.rope)
+  v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
+  grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
+  mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
+  return mixed @ layer["o_proj"].T, probs, mixed
+
+
 def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
   """The attention half of a block (residual added).
 
@@ -116,15 +133,21 @@ def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaCon
     (hidden after it (b, t, d), attention input (b, t, d): q/k/v_proj's input, attention
     (b, heads, t, t), mixed heads (b, t, heads·hd): o_proj's input).
   """
-  b, t, _ = hidden.shape
-  kv, hd = config.num_kv_heads, config.head_dim
   attn_input = attention_input(hidden, layer, config)
-  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
-                          rope=config.rope)
-  v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
-  grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
-  mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
-  return hidden + mixed @ layer["o_proj"].T, attn_input, probs, mixed
+  output, probs, mixed = attention_output(attn_input, layer, config)
+  return hidden + output, attn_input, probs, mixed
+
+
+def mlp_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """The post-RMSNorm input of a layer's MLP (what gate_proj and up_proj act on)."""
+  return rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
+
+
+def mlp_output(mlp_in: Float[Array, "b t d"], layer: dict):
+  """What the SwiGLU MLP adds to the residual stream: (output (b, t, d), gated (b, t, f):
+  down_proj's input)."""
+  gated = jax.nn.silu(mlp_in @ layer["gate_proj"].T) * (mlp_in @ layer["up_proj"].T)
+  return gated @ layer["down_proj"].T, gated
 
 
 def mlp_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
@@ -134,9 +157,9 @@ def mlp_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
     (hidden after it (b, t, d), MLP input (b, t, d): gate/up_proj's input, gated (b, t, f):
     down_proj's input).
   """
-  mlp_input = rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
-  gated = jax.nn.silu(mlp_input @ layer["gate_proj"].T) * (mlp_input @ layer["up_proj"].T)
-  return hidden + gated @ layer["down_proj"].T, mlp_input, gated
+  mlp_in = mlp_input(hidden, layer, config)
+  output, gated = mlp_output(mlp_in, layer)
+  return hidden + output, mlp_in, gated
 
 
 def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
