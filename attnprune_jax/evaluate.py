@@ -72,3 +72,38 @@ def perplexity(model: Llama, windows, *, batch_size: int = 4, weights: dict | No
                      "(the model gives the text ~0 probability; are the weights garbage?)")
   return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": scored,
           "windows": int(len(windows)), "ctx": int(windows.shape[1])}
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _divergence_and_agreement(dense: dict, pruned: dict, tokens, config: LlamaConfig):
+  """Per scored position (b, t − 1): KL(p_dense ‖ p_pruned) of the next token, and whether the
+  two models' most likely next tokens agree."""
+  log_p = jax.nn.log_softmax(forward(dense, tokens, config)[0][:, :-1].astype(jnp.float32))
+  log_q = jax.nn.log_softmax(forward(pruned, tokens, config)[0][:, :-1].astype(jnp.float32))
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return kl, jnp.argmax(log_p, axis=-1) == jnp.argmax(log_q, axis=-1)
+
+
+def agreement_with_dense(model: Llama, windows, weights: dict, *, batch_size: int = 4,
+                         reporter: Reporter = Reporter(quiet=True)) -> dict:
+  """How closely the model with `weights` replaced follows the dense `model` on the scored
+  tokens of `windows` (count, ctx), as llama.cpp's KL-divergence tool measures a quantized
+  model against its base.
+
+  Returns:
+    {"kl_divergence": mean over scored tokens of KL(p_dense ‖ p_pruned) of the next token, in
+     nats; "top1_agreement": the share of them where both models' most likely token agree}.
+  """
+  windows = np.asarray(windows)
+  check_token_ids("windows", windows, model.config.vocab_size)
+  batch_size = validation.check_positive_int("batch_size", batch_size)
+  dense, pruned = model.weights(), model.weights(weights)
+  kl_sum, agree, scored = 0.0, 0, 0
+  starts = range(0, len(windows), batch_size)
+  for start in reporter.progress(starts, total=len(starts), desc="KL from dense"):
+    batch = jnp.asarray(windows[start:start + batch_size], jnp.int32)
+    kl, same = _divergence_and_agreement(dense, pruned, batch, model.config)
+    kl_sum += float(np.sum(np.asarray(kl, np.float64)))
+    agree += int(np.sum(same))
+    scored += kl.size
+  return {"kl_divergence": kl_sum / scored, "top1_agreement": agree / scored}

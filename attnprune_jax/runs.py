@@ -64,6 +64,7 @@ def dense_row(model: Llama, windows: dict, config: DataConfig, reporter: Reporte
                             reporter=reporter)
   return {"method": "dense", "sparsity": 0.0, "pattern": "dense",
           "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
+          "kl_divergence": 0.0, "top1_agreement": 1.0,
           "attention_error_mean": 0.0, "prune_time_s": 0.0}
 
 
@@ -80,12 +81,14 @@ def prune_row(model: Llama, settings: PruneSettings, windows: dict, config: Data
   pipeline_s = time.perf_counter() - start
   ppl = evaluate.perplexity(model, windows["evaluation"], batch_size=config.batch,
                             weights=pruned.weights, reporter=reporter)
+  agreement = evaluate.agreement_with_dense(model, windows["evaluation"], pruned.weights,
+                                            batch_size=config.batch, reporter=reporter)
   layers = [record for record in pruned.layers if record["pruned"]]
   settings = settings.for_model(model.config)
   row = {
       "method": settings.name, "sparsity": settings.mean_sparsity,
       "pattern": settings.pattern, "targets": settings.targets,
-      "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
+      "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"], **agreement,
       "attention_error_mean": float(np.mean([r["attention_error"] for r in layers])),
       "attention_error_per_layer": {str(r["layer"]): r["attention_error"] for r in layers},
       "attention_error_end_to_end_per_layer": {

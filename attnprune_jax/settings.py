@@ -257,9 +257,12 @@ QK_SPARSITIES = ("0.7", "2:4", "0.8", "0.5")
 QK_METHODS = ("magnitude", "wanda", "sparsegpt", "attn-progressive", "attn-reweight", "attn")
 # Beyond the paper: every linear of every block pruned (issue 12), the usual pruner everywhere
 # against the attention-aware q/k within it, at the same sparsity of every target.
-WHOLE_MODEL_SPARSITIES = ("0.5", "2:4", "0.6")
-WHOLE_MODEL_METHODS = ("magnitude", "wanda", "attn-progressive+wanda", "sparsegpt",
-                       "attn-reweight+sparsegpt")
+WHOLE_MODEL_SPARSITIES = ("0.6", "2:4", "0.7", "0.5")
+# Mask-only methods, then those that change values; OWL rows (owl:NAME) at unstructured
+# sparsities only.
+WHOLE_MODEL_METHODS = ("magnitude", "wanda", "owl:wanda", "attn-progressive+wanda", "attn-block",
+                       "owl:attn-block", "sparsegpt", "owl:sparsegpt", "attn-reweight+sparsegpt",
+                       "attn-block-reweight", "owl:attn-block-reweight")
 # The results file of each kind of grid (results/NAME.json) and its `kind` field.
 RESULTS = {"qk": ("qk_pruning", "qk-pruning"), "attention": ("attention_linears",
                                                             "attention-linears"),
@@ -327,8 +330,9 @@ def reproduce_grid(targets: str = "qk", size: str = "default",
   """The grid `reproduce` runs for `targets` at `size`:
   - qk: every method at 0.7, 2:4, 0.8, 0.5 (full: also 0.3, 0.6, 0.9; quick, for `make demo`:
     four methods at 0.7 on three layers, windows of 256 tokens, 2k evaluation tokens);
-  - attention / all: each baseline everywhere against the attention-aware q/k within it, at 0.5,
-    2:4 and 0.6 (full: also 0.7; quick: 0.5 on three layers).
+  - attention / all: the baselines (uniform and OWL) and the attention-aware methods (q/k inside a
+    baseline, and the whole-block ones) at 0.6, 2:4, 0.7 and 0.5 (full: also 0.8; quick: 0.5 on
+    three layers).
   `methods` replaces the grid's methods."""
   if targets not in TARGETS:
     raise InputError(f"targets must be one of {tuple(TARGETS)}, got {targets!r}",
@@ -343,7 +347,7 @@ def reproduce_grid(targets: str = "qk", size: str = "default",
                           methods=("wanda", "sparsegpt", "attn-progressive", "attn-reweight"))
             }[size]
   else:
-    sparsities = {"default": WHOLE_MODEL_SPARSITIES, "full": WHOLE_MODEL_SPARSITIES + ("0.7",),
+    sparsities = {"default": WHOLE_MODEL_SPARSITIES, "full": WHOLE_MODEL_SPARSITIES + ("0.8",),
                   "quick": ("0.5",)}[size]
     grid = Grid(sparsities=sparsities, methods=WHOLE_MODEL_METHODS, targets=targets,
                 quick=size == "quick", data=quick_data if size == "quick" else DataConfig())

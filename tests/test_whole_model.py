@@ -238,10 +238,16 @@ def test_whole_model_tables_and_figure(tmp_path):
       "attention_error_per_layer": {"0": 1.0, "1": 2.0}}
   rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, "perplexity": 10.0}] + [
       row("wanda", 14.0), row("attn-progressive+wanda", 12.0), row("wanda", 20.0, "2:4"),
-      row("sparsegpt", 13.0)]  # three methods in two columns
+      row("sparsegpt", 13.0), row("owl:wanda", 13.0),
+      row("attn-block", 11.0) | {"kl_divergence": 0.25, "top1_agreement": 0.8}]
   rows[2]["attention_error_per_layer"] = {"0": 0.5, "1": 3.0}
   tables = qk_report.markdown_tables(rows, "all")
   assert "| Δppl `attn-progressive+wanda` / Wanda | 0.50 | – |" in tables
+  assert "| Δppl `attn-block` / min(Wanda, OWL+Wanda) | 0.33 | – |" in tables  # 1 / (13 − 10)
+  assert "| Δppl `attn-block-reweight` / min(SparseGPT, OWL+SparseGPT) | – | – |" in tables
+  assert "| `attn-block` | 0.250 | not run |" in tables
+  assert "| `wanda` | not stored | not stored |" in tables
+  assert "| `attn-block` | 80.0 % | not run |" in tables
   assert "than `wanda` | 1/2 | – |" in tables
   path = qk_report.plot_whole_model(rows, tmp_path / "whole_model.png")
   assert path.stat().st_size > 10_000
