@@ -388,17 +388,18 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
   from attnprune_jax.settings import TARGETS
   size = parser.add_mutually_exclusive_group()
   size.add_argument("--full", action="store_true",
-                    help="also sparsities 0.3, 0.6 and 0.9 (--targets beyond qk: also 0.7)")
+                    help="also sparsities 0.3, 0.6 and 0.9 (--targets beyond qk: also 0.8)")
   size.add_argument("--quick", action="store_true",
                     help="three layers (5, 15, 25 of 30: 1/6, 1/2, 5/6 of the depth), 2k "
                          "evaluation tokens; qk: four methods at 0.7, a minute or two (make "
-                         "demo); beyond qk: the five rows at 0.5")
+                         "demo); beyond qk: every row at 0.5")
   parser.add_argument("--targets", choices=tuple(TARGETS), default="qk",
                       help="qk (default): the paper's comparison, q_proj/k_proj pruned; "
                            "attention / all: every attention linear / every linear of every "
-                           "block pruned, each baseline everywhere against attention-aware q/k "
-                           "+ that baseline on the rest, at 0.5, 2:4 and 0.6 (rows in "
-                           "results/attention_linears.json / results/whole_model.json)")
+                           "block pruned: the baselines (uniform and OWL), attention-aware q/k "
+                           "+ a baseline on the rest, and the whole-block methods, at 0.6, 2:4, "
+                           "0.7 and 0.5 (rows in results/attention_linears.json / "
+                           "results/whole_model.json)")
   parser.add_argument("--model", default="smollm2",
                       help=MODEL_HELP + "; for a model other than smollm2, --results, --work "
                       "and --figures default to out/models/NAME/ (NAME: the folder or file name)")
@@ -412,6 +413,8 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                            "METHOD and the rest with BASELINE (e.g. attn-progressive+wanda); "
                            "owl:NAME shares the sparsity among layers by OWL (e.g. owl:wanda; "
                            "unstructured sparsities only)")
+  parser.add_argument("--sparsities", nargs="+", metavar="S",
+                      help="a subset of the sparsities, run in this order (e.g. 0.6 2:4)")
   parser.add_argument("--figures", metavar="DIR",
                       help="where the figures go (default figures/real; none with --quick)")
   parser.add_argument("--report-only", action="store_true",
@@ -422,7 +425,7 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
   from attnprune_jax.settings import reproduce_grid
   size = "quick" if args.quick else "full" if args.full else "default"
-  grid = reproduce_grid(args.targets, size, args.methods)
+  grid = reproduce_grid(args.targets, size, args.methods, args.sparsities)
   work_name = "" if args.targets == "qk" else f"/{grid.stem}"
   if args.model == "smollm2":
     defaults = (f"out/quick/{grid.stem}.json", f"out/quick{work_name}", None) if args.quick else (

@@ -326,14 +326,15 @@ class Grid:
 
 
 def reproduce_grid(targets: str = "qk", size: str = "default",
-                   methods: tuple[str, ...] | None = None) -> Grid:
+                   methods: tuple[str, ...] | None = None,
+                   sparsities: tuple[str, ...] | None = None) -> Grid:
   """The grid `reproduce` runs for `targets` at `size`:
   - qk: every method at 0.7, 2:4, 0.8, 0.5 (full: also 0.3, 0.6, 0.9; quick, for `make demo`:
     four methods at 0.7 on three layers, windows of 256 tokens, 2k evaluation tokens);
   - attention / all: the baselines (uniform and OWL) and the attention-aware methods (q/k inside a
     baseline, and the whole-block ones) at 0.6, 2:4, 0.7 and 0.5 (full: also 0.8; quick: 0.5 on
     three layers).
-  `methods` replaces the grid's methods."""
+  `methods` and `sparsities` replace the grid's."""
   if targets not in TARGETS:
     raise InputError(f"targets must be one of {tuple(TARGETS)}, got {targets!r}",
                      argument="targets")
@@ -351,4 +352,8 @@ def reproduce_grid(targets: str = "qk", size: str = "default",
                   "quick": ("0.5",)}[size]
     grid = Grid(sparsities=sparsities, methods=WHOLE_MODEL_METHODS, targets=targets,
                 quick=size == "quick", data=quick_data if size == "quick" else DataConfig())
-  return grid if methods is None else dataclasses.replace(grid, methods=tuple(methods))
+  if methods is not None:
+    grid = dataclasses.replace(grid, methods=tuple(methods))
+  if sparsities is not None:
+    grid = dataclasses.replace(grid, sparsities=tuple(sparsities))
+  return grid

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check of issue 9: on a machine with a GPU, the benchmarks and a whole-model
-# attn-progressive prune of SmolLM2's q/k, in under 8 minutes, numbers written to one file.
+# attn-progressive prune of SmolLM2's q/k, and (issue 22) a whole-model attn-block-reweight prune
+# of every linear, in under 13 minutes, numbers written to one file.
 #
 #   benchmarks/gpu_check.sh [RESULT_FILE]      (default: $OUT/gpu_check.txt, else out/gpu_check.txt)
 #
 # Needs a Python with this project's requirements and a CUDA build of jaxlib (PYTHON, default
 # .venv/bin/python if it exists, else python3); the repository root goes on PYTHONPATH, so no
 # install is needed. The code itself is the same as on the CPU: JAX places it on the GPU.
-# Every step has its own time limit so that the whole stays under 8 minutes; a step that fails
+# Every step has its own time limit so that the whole stays under 13 minutes; a step that fails
 # or runs out of time is recorded in the file and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,4 +40,7 @@ step 60 "model throughput" "$PYTHON" benchmarks/model_throughput.py --batch 8
 step 60 "baselines" "$PYTHON" benchmarks/baselines_speed.py
 step 150 "whole-model prune time: magnitude vs attn-progressive, 30 layers" \
   "$PYTHON" benchmarks/prune_time.py --methods magnitude attn-progressive
+step 300 "whole-model prune time: sparsegpt vs attn-block-reweight, every linear at 0.6" \
+  "$PYTHON" benchmarks/prune_time.py --targets all --sparsity 0.6 \
+  --methods sparsegpt attn-block-reweight
 echo "gpu_check done in $(($(date +%s) - start)) s; numbers in $RESULT" | tee -a "$RESULT"

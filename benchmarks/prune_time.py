@@ -1,4 +1,4 @@
-"""Whole-model q/k pruning time per method on SmolLM2-135M, measured in one run.
+"""Whole-model pruning time per method on SmolLM2-135M (q/k, or every linear), measured in one run.
 
 Runs `pipeline.prune_model` (layer-sequential, with re-propagation and the held-out attention
 errors, no perplexity) for each method at 50 % unstructured on the default calibration data of
@@ -8,6 +8,7 @@ almost all re-propagation, so the ratio says what a method adds on top of it). T
 also pays the compilation of the shared layer functions.
 
   python benchmarks/prune_time.py [--layers 0-29] [--methods magnitude wanda ...] [--devices 1]
+                                  [--targets qk|attention|all] [--rest wanda]
 """
 
 import argparse
@@ -18,7 +19,7 @@ import jax
 from attnprune_jax import methods, models
 from attnprune_jax.pipeline import prune_model
 from attnprune_jax.runs import token_windows as windows
-from attnprune_jax.settings import DataConfig, PruneSettings
+from attnprune_jax.settings import TARGETS, DataConfig, PruneSettings
 
 
 def main() -> None:
@@ -27,6 +28,9 @@ def main() -> None:
   parser.add_argument("--methods", nargs="+", default=list(methods.names()),
                       choices=methods.names())
   parser.add_argument("--sparsity", type=float, default=0.5)
+  parser.add_argument("--targets", choices=tuple(TARGETS), default="qk")
+  parser.add_argument("--rest", choices=methods.names("linear"),
+                      help="beyond qk: the linear method for the other targets of a q/k method")
   parser.add_argument("--devices", type=int, default=1,
                       help="devices sharing each layer's attention-aware solve")
   args = parser.parse_args()
@@ -38,12 +42,14 @@ def main() -> None:
   layers = tuple(range(first, last + 1))
   token_windows = windows(model, DataConfig())
   devices = None if args.devices == 1 else jax.devices()[:args.devices]
-  print(f"SmolLM2-135M, q/k of layers {first}-{last} ({len(layers)} of {num_layers}), "
+  print(f"SmolLM2-135M, {args.targets} of layers {first}-{last} ({len(layers)} of {num_layers}), "
         f"sparsity {args.sparsity}, devices {devices or jax.devices()[:1]}")
   times = {}
   for method in args.methods:
     start = time.perf_counter()
-    pruned = prune_model(model, PruneSettings(method, args.sparsity, None, layers),
+    rest = args.rest if methods.get(method).kind == "qk" and args.targets != "qk" else None
+    pruned = prune_model(model, PruneSettings(method, args.sparsity, None, layers,
+                                              targets=args.targets, rest=rest),
                          token_windows["calibration"], token_windows["heldout"],
                          devices=devices)
     jax.block_until_ready(pruned.weights)
