@@ -80,15 +80,14 @@ def prune_row(model: Llama, settings: PruneSettings, windows: dict, config: Data
                                 devices=devices)
   pipeline_s = time.perf_counter() - start
   ppl = evaluate.perplexity(model, windows["evaluation"], batch_size=config.batch,
-                            weights=pruned.weights, reporter=reporter)
-  agreement = evaluate.agreement_with_dense(model, windows["evaluation"], pruned.weights,
-                                            batch_size=config.batch, reporter=reporter)
+                            weights=pruned.weights, against_dense=True, reporter=reporter)
   layers = [record for record in pruned.layers if record["pruned"]]
   settings = settings.for_model(model.config)
   row = {
       "method": settings.name, "sparsity": settings.mean_sparsity,
       "pattern": settings.pattern, "targets": settings.targets,
-      "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"], **agreement,
+      "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"],
+      "kl_divergence": ppl["kl_divergence"], "top1_agreement": ppl["top1_agreement"],
       "attention_error_mean": float(np.mean([r["attention_error"] for r in layers])),
       "attention_error_per_layer": {str(r["layer"]): r["attention_error"] for r in layers},
       "attention_error_end_to_end_per_layer": {

@@ -22,7 +22,9 @@ def test_kl_divergence_and_top1_agreement_match_numpy():
   windows = rng.integers(0, 64, (3, 9))
   dense = model.weights()
   changed = {"down_proj": np.asarray(dense["down_proj"]) * (rng.random((3, 16, 24)) > 0.6)}
-  got = evaluate.agreement_with_dense(model, windows, changed, batch_size=2)
+  got = evaluate.perplexity(model, windows, weights=changed, batch_size=2, against_dense=True)
+  plain = evaluate.perplexity(model, windows, weights=changed, batch_size=2)
+  assert got["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)
   kl, agree = [], []
   for window in windows:
     log_p = _log_softmax(llama_forward(dense, window, TINY_LLAMA)[0][:-1])
@@ -32,7 +34,7 @@ def test_kl_divergence_and_top1_agreement_match_numpy():
   assert got["kl_divergence"] == pytest.approx(np.mean(kl), rel=1e-4)
   assert got["top1_agreement"] == np.mean(agree)
   assert 0 < got["top1_agreement"] < 1 and got["kl_divergence"] > 0  # the test can tell
-  same = evaluate.agreement_with_dense(model, windows, {})
-  assert same == {"kl_divergence": pytest.approx(0, abs=1e-6), "top1_agreement": 1.0}
+  same = evaluate.perplexity(model, windows, against_dense=True)
+  assert same["kl_divergence"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
   with pytest.raises(InputError, match="windows"):
-    evaluate.agreement_with_dense(model, windows + 64, {})
+    evaluate.perplexity(model, windows + 64, against_dense=True)
