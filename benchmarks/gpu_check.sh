@@ -34,13 +34,13 @@ step() {  # step SECONDS TITLE COMMAND...: runs COMMAND, its output and status g
 } | tee "$RESULT"
 step 60 "devices" "$PYTHON" -c "import jax; print(jax.__version__, jax.devices()); \
 assert jax.devices()[0].platform == 'gpu', 'no GPU: this check is for a GPU machine'" || exit 1
+step 300 "whole-model prune time: sparsegpt vs attn-block-reweight, every linear at 0.6" \
+  "$PYTHON" benchmarks/prune_time.py --targets all --sparsity 0.6 \
+  --methods sparsegpt attn-block-reweight
 step 90 "solver FLOP rate and bfloat16" "$PYTHON" benchmarks/solver_flops.py --runs 3
 step 60 "one step's memory at h=9 b=8 n=4096 d=576" "$PYTHON" benchmarks/solver_memory.py
 step 60 "model throughput" "$PYTHON" benchmarks/model_throughput.py --batch 8
 step 60 "baselines" "$PYTHON" benchmarks/baselines_speed.py
 step 150 "whole-model prune time: magnitude vs attn-progressive, 30 layers" \
   "$PYTHON" benchmarks/prune_time.py --methods magnitude attn-progressive
-step 300 "whole-model prune time: sparsegpt vs attn-block-reweight, every linear at 0.6" \
-  "$PYTHON" benchmarks/prune_time.py --targets all --sparsity 0.6 \
-  --methods sparsegpt attn-block-reweight
 echo "gpu_check done in $(($(date +%s) - start)) s; numbers in $RESULT" | tee -a "$RESULT"
