@@ -348,9 +348,9 @@ def reproduce_grid(targets: str = "qk", size: str = "default",
                           methods=("wanda", "sparsegpt", "attn-progressive", "attn-reweight"))
             }[size]
   else:
-    sparsities = {"default": WHOLE_MODEL_SPARSITIES, "full": WHOLE_MODEL_SPARSITIES + ("0.8",),
-                  "quick": ("0.5",)}[size]
-    grid = Grid(sparsities=sparsities, methods=WHOLE_MODEL_METHODS, targets=targets,
+    grid = Grid(sparsities={"default": WHOLE_MODEL_SPARSITIES,
+                            "full": WHOLE_MODEL_SPARSITIES + ("0.8",), "quick": ("0.5",)}[size],
+                methods=WHOLE_MODEL_METHODS, targets=targets,
                 quick=size == "quick", data=quick_data if size == "quick" else DataConfig())
   if methods is not None:
     grid = dataclasses.replace(grid, methods=tuple(methods))

@@ -9,8 +9,8 @@ import pytest
 from attnprune_jax import methods
 from attnprune_jax.errors import InputError
 from attnprune_jax.patterns import parse_pattern, pattern_name
-from attnprune_jax.settings import (DataConfig, Grid, PruneSettings, quick_layers,
-                                    reproduce_grid)
+from attnprune_jax.settings import (QK_SPARSITIES, WHOLE_MODEL_SPARSITIES, DataConfig, Grid,
+                                    PruneSettings, quick_layers, reproduce_grid)
 from attnprune_jax.solver_config import MaskSolverConfig
 from conftest import TINY_LLAMA
 
@@ -104,3 +104,11 @@ def test_settings_and_the_command_line_import_no_jax():
                           check=True)
   assert result.stdout.strip() == "['numpy']"
   assert methods.names()  # and the registry is what the command's choices come from
+
+
+@pytest.mark.parametrize("targets", ["qk", "all"])
+def test_reproduce_grid_takes_a_subset_of_methods_and_sparsities(targets):
+  grid = reproduce_grid(targets, "default", ("wanda",), ("2:4", "0.5"))
+  assert grid.methods == ("wanda",) and grid.sparsities == ("2:4", "0.5")
+  assert reproduce_grid(targets).sparsities == (QK_SPARSITIES if targets == "qk"
+                                                else WHOLE_MODEL_SPARSITIES)
