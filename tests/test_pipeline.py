@@ -80,11 +80,13 @@ def test_each_layer_sees_the_pruned_output_of_the_layers_before(tiny):
 
 @pytest.mark.parametrize("prune", [
     PruneSettings("attn-reweight", 0.5, None, (0, 1, 2), SMALL, targets="all", rest="sparsegpt"),
-    # The dense teacher stream and the OWL sparsities are rebuilt on resuming.
+    # The dense teacher stream is rebuilt on resuming,
     PruneSettings("attn-block-reweight", 0.5, None, (0, 1, 2),
                   BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2,
-                                    windows_per_step=1), targets="all", allocation="owl")],
-    ids=["attn-reweight+sparsegpt", "owl:attn-block-reweight"])
+                                    windows_per_step=1), targets="all"),
+    # and so are the OWL sparsities.
+    PruneSettings("wanda", 0.5, None, (0, 1, 2), targets="all", allocation="owl")],
+    ids=["attn-reweight+sparsegpt", "attn-block-reweight", "owl:wanda"])
 def test_resume_after_an_interruption_gives_identical_results(tiny, tmp_path, monkeypatch,
                                                                prune):
   model, calibration, heldout = tiny
