@@ -122,8 +122,9 @@ def prune(model: Llama, settings: PruneSettings, config: DataConfig, folder: Run
 
 
 def row_folder(work: Path, method: str, sparsity: str, targets: str = "qk") -> RunFolder:
-  """Where a reproduce row keeps its layer checkpoint."""
-  name = f"{method}-{sparsity.replace(':', 'of')}"
+  """Where a reproduce row keeps its layer checkpoint (no ':' in the name: 'owl:wanda' at 2:4
+  is owl_wanda-2of4)."""
+  name = f"{method.replace(':', '_')}-{sparsity.replace(':', 'of')}"
   return RunFolder(work / (name if targets == "qk" else f"{targets}-{name}"))
 
 
