@@ -188,38 +188,37 @@ def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
   scalars = [jnp.asarray(v, dtype) for v in (solver.attention_weight, solver.lam,
                                              solver.reweight_lam, solver.lr)]
   new, keep, losses = {}, {}, []
-  # Attention half.
-  x = attention_input(hidden, layer, config)
-  dense_output, _, mixed = attention_output(x, layer, config)
-  names = tuple(t for t in ATTENTION if t in targets)
-  if names:
-    target = dense_output if teacher is None else teacher[0] - hidden
-    norms = {name: _feature_norms(mixed if name == "o_proj" else x) for name in names}
-    half_new, half_keep, loss = _solve_half(layer, batch(x), batch(target), norms, *scalars,
-                                            half="attention", names=names, **options)
-    new |= half_new
-    keep |= half_keep
-    losses.append(loss)
-  pruned = layer | new
-  hidden = hidden + attention_output(x, pruned, config)[0]
-  # MLP half, on the pruned attention half's output.
-  x = mlp_input(hidden, layer, config)
-  dense_output, gated = mlp_output(x, layer)
-  names = tuple(t for t in MLP if t in targets)
-  if names:
-    target = dense_output if teacher is None else teacher[1] - hidden
-    norms = {name: _feature_norms(gated if name == "down_proj" else x) for name in names}
-    half_new, half_keep, loss = _solve_half(layer, batch(x), batch(target), norms, *scalars,
-                                            half="mlp", names=names, **options)
-    new |= half_new
-    keep |= half_keep
-    losses.append(loss)
+  for index, (half, linears) in enumerate((("attention", ATTENTION), ("mlp", MLP))):
+    x, dense_output, wide = _half(half, hidden, layer, config)
+    names = tuple(t for t in linears if t in targets)
+    if names:
+      target = dense_output if teacher is None else teacher[index] - hidden
+      # The last linear of a half (o_proj, down_proj) reads the wide input, the others x.
+      norms = {name: _feature_norms(wide if name == linears[-1] else x) for name in names}
+      half_new, half_keep, loss = _solve_half(layer, batch(x), batch(target), norms, *scalars,
+                                              half=half, names=names, **options)
+      new |= half_new
+      keep |= half_keep
+      losses.append(loss)
+    if half == "attention":  # the MLP half sees the pruned attention half's output
+      hidden = hidden + _half(half, hidden, layer | new, config)[1]
   loss = jnp.concatenate(losses)
   if not validation.is_traced(loss) and not bool(jnp.isfinite(loss).all()):
     raise DivergenceError(f"{method} diverged: the loss or the masks became NaN or Inf with "
                           f"optimizer={solver.optimizer} lr={solver.lr:g}; use a smaller lr")
   return BlockPruning({name: new[name] for name in targets},
                       {name: keep[name] for name in targets}, loss)
+
+
+def _half(half: str, hidden, layer: dict, config: LlamaConfig):
+  """One half of the block on the residual stream `hidden` (b, t, d): (its post-RMSNorm input
+  x (b, t, d), what it adds to the stream (b, t, d), the input of its last linear)."""
+  if half == "attention":
+    x = attention_input(hidden, layer, config)
+    output, _, mixed = attention_output(x, layer, config)
+    return x, output, mixed
+  x = mlp_input(hidden, layer, config)
+  return (x, *mlp_output(x, layer))
 
 
 def _feature_norms(x: Float[Array, "b t n"]) -> Float[Array, "n"]:

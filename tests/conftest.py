@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from attnprune_jax.models.llama import LlamaConfig
+from attnprune_jax.models.llama import Llama, LlamaConfig
 from attnprune_jax.settings import DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,14 @@ def optimized_xla():
   """XLA's optimizations on for this test's compilations (real-size work that runs long)."""
   with optimized_compilation():
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A random TINY_LLAMA model, calibration and held-out windows (2, 12) of its tokens."""
+  model = Llama.random(TINY_LLAMA, jax.random.key(0), scale=0.5)
+  rng = np.random.default_rng(0)
+  return model, rng.integers(0, 64, (2, 12)), rng.integers(0, 64, (2, 12))
 
 
 @pytest.fixture(scope="session")

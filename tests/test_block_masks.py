@@ -21,13 +21,6 @@ SMALL = BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2, windows
 ALL = TARGETS["all"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  model = Llama.random(TINY_LLAMA, jax.random.key(0), scale=0.5)
-  rng = np.random.default_rng(0)
-  return model, rng.integers(0, 64, (2, 12)), rng.integers(0, 64, (2, 12))
-
-
 def _problem(rng, dtype):
   model = Llama.random(TINY_LLAMA, jax.random.key(1), scale=0.5)
   layer = {k: jnp.asarray(v, dtype) for k, v in layer_weights(model.weights(), 0).items()}

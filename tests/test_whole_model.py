@@ -28,13 +28,6 @@ SMALL_BLOCK = BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2,
 ALL = TARGETS["all"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  model = Llama.random(TINY_LLAMA, jax.random.key(0), scale=0.5)
-  rng = np.random.default_rng(0)
-  return model, rng.integers(0, 64, (2, 12)), rng.integers(0, 64, (2, 12))
-
-
 def _settings(name, n_m=None, layers=(0, 2), **kwargs):
   method, rest, allocation = split_method(name)
   solver = (SMALL_BLOCK if method.startswith("attn-block") else
