@@ -258,9 +258,9 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
     left.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
   left.set_yscale("log")
   left.set_ylabel("perplexity (Pride and Prejudice)")
-  left.set_xlabel("sparsity of every target (unstructured, per row) or 2:4")
-  left.set_title(", ".join(TARGETS[targets]) + " of every block pruned, same sparsity",
-                 fontsize=9)
+  left.set_xlabel("sparsity of the targets (unstructured, per row) or 2:4")
+  left.set_title(", ".join(TARGETS[targets]) + " of every block pruned; the same sparsity in "
+                 "every block, or OWL's (dotted)", fontsize=9)
   left.legend(fontsize=8)
 
   baselines = {ours: theirs for ours, theirs in CHECKS["rest"].values()
