@@ -7,16 +7,18 @@ import no JAX, so `--help` and bad options answer at once; JAX loads when the wo
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from attnprune_jax import __version__, methods
+from attnprune_jax import __version__, locks, methods
 from attnprune_jax.errors import InputError
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import (check_output_path, json_text, provenance, result_document,
@@ -28,17 +30,21 @@ class Command(NamedTuple):
 
   `run(args, reporter)` checks every option before any work, returns (results dict, seed) and
   reports to people through `reporter`. A `resumable` command keeps what it finished, so a rerun
-  after an interruption goes on from there.
+  after an interruption goes on from there; `owned(args)` lists what it keeps there, (option,
+  path, is a folder), which one run at a time may write (default: the `OWNED_OPTIONS` given).
   """
   name: str
   help: str
   add_arguments: Callable[[argparse.ArgumentParser], None]
   run: Callable[[argparse.Namespace, Reporter], tuple[dict, int | None]]
   resumable: bool = False
+  owned: Callable[[argparse.Namespace], list[tuple[str, str, bool]]] | None = None
 
 
 # Options naming what a command writes (True: a folder), checked before any work.
 OUTPUT_OPTIONS = {"json": False, "results": False, "out": True, "work": True, "figures": True}
+# Those a run resumes from, locked while it runs (`locks`): one run per output.
+OWNED_OPTIONS = ("out", "results", "work")
 MODEL_HELP = ("smollm2 (the embedded default), a local Hugging Face Llama checkpoint folder (e.g. "
               "Llama 3.2-1B: config.json, *.safetensors, tokenizer.json) or a Llama GGUF file")
 
@@ -70,6 +76,34 @@ def _check_outputs(args: argparse.Namespace) -> None:
     path = getattr(args, dest, None)
     if path is not None and not (dest == "json" and path == "-"):
       check_output_path("--" + dest, path, folder=folder)
+
+
+def _owned(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+  """(option, path, is a folder) of the outputs a run of `args` resumes from."""
+  command: Command = args.command_spec
+  if command.owned is not None:
+    return command.owned(args)
+  return [("--" + dest, getattr(args, dest), OUTPUT_OPTIONS[dest]) for dest in OWNED_OPTIONS
+          if getattr(args, dest, None) is not None]
+
+
+def _run_in_worker(work: Callable[[], tuple[dict, int | None]]) -> tuple[dict, int | None]:
+  """work() in a worker thread, the main thread waiting: Ctrl-C reaches the main thread at once
+  even while a long XLA computation runs, and `main` can leave that computation behind."""
+  outcome = {}
+
+  def target():
+    try:
+      outcome["value"] = work()
+    except BaseException as err:  # re-raised in the main thread
+      outcome["error"] = err
+  worker = threading.Thread(target=target, name="attnprune-work", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    worker.join(0.1)
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
 
 
 def _layers(text: str | None, extra: str = "") -> tuple[int, ...] | None:
@@ -422,24 +456,41 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                            "stored in --results")
 
 
-def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+def _reproduce_grid(args: argparse.Namespace):
   from attnprune_jax.settings import reproduce_grid
   size = "quick" if args.quick else "full" if args.full else "default"
-  grid = reproduce_grid(args.targets, size, args.methods, args.sparsities)
-  work_name = "" if args.targets == "qk" else f"/{grid.stem}"
+  return reproduce_grid(args.targets, size, args.methods, args.sparsities)
+
+
+def _reproduce_paths(args: argparse.Namespace) -> tuple[str, str, str | None]:
+  """The results file, work folder and figures folder (None: no figures) of `reproduce`."""
+  stem = _reproduce_grid(args).stem
+  work_name = "" if args.targets == "qk" else f"/{stem}"
   if args.model == "smollm2":
-    defaults = (f"out/quick/{grid.stem}.json", f"out/quick{work_name}", None) if args.quick else (
-        f"results/{grid.stem}.json", f"out/reproduce{work_name}", "figures/real")
+    defaults = (f"out/quick/{stem}.json", f"out/quick{work_name}", None) if args.quick else (
+        f"results/{stem}.json", f"out/reproduce{work_name}", "figures/real")
   else:  # another model's rows must not mix with (or overwrite) the embedded model's
     name = Path(args.model).name or "model"
     base = Path("out/models") / (f"{name}-quick" if args.quick else name)
-    defaults = (str(base / f"{grid.stem}.json"), str(base / f"work{work_name}"),
+    defaults = (str(base / f"{stem}.json"), str(base / f"work{work_name}"),
                 None if args.quick else str(base / "figures"))
-  results = check_output_path("--results", args.results or defaults[0])
-  work = check_output_path("--work", args.work or defaults[1], folder=True)
-  figures = args.figures or defaults[2]
+  return args.results or defaults[0], args.work or defaults[1], args.figures or defaults[2]
+
+
+def _reproduce_owned(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+  results, work, _ = _reproduce_paths(args)
+  return [("--results", results, False), ("--work", work, True)]
+
+
+def _reproduce_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict, None]:
+  grid = _reproduce_grid(args)
+  results, work, figures = _reproduce_paths(args)
+  results = check_output_path("--results", results)
+  work = check_output_path("--work", work, folder=True)
   if figures:
     check_output_path("--figures", figures, folder=True)
+    if grid.targets != "qk":
+      check_output_path("--figures", Path(figures) / f"{grid.stem}.png")
   from attnprune_jax.results import stored_rows
   rows = stored_rows(results, grid.targets) if results.is_file() else None
   if args.report_only and rows is None:
@@ -481,7 +532,7 @@ COMMANDS: tuple[Command, ...] = (
             resumable=True),
     Command("reproduce", "Every method at sparsities 0.5/0.7/0.8 and 2:4 on the real model "
             "(paper sections 6.2-6.3; --targets all: whole-model sparsity), resumable.",
-            _reproduce_arguments, _reproduce_run, resumable=True),
+            _reproduce_arguments, _reproduce_run, resumable=True, owned=_reproduce_owned),
 )
 
 
@@ -543,16 +594,19 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(quiet=args.quiet)
     start = time.perf_counter()
     _check_outputs(args)
-    _use_compilation_cache()
-    results, seed = command.run(args, reporter)
-    document = result_document(command.name, results,
-                               provenance(seed=seed, settings=_settings(args),
-                                          wall_time_s=time.perf_counter() - start))
-    if args.json == "-":
-      sys.stdout.write(json_text(document))
-    elif args.json:
-      write_json_atomic(args.json, document)
-      reporter.info(f"results written to {args.json}")
+    with contextlib.ExitStack() as held:
+      for option, path, folder in _owned(args):
+        held.enter_context(locks.exclusive(path, option, folder=folder))
+      _use_compilation_cache()
+      results, seed = _run_in_worker(lambda: command.run(args, reporter))
+      document = result_document(command.name, results,
+                                 provenance(seed=seed, settings=_settings(args),
+                                            wall_time_s=time.perf_counter() - start))
+      if args.json == "-":
+        sys.stdout.write(json_text(document))
+      elif args.json:
+        write_json_atomic(args.json, document)
+        reporter.info(f"results written to {args.json}")
   except InputError as err:
     print(f"{getattr(err, 'prog', name)}: error: {_message(err, args)}", file=sys.stderr)
     return 2
@@ -560,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     resumable = args is not None and args.command_spec.resumable
     print(f"{name}: interrupted" + ("; rerun the same command to resume" if resumable else ""),
           file=sys.stderr)
+    if any(thread.name == "attnprune-work" for thread in threading.enumerate()):
+      # The work is still running (in XLA, maybe): leave it. Everything it finished is on disk
+      # (written atomically); the interpreter's teardown under a running computation can crash.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)
     return 130
   return 0
 

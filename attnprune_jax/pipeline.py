@@ -253,7 +253,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
   if folder is not None:
     key = checkpoint_key(settings, calibration, heldout,
                          model_key or model_fingerprint(model))
-    resumed = folder.resume(key, targets, reporter)
+    resumed = folder.resume(key, {name: (weights[name].shape[1:], weights[name].dtype)
+                                  for name in targets}, reporter)
     if resumed is not None:
       records, layers = resumed
       for index, layer in layers.items():

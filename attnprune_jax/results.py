@@ -103,6 +103,10 @@ def check_output_path(option: str, path: str | os.PathLike, *, folder: bool = Fa
   if not folder and path.exists() and not path.is_file():
     raise InputError(f"{option} must be a regular file, got {text!r} (a device, pipe or socket)")
   ancestor = path if folder else path.parent
+  for link in (path, *path.parents):
+    if link.is_symlink() and not link.exists():
+      raise InputError(f"{option}: cannot create {text!r}: {str(link)!r} is a symbolic link "
+                       "to nothing (or to itself)")
   while not ancestor.exists() and ancestor != ancestor.parent:
     ancestor = ancestor.parent
   if not ancestor.is_dir():
@@ -150,10 +154,33 @@ def json_text(document: dict) -> str:
                      "JSON") from None
 
 
+def read_json(path: str | os.PathLike):
+  """The JSON value in the file `path`. Nesting is limited by Python's recursion limit: a
+  deeper file raises a ValueError saying so (as a malformed one does), never a RecursionError."""
+  text = Path(path).read_text(encoding="utf-8")
+  try:
+    return json.loads(text)
+  except RecursionError:
+    raise ValueError(f"nested more than {sys.getrecursionlimit()} levels deep") from None
+
+
+def umask_mode(mode: int) -> int:
+  """`mode` (e.g. 0o666 for a file, 0o777 for a folder) less the process's umask: the mode an
+  ordinary `open` or `mkdir` would give. Temporary files are created private (0600), so what
+  is renamed into place gets this mode explicitly."""
+  try:  # Linux says it without changing it (os.umask would, for an instant, in every thread)
+    with open("/proc/self/status", encoding="ascii") as status:
+      mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError, IndexError):
+    mask = os.umask(0o022)
+    os.umask(mask)
+  return mode & ~mask
+
+
 def write_atomic(path: str | os.PathLike, write) -> None:
   """Calls write(binary handle) on a temporary file beside `path`, then renames it to `path`,
   so that a reader sees the old file or the new one, never half; a failed write leaves no
-  temporary file behind. The file is readable by all (mode 0644), like the folder's others."""
+  temporary file behind. The file gets the mode the umask gives a new file (`umask_mode`)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
@@ -163,7 +190,7 @@ def write_atomic(path: str | os.PathLike, write) -> None:
       write(handle)
       handle.flush()
       os.fsync(handle.fileno())
-    os.chmod(handle.name, 0o644)
+    os.chmod(handle.name, umask_mode(0o666))
     os.replace(handle.name, path)
   except BaseException:
     Path(handle.name).unlink(missing_ok=True)
@@ -180,9 +207,9 @@ def stored_rows(path: Path, targets: str) -> list[dict]:
   """The rows of a results file of `reproduce` for `targets`; an InputError naming `results`
   if it is not one."""
   try:
-    document = json.loads(path.read_text())
+    document = read_json(path)
     rows = document["rows"]
-  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as err:
+  except (OSError, ValueError, TypeError, KeyError) as err:
     raise InputError(f"{path} is not a results file of reproduce ({type(err).__name__}: {err})",
                      argument="results") from None
   if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
@@ -204,7 +231,7 @@ def cached_result(path: Path, settings: dict, numerics: int, compute):
   settings = json.loads(json.dumps(settings))
   if path.is_file():
     try:
-      stored = json.loads(path.read_text())
+      stored = read_json(path)
       if not (isinstance(stored, dict) and {"settings", "result"} <= stored.keys()):
         raise ValueError("no settings and result")
     except ValueError as err:

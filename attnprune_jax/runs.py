@@ -21,8 +21,8 @@ from attnprune_jax import data, evaluate, numerics, pipeline
 from attnprune_jax.errors import InputError
 from attnprune_jax.models import Llama
 from attnprune_jax.reporting import Reporter
-from attnprune_jax.results import (fingerprint, model_fingerprint, provenance, result_document,
-                                   stored_rows, write_atomic, write_json_atomic)
+from attnprune_jax.results import (fingerprint, model_fingerprint, provenance, read_json,
+                                   result_document, stored_rows, write_atomic, write_json_atomic)
 from attnprune_jax.run_folder import RunFolder
 from attnprune_jax.settings import RESULTS, DataConfig, Grid, PruneSettings, quick_layers
 
@@ -164,13 +164,16 @@ def reproduce(model: Llama, grid: Grid, results_path: Path, work: Path, *, repor
   cells.sort(key=lambda cell: cell[0] == "attn")
   settings = {cell: None if cell[0] == "dense" else grid.settings(*cell).for_model(model.config)
               for cell in cells}
+  for method, sparsity in cells:  # every row folder writable before any work
+    if method != "dense":
+      row_folder(work, method, sparsity, grid.targets).check("--work")
   keys = {cell: row_key(settings[cell], context) for cell in cells}
   named = {("dense", "dense", 0.0) if s is None else (s.name, s.pattern, s.mean_sparsity): cell
            for cell, s in settings.items()}
   rows = []
   if results_path.is_file():
     stored = stored_rows(results_path, grid.targets)
-    document = json.loads(results_path.read_text())
+    document = read_json(results_path)
     same_file = (document.get("data") == dataclasses.asdict(config)
                  and document.get("layers") == list(layers))
     rows = [row for row in stored

@@ -46,14 +46,16 @@ def windows(smollm2):
   return of
 
 
-def recompute_first_layer(model, row: dict, windows) -> dict:
-  """The record of the row's first pruned layer, pruned again with the row's settings."""
+def recompute_first_layer(model, row: dict, windows, *, through: int | None = None) -> dict:
+  """The record of the row's first pruned layer (with `through`, of that layer, every layer up
+  to it pruned), pruned again with the row's settings."""
   s = row["settings"]
   first = s["layers"][0]
   sparsity = s["sparsity"][0] if isinstance(s["sparsity"], list) else s["sparsity"]
   solver = methods.get(s["method"]).solver
   settings = PruneSettings(s["method"], sparsity, None if s["n_m"] is None else tuple(s["n_m"]),
-                           (first,), None if s["solver"] is None else type(solver)(**s["solver"]),
+                           (first,) if through is None else tuple(range(first, through + 1)),
+                           None if s["solver"] is None else type(solver)(**s["solver"]),
                            targets=s["targets"], rest=s["rest"],
                            true_sequential=s["true_sequential"])
   data = windows(s["data"])
@@ -64,12 +66,13 @@ def recompute_first_layer(model, row: dict, windows) -> dict:
     shares = pipeline.layer_sparsities(model.weights(), model.config, whole, data["calibration"])
     assert [shares[r["layer"]] for r in row["layers"] if r["pruned"]] == [
         r["sparsity"] for r in row["layers"] if r["pruned"]]
+    assert through is None, "an OWL row recomputed past its first layer"
     settings = dataclasses.replace(settings, sparsity=shares[first])
   return pipeline.prune_model(model, settings, data["calibration"], data["heldout"]).layers[-1]
 
 
 def check_layer(recomputed: dict, row: dict) -> None:
-  expected = row["layers"][row["settings"]["layers"][0]]
+  expected = row["layers"][recomputed["layer"]]
   assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
   for field in ("attention_error", "attention_error_end_to_end", "loss_first", "loss_last"):
@@ -95,6 +98,28 @@ def test_first_layer_of_a_pruning_row(smollm2, windows, request, path, method, s
     request.getfixturevalue("optimized_xla")
   row = row_of(stored(path), method, sparsity)
   check_layer(recompute_first_layer(smollm2, row, windows), row)
+
+
+LOCAL_TARGET = "results/whole_model_local_target.json"
+
+
+def test_local_and_teacher_targets_agree_on_the_first_layer():
+  """On layer 0 the pruned model's inputs are the dense ones, so both targets are one problem:
+  the stored local-target row and the grid's teacher-target row must hold the same record."""
+  local = stored(LOCAL_TARGET)
+  assert local["settings"]["solver"]["target"] == "local"
+  teacher = row_of(stored("results/whole_model.json"), local["method"], f"{local['sparsity']:g}")
+  assert teacher["settings"]["solver"] == local["settings"]["solver"] | {"target": "teacher"}
+  assert teacher["layers"][0] | {"prune_time_s": 0} == local["layers"][0] | {"prune_time_s": 0}
+  assert teacher["layers"][1]["attention_error"] != local["layers"][1]["attention_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
+def test_second_layer_of_the_local_target_row(smollm2, windows):
+  """Layer 1 of the local-target row, where its target first differs from the teacher's."""
+  row = stored(LOCAL_TARGET)
+  check_layer(recompute_first_layer(smollm2, row, windows, through=1), row)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.errors import InputError, MissingFileError, OutputExistsError
 from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig
 from attnprune_jax.models.tokenizer import Tokenizer
+from attnprune_jax.results import read_json, umask_mode
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 INDEX_FILE, TOKENIZER_CONFIG_FILE = "model.safetensors.index.json", "tokenizer_config.json"
@@ -153,7 +154,8 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
     for file in staging.iterdir():
       with open(file, "rb") as handle:
         os.fsync(handle.fileno())
-    os.chmod(staging, 0o755)
+      os.chmod(file, umask_mode(0o666))  # safetensors writes 0600 whatever the umask
+    os.chmod(staging, umask_mode(0o777))
     os.replace(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -163,8 +165,8 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
 def _read_json(path: Path) -> dict:
   """The JSON object in `path`; InputError naming the file otherwise."""
   try:
-    document = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    document = read_json(path)
+  except ValueError as err:  # malformed, not UTF-8 or nested too deeply
     raise InputError(f"{path} is not valid JSON: {err}") from err
   if not isinstance(document, dict):
     raise InputError(f"{path} must hold a JSON object, got {type(document).__name__}")
