@@ -100,28 +100,6 @@ def test_first_layer_of_a_pruning_row(smollm2, windows, request, path, method, s
   check_layer(recompute_first_layer(smollm2, row, windows), row)
 
 
-LOCAL_TARGET = "results/whole_model_local_target.json"
-
-
-def test_local_and_teacher_targets_agree_on_the_first_layer():
-  """On layer 0 the pruned model's inputs are the dense ones, so both targets are one problem:
-  the stored local-target row and the grid's teacher-target row must hold the same record."""
-  local = stored(LOCAL_TARGET)
-  assert local["settings"]["solver"]["target"] == "local"
-  teacher = row_of(stored("results/whole_model.json"), local["method"], f"{local['sparsity']:g}")
-  assert teacher["settings"]["solver"] == local["settings"]["solver"] | {"target": "teacher"}
-  assert teacher["layers"][0] | {"prune_time_s": 0} == local["layers"][0] | {"prune_time_s": 0}
-  assert teacher["layers"][1]["attention_error"] != local["layers"][1]["attention_error"]
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("optimized_xla")
-def test_second_layer_of_the_local_target_row(smollm2, windows):
-  """Layer 1 of the local-target row, where its target first differs from the teacher's."""
-  row = stored(LOCAL_TARGET)
-  check_layer(recompute_first_layer(smollm2, row, windows, through=1), row)
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("optimized_xla")
 def test_qk_share(smollm2, windows):
