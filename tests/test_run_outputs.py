@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnprune_jax import cli, locks
+from attnprune_jax import cli, locks, models
 from attnprune_jax.pipeline import prune_model
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import read_json, write_atomic
@@ -80,6 +80,39 @@ def test_the_lock_is_the_kernels_and_ends_with_its_process(tmp_path):
     holder.wait()
   with locks.exclusive(tmp_path, "--out", folder=True):  # stale: taken over
     assert f"process {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+def _dangling(name):
+  os.symlink("nowhere", name)
+
+
+def _folder_with(entry, *, link=False):
+  def make():
+    os.mkdir("X")
+    if link:
+      os.symlink("nowhere", f"X/{entry}")
+    else:
+      os.mkdir(f"X/{entry}")
+  return make
+
+
+@pytest.mark.parametrize("setup,extra,message", [
+    (lambda: _dangling("X"), [], "--out: cannot create 'X': 'X' is a symbolic link to nothing"),
+    (lambda: os.symlink("X", "X"), [], "'X' is a symbolic link to nothing (or to itself)"),
+    (_folder_with("results.json"), [], "--out (results.json) must be a file path"),
+    (_folder_with("checkpoint.json"), [], "--out (checkpoint.json) must be a file path"),
+    (_folder_with("layer-003.npz"), [], "--out (layer-003.npz) must be a file path"),
+    (_folder_with("model", link=True), ["--save-weights"],
+     "--save-weights: the model folder X/model exists already"),
+    (lambda: os.mkdir("J"), ["--json", "J"], "--json must be a file path"),
+])
+def test_every_path_a_run_writes_is_checked_before_work(monkeypatch, tmp_path, capsys, setup,
+                                                         extra, message):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the work started"))
+  setup()
+  assert cli.main(["prune", "--method", "wanda", "--sparsity", "0.5", "--out", "X", *extra]) == 2
+  assert message in _one_line(capsys)
 
 
 # Checkpoints checked on reading --------------------------------------------------------------
