@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -87,9 +88,11 @@ def _owned(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
           if getattr(args, dest, None) is not None]
 
 
-def _run_in_worker(work: Callable[[], tuple[dict, int | None]]) -> tuple[dict, int | None]:
+def _run_in_worker(work: Callable[[], tuple[dict, int | None]],
+                   abandon: Callable[[], None]) -> tuple[dict, int | None]:
   """work() in a worker thread, the main thread waiting: Ctrl-C reaches the main thread at once
-  even while a long XLA computation runs, and `main` can leave that computation behind."""
+  even while a long XLA computation runs, and then `abandon()` ends the process, leaving that
+  computation behind (the worker's own KeyboardInterrupt is re-raised like any error)."""
   outcome = {}
 
   def target():
@@ -98,9 +101,14 @@ def _run_in_worker(work: Callable[[], tuple[dict, int | None]]) -> tuple[dict, i
     except BaseException as err:  # re-raised in the main thread
       outcome["error"] = err
   worker = threading.Thread(target=target, name="attnprune-work", daemon=True)
-  worker.start()
-  while worker.is_alive():
-    worker.join(0.1)
+  try:
+    worker.start()
+    while worker.is_alive():
+      worker.join(0.1)
+  except KeyboardInterrupt:
+    if worker.is_alive():
+      abandon()
+    raise
   if "error" in outcome:
     raise outcome["error"]
   return outcome["value"]
@@ -598,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
       for option, path, folder in _owned(args):
         held.enter_context(locks.exclusive(path, option, folder=folder))
       _use_compilation_cache()
-      results, seed = _run_in_worker(lambda: command.run(args, reporter))
+      results, seed = _run_in_worker(lambda: command.run(args, reporter),
+                                     abandon=lambda: _abandon(name, args))
       document = result_document(command.name, results,
                                  provenance(seed=seed, settings=_settings(args),
                                             wall_time_s=time.perf_counter() - start))
@@ -611,18 +620,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{getattr(err, 'prog', name)}: error: {_message(err, args)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    resumable = args is not None and args.command_spec.resumable
-    print(f"{name}: interrupted" + ("; rerun the same command to resume" if resumable else ""),
-          file=sys.stderr)
-    if any(thread.name == "attnprune-work" for thread in threading.enumerate()):
-      # The work is still running (in XLA, maybe): leave it. Everything it finished is on disk
-      # (written atomically); the interpreter's teardown under a running computation can crash.
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(130)
+    print(_interrupted(name, args), file=sys.stderr)
     return 130
   return 0
 
 
+def _interrupted(name: str, args: argparse.Namespace | None) -> str:
+  resumable = args is not None and args.command_spec.resumable
+  return f"{name}: interrupted" + ("; rerun the same command to resume" if resumable else "")
+
+
+def _abandon(name: str, args: argparse.Namespace) -> None:
+  """Ctrl-C while the work runs (in XLA, maybe): one line, then exit 130 at once, leaving the
+  computation behind. Everything it finished is on disk (written atomically); the interpreter's
+  teardown under a running computation can crash, so there is none. The output locks end with
+  the process."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this
+  bar = "" if args.quiet or not sys.stderr.isatty() else "\n"  # end a progress bar's line
+  sys.stderr.write(f"{bar}{_interrupted(name, args)}\n")
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)
+
+
+def run() -> None:
+  """The `attnprune` program: `main`, then exit with its status; after Ctrl-C without the
+  interpreter's teardown, which can crash while JAX's threads still run (exit 130 either way)."""
+  code = main()
+  if code == 130:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
       rows.append({"method": method, "sparsity": sparsity, "perplexity": row["perplexity"],
                    "perplexity_dense_qk": ppl, "qk_cost": row["perplexity"] - ppl})
       reporter.info(f"{method} at {sparsity}: {row['perplexity']:.2f}, with dense q/k {ppl:.2f}")
+  if not rows:
+    raise SystemExit(f"qk_share: no row had both a stored result and a finished checkpoint in "
+                     f"{args.work}; {args.out} left as it was")
   write_json_atomic(args.out, result_document("whole-model-qk-share", {
       "rows": rows, "data": dataclasses.asdict(config), "numerics": numerics.PRUNING}, provenance(
           seed=None, settings=vars(args), wall_time_s=time.perf_counter() - start)))

@@ -58,10 +58,15 @@ def test_a_stale_lock_and_unfinished_writes_are_taken_over(tiny_folder, tmp_path
   (out / ".lock").write_text("process 999999 on elsewhere, started 2026-01-01 00:00:00\n")
   (out / ".layer-000.npz.abc.tmp").write_bytes(b"half")  # a killed run's unfinished write
   (out / ".model.abc.tmp").mkdir()
+  (out / "sub").mkdir()
+  (out / "sub/.results.json.abc.tmp").write_bytes(b"half")  # at any depth
+  (out / ".other.json.abc.tmp").write_bytes(b"busy")  # another run's, whose file is locked:
+  (out / ".other.json.lock").write_text("process 1 on here\n")  # kept
   assert cli.main(["prune", "--model", str(tiny_folder), "--method", "wanda", "--out", str(out),
                    *TINY_RUN]) == 0
-  assert sorted(p.name for p in out.iterdir()) == [
-      "checkpoint.json", "layer-000.npz", "layer-001.npz", "results.json"]
+  assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+      ".other.json.abc.tmp", ".other.json.lock", "checkpoint.json", "layer-000.npz",
+      "layer-001.npz", "results.json", "sub"]
 
 
 def test_the_lock_is_the_kernels_and_ends_with_its_process(tmp_path):
@@ -148,7 +153,8 @@ SPOILED = {
         f, lambda a: a["q_proj"].__setitem__((0, 0), np.nan)),
     "a layer file of another run": lambda f: _spoil_layer(
         f, lambda a: a.update(run_key=np.array("0" * 64))),
-    "a layer file without its run": lambda f: _spoil_layer(f, lambda a: a.pop("run_key")),
+    "a layer file with another entry": lambda f: _spoil_layer(
+        f, lambda a: a.update(extra=np.zeros(1))),
 }
 
 
@@ -167,6 +173,22 @@ def test_a_malformed_checkpoint_is_ignored_and_recomputed(tiny, tmp_path, spoil)
   assert untimed(again.layers) == untimed(whole.layers)
   for name, value in whole.weights.items():
     np.testing.assert_array_equal(again.weights[name], value)
+
+
+def test_layer_files_from_before_the_run_digest_are_resumed(tiny, tmp_path):
+  """Layer files written before they carried their run's digest count by the checkpoint's key."""
+  model, calibration, heldout = tiny
+  settings = PruneSettings("wanda", 0.5, None, (0, 1, 2), targets="all")
+  whole = prune_model(model, settings, calibration, heldout, folder=RunFolder(tmp_path))
+  for index in range(3):
+    with np.load(tmp_path / f"layer-{index:03d}.npz") as stored:
+      arrays = {name: stored[name] for name in stored.files if name != "run_key"}
+    np.savez(tmp_path / f"layer-{index:03d}.npz", **arrays)
+  stream = io.StringIO()
+  again = prune_model(model, settings, calibration, heldout, folder=RunFolder(tmp_path),
+                      reporter=Reporter(stream=stream))
+  assert "resuming after layer 2" in stream.getvalue() and "ignoring" not in stream.getvalue()
+  assert again.layers == whole.layers  # the stored records, times included
 
 
 # JSON nesting and file modes -----------------------------------------------------------------
@@ -218,6 +240,7 @@ def test_ctrl_c_during_a_real_solve_exits_130_and_loses_nothing(tmp_path):
   reference = subprocess.run(command + ["--out", str(tmp_path / "reference")], cwd=ROOT,
                              env=environment, capture_output=True, text=True, timeout=900)
   assert reference.returncode == 0, reference.stderr
+  codes = []
   for delay in (3.0, 8.0, 14.0, 20.0):
     run = subprocess.Popen(command + ["--out", str(tmp_path / "X")], cwd=ROOT, env=environment,
                            stderr=subprocess.PIPE, text=True)
@@ -227,12 +250,15 @@ def test_ctrl_c_during_a_real_solve_exits_130_and_loses_nothing(tmp_path):
     err = run.communicate(timeout=120)[1]
     assert time.perf_counter() - started < 10, "Ctrl-C waited for the computation"
     assert run.returncode in (130, 0), (delay, run.returncode, err)
+    codes.append(run.returncode)
     if run.returncode == 130:
       assert err.splitlines()[-1].endswith("interrupted; rerun the same command to resume"), err
       assert "Traceback" not in err, err
-  done = subprocess.run(command + ["--out", str(tmp_path / "X")], cwd=ROOT, env=environment,
-                        capture_output=True, text=True, timeout=900)
+  assert codes.count(130) >= 3, codes  # the runs were interrupted, not finished
+  done = subprocess.run([c for c in command if c != "--quiet"] + ["--out", str(tmp_path / "X")],
+                        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr
+  assert "ignoring" not in done.stderr, done.stderr  # what the interrupted runs finished is kept
   expected = read_json(tmp_path / "reference/results.json")
   resumed = read_json(tmp_path / "X/results.json")
   assert resumed["perplexity"] == expected["perplexity"]
