@@ -22,6 +22,7 @@ from conftest import RTOL32, optimized_compilation, stored
 from attnprune_jax import evaluate, methods, numerics, pipeline, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings, split_method
 
+
 def test_optimized_compilation_recompiles_what_an_unoptimized_test_compiled():
   """JAX's jit cache does not key on the optimization flag: the fixture must clear it, or a
   golden sample could run code compiled unoptimized (it did: a perplexity 0.15 % off)."""
