@@ -1,5 +1,5 @@
 """Softmax attention matrices, computed stably; rotary position embeddings (`Rope`); the attention
-probabilities of one Llama layer (`layer_attention`, the single copy the model, the factored
+probabilities of one Llama or Gemma 3 layer (`layer_attention`, the single copy the model, the factored
 pruning objective and the pipeline all call).
 
 f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
@@ -148,7 +148,7 @@ def as_rope(rope: "Rope | float") -> Rope:
 
 
 def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
-                     rope: Rope | float) -> Float[Array, "... t heads hd"]:
+                     rope: "Rope | float | Array") -> Float[Array, "... t heads hd"]:
   """RoPE in the rotate-half convention (Hugging Face Llama order of q/k rows).
 
   Channel i of the first half and channel i of the second half form a pair rotated by the angle
@@ -157,11 +157,15 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
   Args:
     x: queries or keys, (..., t, heads, head_dim).
     positions: (t,) token positions.
-    rope: the frequencies, or a plain base θ.
+    rope: the frequencies, a plain base θ, or the inverse frequencies ω (hd / 2,) as an array
+      (a layer's own, chosen by a traced layer index).
   """
   half = x.shape[-1] // 2
   dtype = jnp.promote_types(x.dtype, jnp.float32)
-  inv_freq = as_rope(rope).inverse_frequencies(half, dtype)
+  if isinstance(rope, jax.Array):
+    inv_freq = rope.astype(dtype)
+  else:
+    inv_freq = as_rope(rope).inverse_frequencies(half, dtype)
   angles = positions.astype(dtype)[:, None] * inv_freq[None, :]
   cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
   sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
@@ -169,47 +173,80 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
+def head_rms_norm(heads: Float[Array, "... hd"], weight: Float[Array, "hd"], eps: float):
+  """Each head's vector divided by its RMS, times `weight` (Gemma 3's QK-norm; the factor
+  itself, no +1)."""
+  return heads * jax.lax.rsqrt(jnp.mean(heads * heads, axis=-1, keepdims=True) + eps) * weight
+
+
 def rotated_heads(x: Float[Array, "... t d"], proj: Float[Array, "heads·hd d"], positions, *,
-                  head_dim: int, rope: Rope | float) -> Float[Array, "... t heads hd"]:
-  """Queries or keys of a Llama layer: X Wᵀ split into heads of `head_dim` (rows in the Hugging
-  Face order), rotated by RoPE at `positions` ((t,) ints, the tokens' positions)."""
+                  head_dim: int, rope: "Rope | float | Array", norm=None,
+                  norm_eps: float = 0.0) -> Float[Array, "... t heads hd"]:
+  """Queries or keys of a layer: X Wᵀ split into heads of `head_dim` (rows in the Hugging Face
+  order), each head RMS-normalized by the weight `norm` (hd,) if given (QK-norm), rotated by
+  RoPE at `positions` ((t,) ints, the tokens' positions)."""
   heads = (x @ proj.T).reshape(*x.shape[:-1], -1, head_dim)
+  if norm is not None:
+    heads = head_rms_norm(heads, norm, norm_eps)
   return rotary_embedding(heads, positions, rope=rope)
 
 
+def allowed_keys(rows, t: int, window=None):
+  """(r, t) bool: key position j is visible from query position i in `rows` ((r,) ints) if
+  j <= i, and with a `window` (int, or a traced int scalar) also i − j < window."""
+  keys = jnp.arange(t)[None, :]
+  allowed = keys <= rows[:, None]
+  if window is not None:
+    allowed &= rows[:, None] - keys < window
+  return allowed
+
+
 def causal_probs(q: Float[Array, "... r hq hd"], k: Float[Array, "... t hk hd"],
-                 rows) -> Float[Array, "... hq r t"]:
-  """Causal softmax(q kᵀ / √hd) of rotated queries at positions `rows` ((r,) ints) against the
-  keys at positions 0..t−1; key head j // (hq / hk) serves query head j (contiguous groups)."""
+                 rows, *, window=None, scale: float | None = None) -> Float[Array, "... hq r t"]:
+  """Causal softmax(scale · q kᵀ) of rotated queries at positions `rows` ((r,) ints) against
+  the keys at positions 0..t−1 (within `window` if given, see `allowed_keys`); scale None is
+  1/√hd. Key head j // (hq / hk) serves query head j (contiguous groups)."""
   *lead, r, hq, head_dim = q.shape
   t, hk = k.shape[-3], k.shape[-2]
   # (..., r, hk·group, hd) -> (..., hk, group, r, hd) without materializing repeated keys.
   q = jnp.moveaxis(q.reshape(*lead, r, hk, hq // hk, head_dim), -4, -2)
-  scores = jnp.einsum("...kgqe,...ske->...kgqs", q, k) / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
-  probs = jax.nn.softmax(scores, axis=-1, where=jnp.arange(t)[None, :] <= rows[:, None])
+  scores = jnp.einsum("...kgqe,...ske->...kgqs", q, k)
+  if scale is None:
+    scores = scores / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
+  else:
+    scores = scores * jnp.asarray(scale, q.dtype)
+  probs = jax.nn.softmax(scores, axis=-1, where=allowed_keys(rows, t, window))
   return probs.reshape(*lead, hq, r, t)
 
 
 def layer_attention(x: Float[Array, "... t d"], q_proj: Float[Array, "hq d"],
                     k_proj: Float[Array, "hk d"], *, head_dim: int,
-                    rope: Rope | float) -> Float[Array, "... heads t t"]:
-  """Causal attention probabilities of one Llama attention layer (no V, no output projection).
+                    rope: "Rope | float | Array", q_norm=None, k_norm=None,
+                    norm_eps: float = 0.0, window=None,
+                    scale: float | None = None) -> Float[Array, "... heads t t"]:
+  """Causal attention probabilities of one attention layer (no V, no output projection).
 
   q = X W_Qᵀ and k = X W_Kᵀ split into heads of `head_dim` (rows in the Hugging Face order),
-  rotated by RoPE (rotate-half, positions 0..t−1), scores q kᵀ / √head_dim, causal softmax.
-  Grouped-query attention: query head j reads key head j // (q_heads / k_heads), contiguous
-  groups. One KV group alone is the call with its query rows and its one key head.
+  per-head RMSNorm with `q_norm` / `k_norm` if given (Gemma 3), rotated by RoPE (rotate-half,
+  positions 0..t−1), scores q kᵀ / √head_dim (or times `scale`), causal softmax, within a
+  sliding `window` if given. Grouped-query attention: query head j reads key head
+  j // (q_heads / k_heads), contiguous groups. One KV group alone is the call with its query
+  rows and its one key head.
 
   Args:
     x: attention inputs (post-RMSNorm hidden states), (..., t, d).
     q_proj: (q_heads·head_dim, d) query weight, (out, in).
     k_proj: (k_heads·head_dim, d) key weight; q_heads must be a multiple of k_heads.
     head_dim: channels per head.
-    rope: the RoPE frequencies (`Rope`), or a plain base θ.
+    rope: the RoPE frequencies (`Rope`), a plain base θ, or the inverse frequencies (hd / 2,).
+    q_norm, k_norm: (head_dim,) QK-norm weights (both or neither), with epsilon `norm_eps`.
+    window: token i sees tokens j with i − window < j <= i (int or traced int; None: all j <= i).
+    scale: the factor of q·k; None is 1/√head_dim.
   Returns:
     (..., q_heads, t, t) row-stochastic, lower-triangular matrices.
   """
   positions = jnp.arange(x.shape[-2])
   heads = functools.partial(rotated_heads, x, positions=positions, head_dim=head_dim,
-                            rope=rope)
-  return causal_probs(heads(q_proj), heads(k_proj), positions)
+                            rope=rope, norm_eps=norm_eps)
+  return causal_probs(heads(q_proj, norm=q_norm), heads(k_proj, norm=k_norm), positions,
+                      window=window, scale=scale)

@@ -85,11 +85,11 @@ def attention_half_loss(masks: dict, layer: dict, x: Float[Array, "b t d"],
 
 
 def mlp_half_loss(masks: dict, layer: dict, x: Float[Array, "b t d"],
-                  target: Float[Array, "b t d"], *, lam):
+                  target: Float[Array, "b t d"], *, config: LlamaConfig, lam):
   """The MLP half's loss (module docstring) for masks of some of `MLP`; x its post-RMSNorm
   input."""
   pruned = layer | {name: m * layer[name] for name, m in masks.items()}
-  output, _ = mlp_output(x, pruned)
+  output, _ = mlp_output(x, pruned, config)
   return _relative(output - target, target) + lam / 2 * sum(jnp.sum(m**2) for m in masks.values())
 
 
@@ -105,7 +105,7 @@ def _solve_half(layer: dict, x, target, norms: dict, attention_weight, lam, rewe
     loss_fn = functools.partial(attention_half_loss, layer=layer, config=config,
                                 attention_weight=attention_weight)
   else:
-    loss_fn = functools.partial(mlp_half_loss, layer=layer)
+    loss_fn = functools.partial(mlp_half_loss, layer=layer, config=config)
 
   def loss_and_grad(masks, step, lam=lam):
     batch = step % x.shape[0]
@@ -218,7 +218,7 @@ def _half(half: str, hidden, layer: dict, config: LlamaConfig):
     output, _, mixed = attention_output(x, layer, config)
     return x, output, mixed
   x = mlp_input(hidden, layer, config)
-  return (x, *mlp_output(x, layer))
+  return (x, *mlp_output(x, layer, config))
 
 
 def _feature_norms(x: Float[Array, "b t n"]) -> Float[Array, "n"]:

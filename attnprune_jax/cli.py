@@ -46,8 +46,9 @@ class Command(NamedTuple):
 OUTPUT_OPTIONS = {"json": False, "results": False, "out": True, "work": True, "figures": True}
 # Those a run resumes from, locked while it runs (`locks`): one run per output.
 OWNED_OPTIONS = ("out", "results", "work")
-MODEL_HELP = ("smollm2 (the embedded default), a local Hugging Face Llama checkpoint folder (e.g. "
-              "Llama 3.2-1B: config.json, *.safetensors, tokenizer.json) or a Llama GGUF file")
+MODEL_HELP = ("smollm2 (the embedded default), gemma3-270m (Gemma 3; eval only for now), a local "
+              "Hugging Face Llama or Gemma 3 checkpoint folder (e.g. Llama 3.2-1B: config.json, "
+              "*.safetensors, tokenizer.json) or a Llama or Gemma 3 GGUF file")
 
 
 class _OptionError(InputError):
@@ -277,6 +278,10 @@ def _convergence_run(args: argparse.Namespace, reporter: Reporter) -> tuple[dict
   from experiments import real_convergence as experiment
   start = time.perf_counter()
   model = models.load(args.model)
+  if model.config.qk_norm:
+    raise InputError(f"convergence does not apply to {args.model}: it normalizes queries and "
+                     "keys per head (QK-norm), so its scores are not X W Xᵀ with one merged W "
+                     "per head, the problem the paper's theory is about", argument="model")
   num_layers = model.config.num_layers
   if args.layers == "all":
     config = dataclasses.replace(config, layers=tuple(range(num_layers)))

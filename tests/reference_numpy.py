@@ -113,38 +113,62 @@ def _rope(x, base):
 
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GEMMA3_LAYER_WEIGHTS = ("q_norm", "k_norm", "attention_output_norm", "mlp_output_norm")
 
 
-def attention_half(x: np.ndarray, w: dict, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attention_half(x: np.ndarray, w: dict, config, layer: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One sequence's attention from its post-RMSNorm input x (t, d), head by head with explicit
   GQA indexing (head j reads KV head j // (heads / kv_heads)): (output (t, d), attention
-  (heads, t, t), mixed heads (t, heads·hd)); `w` one layer's weights by name."""
+  (heads, t, t), mixed heads (t, heads·hd)); `w` one layer's weights by name. A Gemma 3 config
+  (`family` "gemma3") adds QK-norm, a sliding window and RoPE base on `layer` if it is one of
+  `sliding_layers`, its query scale and the output norm."""
   hd, heads, kv = config.head_dim, config.num_heads, config.num_kv_heads
+  gemma = getattr(config, "family", "llama") == "gemma3"
+  sliding = gemma and layer in config.sliding_layers
+  base = config.local_rope_base if sliding else config.rope_base
+  scale = 1 / np.sqrt(hd) if getattr(config, "query_scale", None) is None else config.query_scale
   t = x.shape[0]
   q_all, k_all, v_all = (x @ w[name].T for name in ("q_proj", "k_proj", "v_proj"))
   outs, probs = [], []
   for j in range(heads):
     g = j // (heads // kv)
-    q = _rope(q_all[:, j * hd:(j + 1) * hd], config.rope_base)
-    k = _rope(k_all[:, g * hd:(g + 1) * hd], config.rope_base)
+    q, k = q_all[:, j * hd:(j + 1) * hd], k_all[:, g * hd:(g + 1) * hd]
+    if gemma:
+      q, k = _rms_norm(q, w["q_norm"], config.rms_eps), _rms_norm(k, w["k_norm"], config.rms_eps)
+    q, k = _rope(q, base), _rope(k, base)
     v = v_all[:, g * hd:(g + 1) * hd]
-    scores = q @ k.T / np.sqrt(hd)
+    scores = q @ k.T * scale
     a = np.zeros((t, t))
     for i in range(t):
-      row = scores[i, :i + 1]
+      first = max(0, i - config.sliding_window + 1) if sliding else 0
+      row = scores[i, first:i + 1]
       e = np.exp(row - row.max())
-      a[i, :i + 1] = e / e.sum()
+      a[i, first:i + 1] = e / e.sum()
     probs.append(a)
     outs.append(a @ v)
   mixed = np.concatenate(outs, axis=-1)
-  return mixed @ w["o_proj"].T, np.stack(probs), mixed
+  output = mixed @ w["o_proj"].T
+  if gemma:
+    output = _rms_norm(output, w["attention_output_norm"], config.rms_eps)
+  return output, np.stack(probs), mixed
 
 
-def mlp_half(m: np.ndarray, w: dict) -> tuple[np.ndarray, np.ndarray]:
-  """SwiGLU of the post-RMSNorm input m (t, d): (output (t, d), gated (t, f))."""
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def mlp_half(m: np.ndarray, w: dict, config=None) -> tuple[np.ndarray, np.ndarray]:
+  """SwiGLU (Gemma 3: tanh-GELU GLU, then the output norm) of the post-RMSNorm input m (t, d):
+  (output (t, d), gated (t, f))."""
+  gemma = getattr(config, "family", "llama") == "gemma3"
   gate = m @ w["gate_proj"].T
-  gated = (gate / (1 + np.exp(-gate))) * (m @ w["up_proj"].T)
-  return gated @ w["down_proj"].T, gated
+  activated = _gelu_tanh(gate) if gemma else gate / (1 + np.exp(-gate))
+  gated = activated * (m @ w["up_proj"].T)
+  output = gated @ w["down_proj"].T
+  if gemma:
+    output = _rms_norm(output, w["mlp_output_norm"], config.rms_eps)
+  return output, gated
 
 
 def llama_forward(weights: dict, tokens: np.ndarray, config, *,
@@ -156,16 +180,19 @@ def llama_forward(weights: dict, tokens: np.ndarray, config, *,
   assert getattr(config, "rope_scaling", None) is None, "this reference has no RoPE scaling"
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
   h = w["embed_tokens"][np.asarray(tokens)]
+  if getattr(config, "scale_embeddings", False):
+    h = h * np.sqrt(config.hidden_size)
   inputs, attentions = [], []
   for layer in range(config.num_layers):
     x = _rms_norm(h, w["input_layernorm"][layer], config.rms_eps)
     inputs.append(x)
-    this = {name: value[layer] for name, value in w.items() if name in BLOCK_LINEARS}
-    output, probs, heads_out = attention_half(x, this, config)
+    this = {name: value[layer] for name, value in w.items()
+            if name in BLOCK_LINEARS + GEMMA3_LAYER_WEIGHTS}
+    output, probs, heads_out = attention_half(x, this, config, layer)
     attentions.append(probs)
     h = h + output
     m = _rms_norm(h, w["post_attention_layernorm"][layer], config.rms_eps)
-    output, gated = mlp_half(m, this)
+    output, gated = mlp_half(m, this, config)
     h = h + output
     if linear_inputs is not None:
       linear_inputs.append({"q_proj": x, "k_proj": x, "v_proj": x, "o_proj": heads_out,

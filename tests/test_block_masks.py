@@ -60,7 +60,7 @@ def test_half_losses_match_numpy():
   got = block_masks.attention_half_loss(attention_masks, layer, x, target, config=TINY_LLAMA,
                                         attention_weight=0.7, lam=0.01)
   np.testing.assert_allclose(got, want_attention, rtol=1e-10)
-  got = block_masks.mlp_half_loss(mlp_masks, layer, x, target, lam=0.01)
+  got = block_masks.mlp_half_loss(mlp_masks, layer, x, target, config=TINY_LLAMA, lam=0.01)
   np.testing.assert_allclose(got, want_mlp, rtol=1e-10)
   # Without q/k masks the attention term is absent (the attention matrix is the dense one).
   vo = {n: masks[n] for n in ("v_proj", "o_proj")}
@@ -83,7 +83,8 @@ def test_half_gradients_match_finite_differences(name):
     loss = lambda m: block_masks.attention_half_loss(m, layer, x, target, config=TINY_LLAMA,
                                                      attention_weight=0.7, lam=0.01)
   else:
-    loss = lambda m: block_masks.mlp_half_loss(m, layer, x, target, lam=0.01)
+    loss = lambda m: block_masks.mlp_half_loss(m, layer, x, target, config=TINY_LLAMA,
+                                               lam=0.01)
   grad = jax.grad(loss)(masks)[name]
   eps = 1e-6
   for _ in range(4):

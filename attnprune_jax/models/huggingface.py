@@ -1,4 +1,5 @@
-"""Save and load a Llama as a Hugging Face checkpoint folder, the layout `LlamaForCausalLM` reads.
+"""Save and load a Llama as a Hugging Face checkpoint folder, the layout `LlamaForCausalLM` reads
+(a Gemma 3 model: `Gemma3ForCausalLM`, model_type "gemma3_text", norms stored as w for 1 + w).
 
 Reading: `config.json` (model_type "llama"; RoPE scaling of type "llama3" or none, in the old
 `rope_scaling` or the newer `rope_parameters` form), `model.safetensors` or a sharded
@@ -38,14 +39,21 @@ INDEX_FILE, TOKENIZER_CONFIG_FILE = "model.safetensors.index.json", "tokenizer_c
 _GLOBAL_TENSORS = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
                    "lm_head": "lm_head.weight"}
 _LAYER_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+                  "q_norm": "self_attn", "k_norm": "self_attn"}
+# Gemma 3's names of the norms we name by their role (see models.llama.GEMMA3_LAYER_WEIGHTS).
+_GEMMA3_NORMS = {"post_attention_layernorm": "pre_feedforward_layernorm",
+                 "attention_output_norm": "post_attention_layernorm",
+                 "mlp_output_norm": "post_feedforward_layernorm"}
 
 
-def tensor_name(name: str, layer: int | None = None) -> str:
+def tensor_name(name: str, layer: int | None = None, family: str = "llama") -> str:
   """Hugging Face name of one of our weights: model.norm.weight, or for a layer weight (give
-  `layer`) e.g. model.layers.0.self_attn.q_proj.weight."""
+  `layer`) e.g. model.layers.0.self_attn.q_proj.weight, as the model `family` names it."""
   if layer is None:
     return _GLOBAL_TENSORS[name]
+  if family == "gemma3":
+    name = _GEMMA3_NORMS.get(name, name)
   module = f"{_LAYER_MODULES[name]}." if name in _LAYER_MODULES else ""
   return f"model.layers.{layer}.{module}{name}.weight"
 
@@ -109,9 +117,11 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
   arrays = _checked_weights(weights, config)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise OutputExistsError(f"path {path} already exists and is not an empty folder")
+  arrays = _norms_as_stored(arrays, config, offset=-1.0)
+  family = config.family
   tensors = {tensor_name(name): arrays[name] for name in arrays if name not in LAYER_WEIGHTS}
-  tensors |= {tensor_name(name, layer): arrays[name][layer] for layer in range(config.num_layers)
-              for name in LAYER_WEIGHTS}
+  tensors |= {tensor_name(name, layer, family): arrays[name][layer]
+              for layer in range(config.num_layers) for name in config.layer_weight_names}
   document = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
@@ -122,6 +132,8 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
       "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32",
       "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
   }
+  if family == "gemma3":
+    document = _gemma3_document(config, document)
   if config.max_positions is not None:
     document["max_position_embeddings"] = config.max_positions
   if tokenizer is not None:
@@ -160,6 +172,40 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+# Gemma 3: how config.json spells its attention layouts, and the norms stored as w for 1 + w.
+SLIDING, FULL = "sliding_attention", "full_attention"
+GEMMA3_ACTIVATION = "gelu_pytorch_tanh"
+
+
+def _norms_as_stored(arrays: dict, config: LlamaConfig, *, offset: float) -> dict:
+  """`arrays` with every norm weight plus `offset` where the family stores norms as w for a
+  factor 1 + w (Gemma 3: −1 to write, +1 to read); unchanged for a Llama."""
+  if config.family != "gemma3":
+    return arrays
+  return {name: value + np.float32(offset) if name == "norm" or name.endswith("norm") else value
+          for name, value in arrays.items()}
+
+
+def _gemma3_document(config: LlamaConfig, llama: dict) -> dict:
+  """config.json of a Gemma 3 text model (`Gemma3ForCausalLM`) from the Llama's entries."""
+  document = {key: llama[key] for key in (
+      "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+      "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
+      "torch_dtype", "attention_bias")}
+  local = config.rope_base if config.local_rope_base is None else config.local_rope_base
+  return document | {
+      "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+      "hidden_activation": GEMMA3_ACTIVATION,
+      "query_pre_attn_scalar": (config.head_dim if config.query_scale is None
+                                else config.query_scale**-2),
+      "sliding_window": config.sliding_window,
+      "layer_types": [SLIDING if i in config.sliding_layers else FULL
+                      for i in range(config.num_layers)],
+      "rope_parameters": {FULL: {"rope_type": "default", "rope_theta": config.rope_base},
+                          SLIDING: {"rope_type": "default", "rope_theta": local}},
+      "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
 def _read_json(path: Path) -> dict:
@@ -204,6 +250,41 @@ def _rope_scaling(document: dict, where: str) -> tuple[float | None, Llama3Scali
     raise InputError(f"{where}: {key}: {err}") from None
 
 
+def _gemma3_layout(document: dict, where: str) -> tuple[float, None, dict]:
+  """(the full layers' RoPE θ, no scaling, the config's sliding-window fields) of a Gemma 3
+  config.json: `layer_types` (or the older `sliding_window_pattern`, full attention every n-th
+  layer), `rope_parameters` per layer type (or the older `rope_theta`, `rope_local_base_freq`),
+  default RoPE only."""
+  layers = document.get("num_hidden_layers")
+  kinds = document.get("layer_types")
+  if kinds is None:
+    every = document.get("sliding_window_pattern", 6)
+    if not isinstance(layers, int) or isinstance(every, bool) or not isinstance(every, int) \
+        or every < 1:
+      raise InputError(f"{where}: sliding_window_pattern must be a positive integer, got "
+                       f"{every!r}")
+    kinds = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
+  if not isinstance(kinds, list) or len(kinds) != layers or set(kinds) - {SLIDING, FULL}:
+    raise InputError(f"{where}: layer_types must list {SLIDING!r} or {FULL!r} for each of the "
+                     f"{layers} layers, got {kinds!r}")
+  thetas = {FULL: document.get("rope_theta", 1e6), SLIDING: document.get("rope_local_base_freq",
+                                                                         1e4)}
+  parameters = document.get("rope_parameters") or {}
+  for kind in (FULL, SLIDING):
+    entry = parameters.get(kind) or {}
+    if not isinstance(entry, dict) or entry.get("rope_type", "default") != "default":
+      raise InputError(f"{where}: rope_parameters[{kind!r}] is {entry!r}; only the default "
+                       "RoPE (no scaling) is supported")
+    thetas[kind] = _number(entry.get("rope_theta", thetas[kind]),
+                           f"{where}: the {kind} RoPE's rope_theta")
+  if document.get("rope_scaling"):
+    raise InputError(f"{where}: rope_scaling {document['rope_scaling']!r} is not supported")
+  sliding = tuple(i for i, kind in enumerate(kinds) if kind == SLIDING)
+  return thetas[FULL], None, {
+      "sliding_layers": sliding, "local_rope_base": thetas[SLIDING],
+      "sliding_window": document.get("sliding_window") if sliding else None}
+
+
 def _number(value, where: str) -> float:
   """`value` as a float; InputError naming `where` unless it is a (non-bool) number."""
   if isinstance(value, bool) or not isinstance(value, int | float):
@@ -216,16 +297,24 @@ def _read_config(folder: Path) -> LlamaConfig:
   where = f"folder {folder}: {CONFIG_FILE}"
   document = _read_json(folder / CONFIG_FILE)
   architectures, model_type = document.get("architectures"), document.get("model_type")
-  if model_type != "llama" or architectures not in (None, ["LlamaForCausalLM"]):
+  gemma = model_type == "gemma3_text" and architectures in (None, ["Gemma3ForCausalLM"])
+  if not gemma and (model_type != "llama" or architectures not in (None, ["LlamaForCausalLM"])):
     raise InputError(f"{where} has architectures {architectures!r} and model_type "
-                     f"{model_type!r}; only LlamaForCausalLM / llama is supported")
-  for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                     f"{model_type!r}; supported: LlamaForCausalLM / llama and "
+                     "Gemma3ForCausalLM / gemma3_text")
+  activation = ("hidden_activation", GEMMA3_ACTIVATION) if gemma else ("hidden_act", "silu")
+  for key, supported in (activation, ("attention_bias", False), ("mlp_bias", False),
                          ("pretraining_tp", 1), ("partial_rotary_factor", 1.0),
-                         ("quantization_config", None)):
-    if document.get(key, supported) != supported:
+                         ("quantization_config", None), ("attn_logit_softcapping", None),
+                         ("final_logit_softcapping", None),
+                         ("use_bidirectional_attention", False)):
+    if document.get(key, supported) not in (supported, *((None,) if supported is False else ())):
       raise InputError(f"{where} sets {key} to {document[key]!r}; only {supported!r} is "
                        "supported")
-  rope_theta, scaling = _rope_scaling(document, where)
+  if gemma:
+    rope_theta, scaling, extra = _gemma3_layout(document, where)
+  else:
+    (rope_theta, scaling), extra = _rope_scaling(document, where), {}
 
   def get(key, kind, default=None):
     """document[key] (or `default` if given) as `kind`, else an InputError naming the key."""
@@ -259,6 +348,11 @@ def _read_config(folder: Path) -> LlamaConfig:
       tie_embeddings=get("tie_word_embeddings", bool, False), rope_scaling=scaling,
       max_positions=(get("max_position_embeddings", int)
                      if document.get("max_position_embeddings") is not None else None))
+  if gemma:
+    scalar = get("query_pre_attn_scalar", float, 256.0)
+    fields |= extra | {"family": "gemma3", "activation": "gelu_tanh", "scale_embeddings": True,
+                       "tie_embeddings": get("tie_word_embeddings", bool, True),
+                       "query_scale": None if scalar == fields["head_dim"] else scalar**-0.5}
   try:
     return LlamaConfig(**fields)
   except InputError as err:
@@ -377,7 +471,8 @@ def read_folder(path: str | os.PathLike
                          "(or values beyond float32)")
     opened(name, shape, copy)
 
-  names = [(tensor_name(name, layer), shape[1:]) for name, shape in shapes.items()
+  family = config.family
+  names = [(tensor_name(name, layer, family), shape[1:]) for name, shape in shapes.items()
            if name in LAYER_WEIGHTS for layer in range(config.num_layers)]
   names += [(tensor_name(name), shape) for name, shape in shapes.items()
             if name not in LAYER_WEIGHTS]
@@ -388,9 +483,10 @@ def read_folder(path: str | os.PathLike
     weights[name] = np.empty(shape, np.float32)
     if name in LAYER_WEIGHTS:
       for layer in range(config.num_layers):
-        read(tensor_name(name, layer), shape[1:], weights[name][layer])
+        read(tensor_name(name, layer, family), shape[1:], weights[name][layer])
     else:
       read(tensor_name(name), shape, weights[name])
+  weights = _norms_as_stored(weights, config, offset=1.0)
   tokenizer_path = folder / TOKENIZER_FILE
   tokenizer = None
   if tokenizer_path.is_file():

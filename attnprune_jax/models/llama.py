@@ -1,6 +1,13 @@
-"""A Llama-architecture causal LM as a Flax NNX module.
+"""A Llama-architecture causal LM as a Flax NNX module, and Gemma 3 as a variant of it.
 
-RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings.
+RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings. Gemma 3 (`family` "gemma3")
+adds per-head RMSNorm of queries and keys before RoPE (`qk_norm`) and RMSNorm of the
+attention's and the MLP's outputs before the residual (`output_norms`), and sets what its
+config fields say: a sliding window with its own RoPE base on most layers (`sliding_layers`,
+`sliding_window`, `local_rope_base`), GeGLU with tanh-GELU, embeddings times √d, its own query
+scale. Norm
+weights are held as the factor they multiply by: Gemma's checkpoints store w for a factor
+(1 + w), which the Hugging Face reader and writer convert (GGUF files store 1 + w already).
 
 Weights are stacked over layers, (layers, out, in) like the checkpoints, and the forward pass
 is one jitted `lax.scan` over them: 30 layers compile as one. q/k rows are in the Hugging Face
@@ -24,8 +31,23 @@ from attnprune_jax import validation
 from attnprune_jax.attention import Llama3Scaling, Rope, layer_attention
 from attnprune_jax.errors import InputError
 
-LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
-                 "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+LLAMA_LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                       "post_attention_layernorm", "gate_proj", "up_proj", "down_proj")
+# Gemma 3's additions: per-head q/k norms (head_dim,), the attention's and the MLP's output
+# norms (d,). `post_attention_layernorm` is the MLP's input norm in every family (Gemma's
+# checkpoints call it pre_feedforward_layernorm).
+GEMMA3_LAYER_WEIGHTS = ("q_norm", "k_norm", "attention_output_norm", "mlp_output_norm")
+# Every name a layer weight (stacked on a leading layer axis) may have.
+LAYER_WEIGHTS = LLAMA_LAYER_WEIGHTS + GEMMA3_LAYER_WEIGHTS
+FAMILIES = ("llama", "gemma3")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+# The window of a layer without one, in the per-layer table (longer than any sequence).
+NO_WINDOW = 2**30
+
+
+def layer_weight_names(family: str) -> tuple[str, ...]:
+  """The names of the layer weights of a model `family`."""
+  return LLAMA_LAYER_WEIGHTS + (GEMMA3_LAYER_WEIGHTS if family == "gemma3" else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +55,10 @@ class LlamaConfig:
   """Architecture numbers of a Llama model.
 
   `rope_scaling` is Llama 3.1's frequency scaling or None; `max_positions` the longest sequence
-  the model was made for (None: unknown, unchecked).
+  the model was made for (None: unknown, unchecked). The fields after it are Gemma 3's (see the
+  module docstring); their defaults are the Llama. `sliding_layers` are the layer indices whose
+  token i attends to tokens i − sliding_window < j ≤ i only, with RoPE base `local_rope_base`;
+  `query_scale` multiplies q·k (None: 1/√head_dim).
   """
   vocab_size: int
   hidden_size: int
@@ -47,6 +72,13 @@ class LlamaConfig:
   tie_embeddings: bool = True
   rope_scaling: Llama3Scaling | None = None
   max_positions: int | None = None
+  family: str = "llama"
+  activation: str = "silu"
+  scale_embeddings: bool = False
+  query_scale: float | None = None
+  sliding_window: int | None = None
+  sliding_layers: tuple[int, ...] = ()
+  local_rope_base: float | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -67,6 +99,78 @@ class LlamaConfig:
                        f"({self.num_kv_heads})")
     if self.head_dim % 2:
       raise InputError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.family not in FAMILIES:
+      raise InputError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    validation.check_bool("scale_embeddings", self.scale_embeddings)
+    if self.activation not in ACTIVATIONS:
+      raise InputError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
+                       f"{self.activation!r}")
+    if self.query_scale is not None:
+      validation.check_scalar("query_scale", self.query_scale, minimum=0.0, strict=True)
+      object.__setattr__(self, "query_scale", float(self.query_scale))
+    layers = tuple(self.sliding_layers)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers
+           for i in layers) or len(set(layers)) != len(layers):
+      raise InputError(f"sliding_layers must be distinct layer indices in [0, "
+                       f"{self.num_layers}), got {self.sliding_layers!r}")
+    object.__setattr__(self, "sliding_layers", tuple(sorted(layers)))
+    if layers and self.sliding_window is None:
+      raise InputError("sliding_layers need a sliding_window")
+    if self.sliding_window is not None:
+      object.__setattr__(self, "sliding_window",
+                         validation.check_positive_int("sliding_window", self.sliding_window))
+    if self.local_rope_base is not None:
+      validation.check_scalar("local_rope_base", self.local_rope_base, minimum=0.0, strict=True)
+      object.__setattr__(self, "local_rope_base", float(self.local_rope_base))
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether queries and keys are RMS-normalized per head before RoPE (Gemma 3)."""
+    return self.family == "gemma3"
+
+  @property
+  def output_norms(self) -> bool:
+    """Whether the attention's and the MLP's outputs are RMS-normalized before the residual
+    (Gemma 3)."""
+    return self.family == "gemma3"
+
+  @property
+  def layer_weight_names(self) -> tuple[str, ...]:
+    """The names of this architecture's layer weights."""
+    return layer_weight_names(self.family)
+
+  @property
+  def layers_differ(self) -> bool:
+    """Whether layers differ in their attention (window, RoPE base): then the per-layer
+    functions need the layer's index."""
+    return bool(self.sliding_layers)
+
+  def layer_rope(self, index) -> "Rope | jax.Array":
+    """Layer `index`'s RoPE: a static `Rope` for a Python int (or for every layer when they do
+    not differ), its inverse frequencies (head_dim / 2,) for a traced index."""
+    if not self.layers_differ:
+      return self.rope
+    local = Rope(self.rope_base if self.local_rope_base is None else self.local_rope_base,
+                 self.rope_scaling if self.local_rope_base is None else None)
+    if isinstance(index, int):
+      return local if index in self.sliding_layers else self.rope
+    half = self.head_dim // 2
+    dtype = jnp.result_type(float)  # float64 where enabled, as the static path computes it
+    table = jnp.stack([(local if i in self.sliding_layers else self.rope).inverse_frequencies(
+        half, dtype) for i in range(self.num_layers)])
+    return table[index]
+
+  def layer_window(self, index) -> "int | jax.Array | None":
+    """Layer `index`'s sliding window: None for a full-attention layer (or a model without
+    windows), the window for a Python int, an int32 scalar for a traced index (`NO_WINDOW` for
+    full attention)."""
+    if not self.sliding_layers:
+      return None
+    if isinstance(index, int):
+      return self.sliding_window if index in self.sliding_layers else None
+    table = np.full(self.num_layers, NO_WINDOW, np.int32)
+    table[list(self.sliding_layers)] = self.sliding_window
+    return jnp.asarray(table)[index]
 
   @property
   def rope(self) -> Rope:
@@ -83,6 +187,9 @@ class LlamaConfig:
         "v_proj": (n, kv, d), "o_proj": (n, d, q), "post_attention_layernorm": (n, d),
         "gate_proj": (n, f, d), "up_proj": (n, f, d), "down_proj": (n, d, f),
     }
+    if self.family == "gemma3":
+      shapes |= {"q_norm": (n, self.head_dim), "k_norm": (n, self.head_dim),
+                 "attention_output_norm": (n, d), "mlp_output_norm": (n, d)}
     if not self.tie_embeddings:
       shapes["lm_head"] = (self.vocab_size, d)
     return shapes
@@ -109,8 +216,23 @@ def attention_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaCon
   return rms_norm(hidden, layer["input_layernorm"], config.rms_eps)
 
 
-def attention_output(attn_input: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
-  """What the attention adds to the residual stream, from its post-RMSNorm input.
+def layer_attention_args(layer: dict, config: LlamaConfig, index=None) -> dict:
+  """The keyword arguments of `attention.layer_attention` for a layer: its head size, RoPE,
+  window, query scale and (Gemma 3) QK-norm weights. `index` (a Python int, or a traced one
+  inside a scan over layers) is needed where layers differ (`config.layers_differ`)."""
+  if index is None and config.layers_differ:
+    raise InputError("this model's layers differ in their attention: give the layer's index")
+  args = {"head_dim": config.head_dim, "rope": config.layer_rope(index),
+          "window": config.layer_window(index), "scale": config.query_scale}
+  if config.qk_norm:
+    args |= {"q_norm": layer["q_norm"], "k_norm": layer["k_norm"], "norm_eps": config.rms_eps}
+  return args
+
+
+def attention_output(attn_input: Float[Array, "b t d"], layer: dict, config: LlamaConfig,
+                     index=None):
+  """What the attention adds to the residual stream, from its post-RMSNorm input (`index`: see
+  `layer_attention_args`).
 
   Returns:
     (output (b, t, d), attention (b, heads, t, t), mixed heads (b, t, heads·hd): o_proj's
@@ -118,15 +240,19 @@ def attention_output(attn_input: Float[Array, "b t d"], layer: dict, config: Lla
   """
   b, t, _ = attn_input.shape
   kv, hd = config.num_kv_heads, config.head_dim
-  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"], head_dim=hd,
-                          rope=config.rope)
+  probs = layer_attention(attn_input, layer["q_proj"], layer["k_proj"],
+                          **layer_attention_args(layer, config, index))
   v = (attn_input @ layer["v_proj"].T).reshape(b, t, kv, hd)
   grouped = probs.reshape(b, kv, config.num_heads // kv, t, t)
   mixed = jnp.einsum("bkgqs,bske->bqkge", grouped, v).reshape(b, t, -1)
-  return mixed @ layer["o_proj"].T, probs, mixed
+  output = mixed @ layer["o_proj"].T
+  if config.output_norms:
+    output = rms_norm(output, layer["attention_output_norm"], config.rms_eps)
+  return output, probs, mixed
 
 
-def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig,
+                    index=None):
   """The attention half of a block (residual added).
 
   Returns:
@@ -134,7 +260,7 @@ def attention_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaCon
     (b, heads, t, t), mixed heads (b, t, heads·hd): o_proj's input).
   """
   attn_input = attention_input(hidden, layer, config)
-  output, probs, mixed = attention_output(attn_input, layer, config)
+  output, probs, mixed = attention_output(attn_input, layer, config, index)
   return hidden + output, attn_input, probs, mixed
 
 
@@ -143,37 +269,42 @@ def mlp_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
   return rms_norm(hidden, layer["post_attention_layernorm"], config.rms_eps)
 
 
-def mlp_output(mlp_in: Float[Array, "b t d"], layer: dict):
-  """What the SwiGLU MLP adds to the residual stream: (output (b, t, d), gated (b, t, f):
-  down_proj's input)."""
-  gated = jax.nn.silu(mlp_in @ layer["gate_proj"].T) * (mlp_in @ layer["up_proj"].T)
-  return gated @ layer["down_proj"].T, gated
+def mlp_output(mlp_in: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+  """What the gated MLP (SwiGLU, or Gemma's GeGLU) adds to the residual stream: (output
+  (b, t, d), gated (b, t, f): down_proj's input)."""
+  activation = ACTIVATIONS[config.activation]
+  gated = activation(mlp_in @ layer["gate_proj"].T) * (mlp_in @ layer["up_proj"].T)
+  output = gated @ layer["down_proj"].T
+  if config.output_norms:
+    output = rms_norm(output, layer["mlp_output_norm"], config.rms_eps)
+  return output, gated
 
 
 def mlp_block(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
-  """The SwiGLU half of a block (residual added).
+  """The MLP half of a block (residual added).
 
   Returns:
     (hidden after it (b, t, d), MLP input (b, t, d): gate/up_proj's input, gated (b, t, f):
     down_proj's input).
   """
   mlp_in = mlp_input(hidden, layer, config)
-  output, gated = mlp_output(mlp_in, layer)
+  output, gated = mlp_output(mlp_in, layer, config)
   return hidden + output, mlp_in, gated
 
 
-def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):
+def decoder_layer(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig, index=None):
   """One decoder block on its own.
 
   Args:
     hidden: residual stream entering the block, (b, t, d).
-    layer: this layer's weights by name (`LAYER_WEIGHTS`, no layer axis), e.g. from
+    layer: this layer's weights by name (`config.layer_weight_names`, no layer axis), e.g. from
       `layer_weights(weights, i)`.
     config: the architecture.
+    index: the layer's index, where layers differ (`layer_attention_args`).
   Returns:
     (hidden leaving the block (b, t, d), attention input (b, t, d), attention (b, heads, t, t)).
   """
-  hidden, attn_input, probs, _ = attention_block(hidden, layer, config)
+  hidden, attn_input, probs, _ = attention_block(hidden, layer, config, index)
   hidden, _, _ = mlp_block(hidden, layer, config)
   return hidden, attn_input, probs
 
@@ -183,17 +314,18 @@ LINEAR_INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attent
                  "o_proj": "heads", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "gated"}
 
 
-def linear_inputs(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig) -> dict:
+def linear_inputs(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig,
+                  index=None) -> dict:
   """What each linear of a block sees when the block runs on `hidden`: {"attention": (b, t, d),
   "heads": (b, t, heads·hd), "mlp": (b, t, d), "gated": (b, t, f)} (see `LINEAR_INPUTS`)."""
-  hidden, attn_input, _, mixed = attention_block(hidden, layer, config)
+  hidden, attn_input, _, mixed = attention_block(hidden, layer, config, index)
   _, mlp_input, gated = mlp_block(hidden, layer, config)
   return {"attention": attn_input, "heads": mixed, "mlp": mlp_input, "gated": gated}
 
 
 def layer_weights(weights: dict, index: int) -> dict:
   """Layer `index`'s weights by name, without the stacked layer axis."""
-  return {name: weights[name][index] for name in LAYER_WEIGHTS}
+  return {name: weights[name][index] for name in LAYER_WEIGHTS if name in weights}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_attention_inputs",
@@ -206,9 +338,13 @@ def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
   "attention" (layers, b, heads, t, t), each layer's attention matrices.
   """
   hidden = weights["embed_tokens"][tokens]
+  if config.scale_embeddings:  # √d rounded to the weights' type first, as Gemma does
+    hidden = hidden * jnp.asarray(config.hidden_size**0.5, hidden.dtype)
 
-  def body(hidden, layer):
-    hidden, attn_input, probs = decoder_layer(hidden, layer, config)
+  def body(hidden, scanned):
+    index, layer = scanned
+    hidden, attn_input, probs = decoder_layer(hidden, layer, config,
+                                              index if config.layers_differ else None)
     captured = {}
     if return_attention_inputs:
       captured["attention_inputs"] = attn_input
@@ -216,7 +352,10 @@ def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
       captured["attention"] = probs
     return hidden, captured
 
-  hidden, captures = jax.lax.scan(body, hidden, {name: weights[name] for name in LAYER_WEIGHTS})
+  layers = {name: weights[name] for name in config.layer_weight_names}
+  # The layers given (a caller may pass the first few only), each with its index.
+  indices = jnp.arange(layers["q_proj"].shape[0])
+  hidden, captures = jax.lax.scan(body, hidden, (indices, layers))
   head = weights["embed_tokens"] if config.tie_embeddings else weights["lm_head"]
   return rms_norm(hidden, weights["norm"], config.rms_eps) @ head.T, captures
 

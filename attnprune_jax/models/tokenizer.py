@@ -1,10 +1,15 @@
-"""Byte-level BPE tokenizer built with Hugging Face `tokenizers` from a GGUF file's fields.
+"""Tokenizers built with Hugging Face `tokenizers` from a GGUF file's fields.
 
-Recipe (`tokenizer.ggml.model` "gpt2", i.e. byte-level BPE): a BPE model from
+Byte-level BPE (`tokenizer.ggml.model` "gpt2", SmolLM2, Llama 3): a BPE model from
 `tokenizer.ggml.tokens` and `.merges`; the pre-tokenizer that llama.cpp names by
 `tokenizer.ggml.pre`, rebuilt for the values in `PRE_TOKENIZERS` only (any other would split text
 differently without a word, so it is refused); ByteLevel decoder; control tokens as special
 tokens. Text round-trips exactly.
+
+Gemma's SentencePiece BPE (`Tokenizer.gemma`, model "llama"): spaces become "▁", BPE with byte
+fallback, merges derived from the vocabulary (a Gemma GGUF stores none; `derived_merges`), control
+tokens special and user-defined ones (runs of newlines, tabs, ...) matched whole, as transformers'
+GGUF converter builds it (its ids are the reference the tests compare with).
 `to_json_str` / `Tokenizer.from_json_str` save and restore it as Hugging Face `tokenizer.json`
 (any `tokenizer.json`, e.g. Llama 3's, loads that way).
 
@@ -17,11 +22,14 @@ import copy
 from collections.abc import Sequence
 
 import gguf
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import (AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers,
+                        pre_tokenizers)
 
 from attnprune_jax.errors import InputError, InputTypeError
 
 BPE_MODEL = "gpt2"
+SENTENCEPIECE_MODEL = "llama"  # tokenizer.ggml.model of SentencePiece vocabularies (Gemma)
+SPACE = "\u2581"  # "▁", SentencePiece's spelling of a space
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2-style vocabularies put it between documents
 
 
@@ -79,6 +87,45 @@ class Tokenizer:
     self.vocab_size = len(tokens)
 
   @classmethod
+  def _wrapping(cls, hf_tokenizer: HFTokenizer, special_tokens: list[str]) -> "Tokenizer":
+    """A Tokenizer around a built `tokenizers.Tokenizer` (no BOS/EOS known yet)."""
+    tokenizer = cls.__new__(cls)
+    tokenizer.special_tokens = special_tokens
+    tokenizer._tokenizer = hf_tokenizer
+    tokenizer.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+    return tokenizer
+
+  @classmethod
+  def gemma(cls, tokens: Sequence[str], token_types: Sequence[int], *,
+            unk_token: str) -> "Tokenizer":
+    """Gemma's SentencePiece BPE from a GGUF file's tokenizer.ggml.{tokens, token_type} (see the
+    module docstring); `unk_token` the vocabulary's unknown token."""
+    if len(tokens) != len(token_types):
+      raise InputError(f"token_types must have one entry per token ({len(tokens)}), "
+                       f"got {len(token_types)}")
+    # A token of spaces only is stored with real spaces; the model looks it up as "▁"s.
+    spelled = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: index for index, token in enumerate(spelled)}
+    if unk_token not in vocab:
+      raise InputError(f"unk_token {unk_token!r} is not in the vocabulary")
+    try:
+      bpe = HFTokenizer(models.BPE(vocab=vocab, merges=derived_merges(spelled), fuse_unk=True,
+                                   unk_token=unk_token, byte_fallback=True))
+    except Exception as err:  # tokenizers raises a bare Exception
+      raise InputError(f"tokenizer fields are inconsistent: {err}") from err
+    bpe.normalizer = normalizers.Replace(" ", SPACE)
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    bpe.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    special = [t for t, kind in zip(tokens, token_types) if kind == gguf.TokenType.CONTROL]
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    known = bpe.get_vocab(with_added_tokens=True)
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(tokens, token_types)
+                    if kind == gguf.TokenType.USER_DEFINED and t in known])
+    return cls._wrapping(bpe, special)
+
+  @classmethod
   def from_json_str(cls, text: str) -> "Tokenizer":
     """The tokenizer of a `tokenizer.json` text (ours from `to_json_str`, or a checkpoint's):
     special tokens are the added tokens marked special, in id order; no BOS/EOS known yet
@@ -87,12 +134,8 @@ class Tokenizer:
       bpe = HFTokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception
       raise InputError(f"text is not a valid tokenizer.json: {err}") from err
-    tokenizer = cls.__new__(cls)
     added = bpe.get_added_tokens_decoder()
-    tokenizer.special_tokens = [added[i].content for i in sorted(added) if added[i].special]
-    tokenizer._tokenizer = bpe
-    tokenizer.vocab_size = bpe.get_vocab_size(with_added_tokens=True)
-    return tokenizer
+    return cls._wrapping(bpe, [added[i].content for i in sorted(added) if added[i].special])
 
   def with_special_tokens(self, *, bos_token: str | None, eos_token: str | None,
                           adds_bos: bool) -> "Tokenizer":
@@ -159,3 +202,21 @@ class Tokenizer:
     if index is None:
       raise InputError(f"token {token!r} is not in the vocabulary")
     return index
+
+
+def derived_merges(tokens: Sequence[str]) -> list[tuple[str, str]]:
+  """BPE merges implied by a vocabulary listed best-first (a SentencePiece BPE vocabulary's
+  order is its merge order): every split of a token into two tokens of the vocabulary, ranked
+  by the token's position, ties by the pieces' lengths (longest first), then by the pieces'
+  ids. The rule of transformers' GGUF converter for Gemma, whose stored scores do not follow
+  the merge order."""
+  vocab = {token: index for index, token in enumerate(tokens)}
+  rank = {token: -index for index, token in enumerate(tokens)}
+  merges = []
+  for token, score in rank.items():
+    pairs = [(token[:i], token[i:]) for i in range(1, len(token))
+             if token[:i] in vocab and token[i:] in vocab]
+    pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges += [(left, right, score) for left, right in pairs]
+  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+  return [(left, right) for left, right, _ in merges]
