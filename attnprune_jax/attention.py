@@ -1,6 +1,6 @@
 """Softmax attention matrices, computed stably; rotary position embeddings (`Rope`); the attention
-probabilities of one Llama or Gemma 3 layer (`layer_attention`, the single copy the model, the factored
-pruning objective and the pipeline all call).
+probabilities of one Llama or Gemma 3 layer (`layer_attention`, the single copy the model, the
+factored pruning objective and the pipeline all call).
 
 f(W) = row-softmax of S = X W Xᵀ, restricted to j <= i when causal. The softmax is max-shifted
 over the allowed entries and excludes the others before the exponential, so it never overflows:
@@ -173,10 +173,10 @@ def rotary_embedding(x: Float[Array, "... t heads hd"], positions: Array, *,
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
-def head_rms_norm(heads: Float[Array, "... hd"], weight: Float[Array, "hd"], eps: float):
-  """Each head's vector divided by its RMS, times `weight` (Gemma 3's QK-norm; the factor
-  itself, no +1)."""
-  return heads * jax.lax.rsqrt(jnp.mean(heads * heads, axis=-1, keepdims=True) + eps) * weight
+def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float):
+  """x / rms(x) · weight over the last axis (the weight multiplies; no +1): the models' norms and
+  Gemma 3's per-head QK-norm."""
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
 def rotated_heads(x: Float[Array, "... t d"], proj: Float[Array, "heads·hd d"], positions, *,
@@ -187,7 +187,7 @@ def rotated_heads(x: Float[Array, "... t d"], proj: Float[Array, "heads·hd d"],
   RoPE at `positions` ((t,) ints, the tokens' positions)."""
   heads = (x @ proj.T).reshape(*x.shape[:-1], -1, head_dim)
   if norm is not None:
-    heads = head_rms_norm(heads, norm, norm_eps)
+    heads = rms_norm(heads, norm, norm_eps)
   return rotary_embedding(heads, positions, rope=rope)
 
 

@@ -67,19 +67,20 @@ def _relative(error, reference):
 
 def attention_half_loss(masks: dict, layer: dict, x: Float[Array, "b t d"],
                         target: Float[Array, "b t d"], *, config: LlamaConfig,
-                        attention_weight, lam):
+                        attention_weight, lam, index=None):
   """The attention half's loss (module docstring) for masks of some of `ATTENTION`.
 
   Args:
     masks: {target: (out, in)} masks of the pruned linears; the others stay dense.
     layer: the block's dense weights by name.
     x: the attention's post-RMSNorm input; target: what its output should be.
+    index: the layer's index, where layers differ (`models.llama.layer_attention_args`).
   """
   pruned = layer | {name: m * layer[name] for name, m in masks.items()}
-  output, probs, _ = attention_output(x, pruned, config)
+  output, probs, _ = attention_output(x, pruned, config, index)
   loss = _relative(output - target, target)
   if {"q_proj", "k_proj"} & set(masks):
-    dense = jax.lax.stop_gradient(attention_output(x, layer, config)[1])
+    dense = jax.lax.stop_gradient(attention_output(x, layer, config, index)[1])
     loss = loss + attention_weight * _relative(probs - dense, dense)
   return loss + lam / 2 * sum(jnp.sum(m**2) for m in masks.values())
 
@@ -96,14 +97,15 @@ def mlp_half_loss(masks: dict, layer: dict, x: Float[Array, "b t d"],
 @functools.partial(jax.jit, static_argnames=("half", "names", "reweight", "schedule",
                                              "optimizer", "steps_per_round", "reweight_steps",
                                              "config"))
-def _solve_half(layer: dict, x, target, norms: dict, attention_weight, lam, reweight_lam, lr, *,
-                half: str, names: tuple[str, ...], reweight: bool, schedule: tuple,
+def _solve_half(layer: dict, x, target, norms: dict, attention_weight, lam, reweight_lam, lr,
+                index, *, half: str, names: tuple[str, ...], reweight: bool, schedule: tuple,
                 optimizer: str, steps_per_round: int, reweight_steps: int,
                 config: LlamaConfig):
-  """Masks of `names` (linears of one half) on batches x, target (batches, windows, t, d)."""
+  """Masks of `names` (linears of one half) on batches x, target (batches, windows, t, d);
+  `index` the layer's (traced: one compilation for every layer)."""
   if half == "attention":
     loss_fn = functools.partial(attention_half_loss, layer=layer, config=config,
-                                attention_weight=attention_weight)
+                                attention_weight=attention_weight, index=index)
   else:
     loss_fn = functools.partial(mlp_half_loss, layer=layer, config=config)
 
@@ -137,7 +139,7 @@ def _solve_half(layer: dict, x, target, norms: dict, attention_weight, lam, rewe
 def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
                 targets: tuple[str, ...], sparsity: float, n_m: tuple[int, int] | None = None,
                 config: LlamaConfig, solver: BlockSolverConfig | None = None,
-                teacher: tuple | None = None) -> BlockPruning:
+                teacher: tuple | None = None, index: int | None = None) -> BlockPruning:
   """Prunes the `targets` of one decoder block with a whole-block method.
 
   Args:
@@ -151,6 +153,7 @@ def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
     solver: settings; None takes the method's registered ones.
     teacher: with `solver.target` "teacher", the dense model's residual stream (after the
       attention half, after the block), each (windows, t, d).
+    index: the block's index in the model (needed where layers differ, e.g. Gemma 3).
   Returns:
     a `BlockPruning` of `targets`.
   Raises:
@@ -187,21 +190,25 @@ def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
                  reweight_steps=solver.reweight_steps, config=config)
   scalars = [jnp.asarray(v, dtype) for v in (solver.attention_weight, solver.lam,
                                              solver.reweight_lam, solver.lr)]
+  if index is None and config.layers_differ:
+    raise InputError("this model's layers differ in their attention: give the block's index",
+                     argument="index")
+  layer_index = jnp.asarray(0 if index is None else index)
   new, keep, losses = {}, {}, []
-  for index, (half, linears) in enumerate((("attention", ATTENTION), ("mlp", MLP))):
-    x, dense_output, wide = _half(half, hidden, layer, config)
+  for position, (half, linears) in enumerate((("attention", ATTENTION), ("mlp", MLP))):
+    x, dense_output, wide = _half(half, hidden, layer, config, index)
     names = tuple(t for t in linears if t in targets)
     if names:
-      target = dense_output if teacher is None else teacher[index] - hidden
+      target = dense_output if teacher is None else teacher[position] - hidden
       # The last linear of a half (o_proj, down_proj) reads the wide input, the others x.
       norms = {name: _feature_norms(wide if name == linears[-1] else x) for name in names}
       half_new, half_keep, loss = _solve_half(layer, batch(x), batch(target), norms, *scalars,
-                                              half=half, names=names, **options)
+                                              layer_index, half=half, names=names, **options)
       new |= half_new
       keep |= half_keep
       losses.append(loss)
     if half == "attention":  # the MLP half sees the pruned attention half's output
-      hidden = hidden + _half(half, hidden, layer | new, config)[1]
+      hidden = hidden + _half(half, hidden, layer | new, config, index)[1]
   loss = jnp.concatenate(losses)
   if not validation.is_traced(loss) and not bool(jnp.isfinite(loss).all()):
     raise DivergenceError(f"{method} diverged: the loss or the masks became NaN or Inf with "
@@ -210,12 +217,12 @@ def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
                       {name: keep[name] for name in targets}, loss)
 
 
-def _half(half: str, hidden, layer: dict, config: LlamaConfig):
+def _half(half: str, hidden, layer: dict, config: LlamaConfig, index=None):
   """One half of the block on the residual stream `hidden` (b, t, d): (its post-RMSNorm input
   x (b, t, d), what it adds to the stream (b, t, d), the input of its last linear)."""
   if half == "attention":
     x = attention_input(hidden, layer, config)
-    output, _, mixed = attention_output(x, layer, config)
+    output, _, mixed = attention_output(x, layer, config, index)
     return x, output, mixed
   x = mlp_input(hidden, layer, config)
   return (x, *mlp_output(x, layer, config))
@@ -227,9 +234,9 @@ def _feature_norms(x: Float[Array, "b t n"]) -> Float[Array, "n"]:
 
 
 def _prune_block(method: str, layer: dict, hidden, *, targets, sparsity, n_m, config, solver,
-                 teacher) -> BlockPruning:
+                 teacher, index=None) -> BlockPruning:
   return solve_block(layer, hidden, method=method, targets=targets, sparsity=sparsity, n_m=n_m,
-                     config=config, solver=solver, teacher=teacher)
+                     config=config, solver=solver, teacher=teacher, index=index)
 
 
 prune_attn_block = functools.partial(_prune_block, "attn-block")

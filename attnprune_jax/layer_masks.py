@@ -59,11 +59,13 @@ class LayerPruning(NamedTuple):
 
 def _prune_layer(method: str, q_proj, k_proj, x, *, sparsity: float,
                  n_m: tuple[int, int] | None, config, solver: MaskSolverConfig | None = None,
-                 mesh=None) -> LayerPruning:
-  """`solve_layer` with the attention layout of a model's `LlamaConfig`."""
+                 mesh=None, attention: dict | None = None) -> LayerPruning:
+  """`solve_layer` with the attention layout of a model's `LlamaConfig`, or of one of its
+  layers (`attention`: `models.llama.layer_attention_args`; needed where layers differ)."""
+  if attention is None:
+    attention = {"head_dim": config.head_dim, "rope": config.rope}
   return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
-                     config=solver, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                     rope=config.rope, mesh=mesh)
+                     config=solver, num_kv_heads=config.num_kv_heads, mesh=mesh, **attention)
 
 
 prune_attn = functools.partial(_prune_layer, "attn")
@@ -93,7 +95,8 @@ def prune_schedule(sparsity: float, n_m: tuple[int, int] | None, rounds: int) ->
 def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                 n_m: tuple[int, int] | None = None, config: MaskSolverConfig | None = None,
                 num_kv_heads: int, head_dim: int, rope: Rope | float, block: int | None = None,
-                mesh=None) -> LayerPruning:
+                mesh=None, window: int | None = None, scale: float | None = None,
+                q_norm=None, k_norm=None, norm_eps: float = 0.0) -> LayerPruning:
   """Prunes one layer's q_proj and k_proj with an attention-aware method.
 
   Args:
@@ -103,7 +106,8 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
     sparsity: fraction removed per output row, in [0, 1); n/m with `n_m`.
     n_m: (n, m) structure along the input axis, or None.
     config: solver settings; None takes the method's registered ones (`Method.solver`).
-    num_kv_heads, head_dim, rope: the model's attention layout.
+    num_kv_heads, head_dim, rope: the model's attention layout; window, scale, q_norm,
+      k_norm, norm_eps: the rest of the layer's (`attention.layer_attention`; Gemma 3).
     block: query rows per block of the row-blocked loss (`objective.blocked_factored_loss`,
       O(windows·group·block·t) memory per KV group instead of O(windows·group·t²), the same
       result to rounding); None: `solver.default_block`.
@@ -132,6 +136,9 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
   if k_proj.shape[0] != num_kv_heads * head_dim or q_proj.shape[0] % k_proj.shape[0]:
     raise InputError(f"k_proj must have num_kv_heads·head_dim = {num_kv_heads * head_dim} rows "
                      f"and divide q_proj's {q_proj.shape[0]}, got {k_proj.shape[0]}")
+  for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
+    if norm is not None and validation.check_array(name, norm, ndim=1).shape != (head_dim,):
+      raise InputError(f"{name} must have shape ({head_dim},), got {tuple(norm.shape)}")
   sparsity = validation.check_sparsity(sparsity)
   if n_m is not None:
     n_m = check_n_m(n_m, sparsity, d)
@@ -158,7 +165,8 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
                         steps_per_round=config.steps_per_round,
                         reweight_steps=config.reweight_steps,
                         num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope,
-                        block=block)
+                        block=block, window=window, scale=scale, norm_eps=norm_eps,
+                        q_norm=q_norm, k_norm=k_norm)
   if mesh is not None:
     result = sharding.replicate(result, mesh)
   if not validation.is_traced(result.loss) and not bool(jnp.isfinite(result.loss).all()):
@@ -169,13 +177,15 @@ def solve_layer(q_proj, k_proj, x, *, method: str, sparsity: float,
 
 @functools.partial(jax.jit, static_argnames=(
     "method", "schedule", "optimizer", "steps", "steps_per_round", "reweight_steps",
-    "num_kv_heads", "head_dim", "rope", "block"))
+    "num_kv_heads", "head_dim", "rope", "block", "window", "scale", "norm_eps"))
 def _solve_layer(q_proj, k_proj, batches, lam, reweight_lam, lr, *, method, schedule, optimizer,
                  steps, steps_per_round, reweight_steps, num_kv_heads, head_dim, rope,
-                 block) -> LayerPruning:
+                 block, window, scale, norm_eps, q_norm, k_norm) -> LayerPruning:
   q_groups, k_groups = kv_groups(q_proj, k_proj, num_kv_heads)
   weights = {"q_proj": q_groups, "k_proj": k_groups}
-  layout = {"head_dim": head_dim, "rope": rope}
+  # The norm weights (head_dim,) are shared by every KV group: closed over, not mapped.
+  layout = {"head_dim": head_dim, "rope": rope, "window": window, "scale": scale,
+            "q_norm": q_norm, "k_norm": k_norm, "norm_eps": norm_eps}
   vmap_groups = lambda loss, **shared: jax.vmap(  # KV groups side by side; x and λ shared
       jax.value_and_grad(functools.partial(loss, **layout, **shared)),
       in_axes=(0, 0, 0, None, 0, None) if block is None else (0, 0, 0, None, None))

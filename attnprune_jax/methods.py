@@ -12,14 +12,16 @@ Two kinds, by what a method sees:
   `prune(w, stats, sparsity, n_m) -> (new_w, keep)`, `stats` a `baselines.InputStats` (feature
   norms, and the Gram matrix XᵀX if `needs_gram`).
 - "qk": a layer's q_proj and k_proj together, from the layer's attention inputs x (windows, t, d):
-  `prune(q_proj, k_proj, x, *, sparsity, n_m, config, solver, mesh) -> layer_masks.LayerPruning`
-  (`config` the model's `LlamaConfig`, `solver` a `MaskSolverConfig`, `mesh` None or a device
-  mesh for the solve).
+  `prune(q_proj, k_proj, x, *, sparsity, n_m, config, solver, mesh, attention)
+  -> layer_masks.LayerPruning` (`config` the model's `LlamaConfig`, `solver` a
+  `MaskSolverConfig`, `mesh` None or a device mesh for the solve, `attention` the layer's
+  `models.llama.layer_attention_args`).
 - "block": every target of a decoder block together (our extension beyond q/k), from the pruned
   model's residual stream entering the block:
-  `prune(layer, hidden, *, targets, sparsity, n_m, config, solver, teacher)
+  `prune(layer, hidden, *, targets, sparsity, n_m, config, solver, teacher, index)
   -> block_masks.BlockPruning` (`layer` the block's dense weights by name, `hidden`
-  (windows, t, d), `teacher` the dense model's stream after each half, or None).
+  (windows, t, d), `teacher` the dense model's stream after each half, or None, `index` the
+  block's index in the model).
 In all, `keep` is True for kept entries and counts are exact (`patterns.kept_count` per row, or
 N:M along the input axis).
 

@@ -188,7 +188,7 @@ def kv_groups(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"], num_kv
 
 def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
                   x: Float[Array, "b t d"], target: Float[Array, "b g t t"], lam, *,
-                  head_dim: int, rope: Rope | float) -> jax.Array:
+                  head_dim: int, rope: Rope | float, **layout) -> jax.Array:
   """The factored loss of one KV group, given its dense attention `target`. No checks.
 
   Args:
@@ -197,17 +197,18 @@ def factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array
     x: calibration attention inputs, (b, t, d).
     target: layer_attention(x, q_proj, k_proj), (b, group, t, t).
     lam: λ >= 0.
-    head_dim, rope: from the model's config.
+    head_dim, rope, **layout: the layer's attention (`models.llama.layer_attention_args`:
+      also its window, query scale and QK-norm weights, where it has them).
   """
   pruned = layer_attention(x, masks["q_proj"] * q_proj, masks["k_proj"] * k_proj,
-                           head_dim=head_dim, rope=rope)
+                           head_dim=head_dim, rope=rope, **layout)
   penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
   return 0.5 * jnp.sum((pruned - target)**2) + 0.5 * lam * penalty
 
 
 def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Float[Array, "hd d"],
                           x: Float[Array, "b t d"], lam, *, head_dim: int, rope: Rope | float,
-                          block: int) -> jax.Array:
+                          block: int, **layout) -> jax.Array:
   """`factored_loss` without the dense target, over blocks of `block` query rows. No checks.
 
   Each block recomputes its rows of the dense attention next to the pruned one and is
@@ -215,7 +216,7 @@ def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Flo
   a (b, group, t, t) array: memory is O(b·group·block·t) per KV group.
   """
   gap = blocked_attention_gap(masks["q_proj"] * q_proj, masks["k_proj"] * k_proj, q_proj, k_proj,
-                              x, head_dim=head_dim, rope=rope, block=block)
+                              x, head_dim=head_dim, rope=rope, block=block, **layout)
   penalty = sum(jnp.sum(m**2) for m in jax.tree.leaves(masks))
   return 0.5 * jnp.sum(gap) + 0.5 * lam * penalty
 
@@ -223,21 +224,25 @@ def blocked_factored_loss(masks: dict, q_proj: Float[Array, "gq d"], k_proj: Flo
 def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
                           other_q_proj: Float[Array, "hq d"], other_k_proj: Float[Array, "hk d"],
                           x: Float[Array, "b t d"], *, head_dim: int, rope: Rope | float,
-                          block: int) -> Float[Array, "b"]:
+                          block: int, q_norm=None, k_norm=None, norm_eps: float = 0.0,
+                          window=None, scale: float | None = None) -> Float[Array, "b"]:
   """Σ_h ‖A_h(q, k) − A_h(other q, other k)‖²_F per sequence, over blocks of query rows.
 
   The keys (b, t, hk, hd) are computed once; each block of `block` query rows computes its rows
   of both attentions, (b, hq, block, t), under `jax.checkpoint`. Rows are padded to a multiple
-  of `block` (repeating the last token); padded rows contribute nothing.
+  of `block` (repeating the last token); padded rows contribute nothing. The keywords after
+  `block` are `attention.layer_attention`'s (QK-norm, window, query scale).
   """
   t = x.shape[-2]
-  heads = functools.partial(rotated_heads, head_dim=head_dim, rope=rope)
-  keys = heads(x, k_proj, jnp.arange(t)), heads(x, other_k_proj, jnp.arange(t))
+  heads = functools.partial(rotated_heads, head_dim=head_dim, rope=rope, norm_eps=norm_eps)
+  keys = (heads(x, k_proj, jnp.arange(t), norm=k_norm),
+          heads(x, other_k_proj, jnp.arange(t), norm=k_norm))
 
   @jax.checkpoint
   def block_gap(rows, keys):
     x_rows = jnp.take(x, jnp.minimum(rows, t - 1), axis=-2)
-    probs = [causal_probs(heads(x_rows, q, rows), k, rows)
+    probs = [causal_probs(heads(x_rows, q, rows, norm=q_norm), k, rows, window=window,
+                          scale=scale)
              for q, k in zip((q_proj, other_q_proj), keys)]
     gap = jnp.where((rows < t)[:, None], probs[0] - probs[1], 0.0)
     return jnp.sum(gap**2, axis=(-3, -2, -1))
@@ -253,12 +258,13 @@ def blocked_attention_gap(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk
 def layer_attention_error(q_proj: Float[Array, "hq d"], k_proj: Float[Array, "hk d"],
                           dense_q_proj: Float[Array, "hq d"], dense_k_proj: Float[Array, "hk d"],
                           x: Float[Array, "b t d"], *, head_dim: int, rope: Rope | float,
-                          block: int | None = None) -> Float[Array, "b"]:
+                          block: int | None = None, **layout) -> Float[Array, "b"]:
   """Σ_h ‖A_h(pruned) − A_h(dense)‖²_F per sequence: a layer's attention error on inputs x;
-  with `block`, over blocks of query rows (`blocked_attention_gap`)."""
+  with `block`, over blocks of query rows (`blocked_attention_gap`). `layout`: the rest of the
+  layer's attention (`models.llama.layer_attention_args`)."""
   if block is not None:
     return blocked_attention_gap(q_proj, k_proj, dense_q_proj, dense_k_proj, x,
-                                 head_dim=head_dim, rope=rope, block=block)
-  pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope=rope)
-  dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope=rope)
+                                 head_dim=head_dim, rope=rope, block=block, **layout)
+  pruned = layer_attention(x, q_proj, k_proj, head_dim=head_dim, rope=rope, **layout)
+  dense = layer_attention(x, dense_q_proj, dense_k_proj, head_dim=head_dim, rope=rope, **layout)
   return jnp.sum((pruned - dense)**2, axis=(-3, -2, -1))

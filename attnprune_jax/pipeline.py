@@ -38,7 +38,8 @@ from attnprune_jax.layer_masks import LayerPruning
 from attnprune_jax.methods import Method
 from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, attention_block,
                                         attention_input, check_token_ids, decoder_layer,
-                                        layer_weights, linear_inputs, mlp_block)
+                                        layer_attention_args, layer_weights, linear_inputs,
+                                        mlp_block)
 from attnprune_jax.objective import layer_attention_error
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import fingerprint, model_fingerprint
@@ -73,14 +74,14 @@ _run_layer = jax.jit(decoder_layer, static_argnames="config")
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _teacher(hidden, layer: dict, config: LlamaConfig):
+def _teacher(hidden, layer: dict, config: LlamaConfig, index):
   """The dense block's residual stream (after its attention half, after the block)."""
-  mid = attention_block(hidden, layer, config)[0]
+  mid = attention_block(hidden, layer, config, index)[0]
   return mid, mlp_block(mid, layer, config)[0]
 _attention_input = jax.jit(attention_input, static_argnames="config")
 _linear_inputs = jax.jit(linear_inputs, static_argnames="config")
-_attention_error = jax.jit(layer_attention_error,
-                           static_argnames=("head_dim", "rope", "block"))
+_attention_error = jax.jit(layer_attention_error, static_argnames=(
+    "head_dim", "rope", "block", "window", "scale", "norm_eps"))
 
 
 def sparsity_summary(config: LlamaConfig, records: list[dict]) -> dict:
@@ -116,16 +117,18 @@ def prune_linear(method: Method, w, stats, sparsity: float,
 
 def prune_qk(method: Method, q_proj, k_proj, x, *, sparsity: float,
              n_m: tuple[int, int] | None, config: LlamaConfig, solver=None, stats=None,
-             devices=None) -> LayerPruning:
+             devices=None, attention: dict | None = None) -> LayerPruning:
   """Prunes one layer's q_proj (heads·hd, d) and k_proj (kv_heads·hd, d) from its calibration
   attention inputs x (windows, t, d): a "qk" method solves the two together (sharded over
   `devices`, if given); a "linear" one prunes each on its own from `stats` (the statistics of
-  x, computed if None). Returns a `LayerPruning`, whose loss is empty for a linear method."""
+  x, computed if None). `attention`: the layer's `layer_attention_args` (None: the config's,
+  where layers do not differ). Returns a `LayerPruning`, whose loss is empty for a linear
+  method."""
   if method.kind == "qk":
     mesh = None if devices is None else sharding.problem_mesh(
         config.num_kv_heads, solver.windows_per_step, devices)
     return method.prune(q_proj, k_proj, x, sparsity=sparsity, n_m=n_m, config=config,
-                        solver=solver, mesh=mesh)
+                        solver=solver, mesh=mesh, attention=attention)
   if stats is None:
     stats = input_stats(x.reshape(-1, x.shape[-1]), gram=method.needs_gram)
   new_q, keep_q = prune_linear(method, q_proj, stats, sparsity, n_m)
@@ -145,13 +148,13 @@ def layer_sparsities(dense: dict, config: LlamaConfig, settings: PruneSettings,
   for index in range(settings.layers[-1] + 1):
     layer = layer_weights(dense, index)
     if index in settings.layers:
-      inputs = _linear_inputs(hidden, layer, config)
+      inputs = _linear_inputs(hidden, layer, config, index)
       stats = {source: input_stats(inputs[source].reshape(-1, inputs[source].shape[-1]),
                                    gram=False) for source in {LINEAR_INPUTS[t] for t in targets}}
       ratios.append(allocation.outlier_ratio(
           [wanda_score(layer[t], stats[LINEAR_INPUTS[t]]) for t in targets]))
     if index < settings.layers[-1]:
-      hidden, _, _ = _run_layer(hidden, layer, config)
+      hidden, _, _ = _run_layer(hidden, layer, config, index)
   shapes = config.weight_shapes()
   sparsities = allocation.quantized_sparsities(
       allocation.owl_densities(ratios, settings.sparsity), settings.sparsity,
@@ -176,7 +179,7 @@ def _prune_block(settings: PruneSettings, index: int, block: dict, hidden, confi
   if method.kind == "block":
     result = method.prune(block, hidden, targets=TARGETS[settings.targets], sparsity=sparsity,
                           n_m=settings.n_m, config=config, solver=settings.solver,
-                          teacher=teacher)
+                          teacher=teacher, index=index)
     return ({name: w.astype(block[name].dtype) for name, w in result.weights.items()},
             result.keep, result.loss)
   new, kept, losses = {}, {}, jnp.zeros((0,))
@@ -184,7 +187,7 @@ def _prune_block(settings: PruneSettings, index: int, block: dict, hidden, confi
     if {LINEAR_INPUTS[target] for target in group} == {"attention"}:  # no need of the rest
       inputs = {"attention": _attention_input(hidden, block, config)}
     else:
-      inputs = _linear_inputs(hidden, block, config)
+      inputs = _linear_inputs(hidden, block, config, index)
     linear = [t for t in group if settings.method_of(t).kind == "linear"]
     stats = {}
     for source in dict.fromkeys(LINEAR_INPUTS[t] for t in linear):
@@ -194,7 +197,8 @@ def _prune_block(settings: PruneSettings, index: int, block: dict, hidden, confi
     if QK[0] in group:
       result = prune_qk(settings.method_of(QK[0]), block["q_proj"], block["k_proj"],
                         inputs["attention"], sparsity=sparsity, n_m=settings.n_m, config=config,
-                        solver=settings.solver, stats=stats.get("attention"), devices=devices)
+                        solver=settings.solver, stats=stats.get("attention"), devices=devices,
+                        attention=layer_attention_args(block, config, index))
       losses = result.loss
       new |= {"q_proj": result.q_proj.astype(block["q_proj"].dtype),
               "k_proj": result.k_proj.astype(block["k_proj"].dtype)}
@@ -278,7 +282,8 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
     if record["pruned"] and not done:
       start = time.perf_counter()
       try:
-        teacher = None if teacher_hidden is None else _teacher(teacher_hidden, layer, config)
+        teacher = (None if teacher_hidden is None
+                   else _teacher(teacher_hidden, layer, config, index))
         new, kept, losses = _prune_block(settings, index, layer, hidden, config, devices,
                                          sparsities[index], teacher)
       except DivergenceError as err:
@@ -301,21 +306,22 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
                  "loss_last": float(losses[-1]) if losses.size else None}
     pruned_layer = layer | {name: jnp.asarray(weights[name][index]) for name in targets}
     if index + 1 < last:  # the next layer's calibration inputs
-      new_hidden, _, _ = _run_layer(hidden, pruned_layer, config)
+      new_hidden, _, _ = _run_layer(hidden, pruned_layer, config, index)
       if teacher_hidden is not None:  # equal to the pruned stream before the first pruned layer
         teacher_hidden = (new_hidden if index < settings.layers[0]
-                          else _run_layer(teacher_hidden, layer, config)[0])
+                          else _run_layer(teacher_hidden, layer, config, index)[0])
       hidden = new_hidden
-    new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config)
+    new_heldout, heldout_inputs, heldout_probs = _run_layer(heldout_hidden, pruned_layer, config,
+                                                            index)
     if index < settings.layers[0]:  # nothing pruned yet: the pruned model's pass is the dense one
       dense_hidden, dense_probs = new_heldout, heldout_probs
     else:
-      dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config)
+      dense_hidden, _, dense_probs = _run_layer(dense_hidden, layer, config, index)
     if not done:
       # An unpruned layer keeps its dense q/k: its local error is 0 by definition.
       local = 0.0 if not record["pruned"] else float(jnp.mean(_attention_error(
           pruned_layer["q_proj"], pruned_layer["k_proj"], layer["q_proj"], layer["k_proj"],
-          heldout_inputs, head_dim=config.head_dim, rope=config.rope, block=block)))
+          heldout_inputs, block=block, **layer_attention_args(layer, config, index))))
       record |= {"attention_error": local,
                  "attention_error_end_to_end": float(jnp.mean(
                      jnp.sum((heldout_probs - dense_probs)**2, axis=(-3, -2, -1))))}

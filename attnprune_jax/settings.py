@@ -161,10 +161,6 @@ class PruneSettings:
   def for_model(self, config) -> "PruneSettings":
     """These settings with `layers` resolved for a model (`LlamaConfig`): None becomes every
     layer; an InputError unless the layers exist and every target's rows take the pattern."""
-    if config.family != "llama":
-      raise InputError(f"pruning a {config.family} model is not implemented yet: the q/k and "
-                       "block objectives do not compute QK-norm and sliding windows (issue 23); "
-                       "attnprune eval works on it", argument="model")
     layers = tuple(range(config.num_layers)) if self.layers is None else self.layers
     if layers[-1] >= config.num_layers:
       raise InputError(f"layers must lie in 0-{config.num_layers - 1}, got {layers}",

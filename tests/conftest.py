@@ -44,6 +44,15 @@ TINY_LLAMA = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, nu
                          rms_eps=1e-5)
 
 
+# A tiny Gemma 3: windows of 3 (on test sequences of 7 to 12 tokens the window cuts most rows)
+# on layers 0 and 1, full attention on layer 2, RoPE bases far apart (a layer given the other
+# base would differ), a query scale other than 1/√head_dim.
+TINY_GEMMA = LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=3,
+                         num_heads=4, num_kv_heads=1, head_dim=8, rope_base=1e6, rms_eps=1e-6,
+                         family="gemma3", query_scale=0.3, sliding_window=3,
+                         sliding_layers=(0, 1), local_rope_base=10.0)
+
+
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 jax.config.update("jax_disable_most_optimizations", True)
 

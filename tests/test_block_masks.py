@@ -14,61 +14,64 @@ from attnprune_jax.models.llama import Llama, attention_input, layer_weights
 from attnprune_jax.pipeline import prune_model
 from attnprune_jax.settings import TARGETS, PruneSettings
 from attnprune_jax.solver_config import BlockSolverConfig
-from conftest import TINY_LLAMA
+from conftest import TINY_GEMMA, TINY_LLAMA
 from reference_numpy import attention_half, mlp_half
 
 SMALL = BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2, windows_per_step=1)
 ALL = TARGETS["all"]
 
 
-def _problem(rng, dtype):
-  model = Llama.random(TINY_LLAMA, jax.random.key(1), scale=0.5)
-  layer = {k: jnp.asarray(v, dtype) for k, v in layer_weights(model.weights(), 0).items()}
-  hidden = jnp.asarray(rng.normal(size=(2, 7, TINY_LLAMA.hidden_size)), dtype)
+def _problem(rng, dtype, config=TINY_LLAMA, index=0):
+  model = Llama.random(config, jax.random.key(1), scale=0.5)
+  layer = {k: jnp.asarray(v, dtype) for k, v in layer_weights(model.weights(), index).items()}
+  hidden = jnp.asarray(rng.normal(size=(2, 7, config.hidden_size)), dtype)
   masks = {name: jnp.asarray(rng.uniform(0.2, 1.5, layer[name].shape), dtype)
            for name in block_masks.ATTENTION + block_masks.MLP}
   target = jnp.asarray(rng.normal(size=hidden.shape), dtype)
   return layer, hidden, masks, target
 
 
-def _numpy_losses(layer, x, masks, target, alpha, lam):
+def _numpy_losses(layer, x, masks, target, alpha, lam, config=TINY_LLAMA, index=0):
   """Both halves' losses from the float64 numpy forward, window by window."""
   w = {k: np.asarray(v, np.float64) for k, v in layer.items()}
   pruned = w | {k: np.asarray(m, np.float64) * w[k] for k, m in masks.items()}
   x, target = np.asarray(x, np.float64), np.asarray(target, np.float64)
   out_err = out_ref = attn_err = attn_ref = mlp_err = 0.0
   for xw, yw in zip(x, target):
-    out, probs, _ = attention_half(xw, pruned, TINY_LLAMA)
-    _, dense_probs, _ = attention_half(xw, w, TINY_LLAMA)
+    out, probs, _ = attention_half(xw, pruned, config, index)
+    _, dense_probs, _ = attention_half(xw, w, config, index)
     out_err += np.sum((out - yw)**2)
     out_ref += np.sum(yw**2)
     attn_err += np.sum((probs - dense_probs)**2)
     attn_ref += np.sum(dense_probs**2)
-    mlp_err += np.sum((mlp_half(xw, pruned)[0] - yw)**2)
+    mlp_err += np.sum((mlp_half(xw, pruned, config)[0] - yw)**2)
   l2 = lambda names: lam / 2 * sum(np.sum(np.asarray(masks[n], np.float64)**2) for n in names)
   return (out_err / out_ref + alpha * attn_err / attn_ref + l2(block_masks.ATTENTION),
           mlp_err / out_ref + l2(block_masks.MLP))
 
 
 @pytest.mark.usefixtures("x64")
-def test_half_losses_match_numpy():
-  layer, hidden, masks, target = _problem(np.random.default_rng(0), jnp.float64)
-  x = attention_input(hidden, layer, TINY_LLAMA)
+@pytest.mark.parametrize("config,index", [(TINY_LLAMA, 0), (TINY_GEMMA, 0), (TINY_GEMMA, 2)],
+                         ids=["llama", "gemma-sliding", "gemma-full"])
+def test_half_losses_match_numpy(config, index):
+  layer, hidden, masks, target = _problem(np.random.default_rng(0), jnp.float64, config, index)
+  x = attention_input(hidden, layer, config)
   attention_masks = {n: masks[n] for n in block_masks.ATTENTION}
   mlp_masks = {n: masks[n] for n in block_masks.MLP}
-  want_attention, want_mlp = _numpy_losses(layer, x, masks, target, 0.7, 0.01)
-  got = block_masks.attention_half_loss(attention_masks, layer, x, target, config=TINY_LLAMA,
-                                        attention_weight=0.7, lam=0.01)
+  want_attention, want_mlp = _numpy_losses(layer, x, masks, target, 0.7, 0.01, config, index)
+  got = block_masks.attention_half_loss(attention_masks, layer, x, target, config=config,
+                                        attention_weight=0.7, lam=0.01, index=index)
   np.testing.assert_allclose(got, want_attention, rtol=1e-10)
-  got = block_masks.mlp_half_loss(mlp_masks, layer, x, target, config=TINY_LLAMA, lam=0.01)
+  got = block_masks.mlp_half_loss(mlp_masks, layer, x, target, config=config, lam=0.01)
   np.testing.assert_allclose(got, want_mlp, rtol=1e-10)
   # Without q/k masks the attention term is absent (the attention matrix is the dense one).
   vo = {n: masks[n] for n in ("v_proj", "o_proj")}
-  got = block_masks.attention_half_loss(vo, layer, x, target, config=TINY_LLAMA,
-                                        attention_weight=0.7, lam=0.0)
+  got = block_masks.attention_half_loss(vo, layer, x, target, config=config,
+                                        attention_weight=0.7, lam=0.0, index=index)
   dense_qk = {n: jnp.ones_like(layer[n]) for n in ("q_proj", "k_proj")} | vo
-  np.testing.assert_allclose(got, _numpy_losses(layer, x, masks | dense_qk, target, 0.0, 0.0)[0],
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+      got, _numpy_losses(layer, x, masks | dense_qk, target, 0.0, 0.0, config, index)[0],
+      rtol=1e-10)
 
 
 @pytest.mark.usefixtures("x64")

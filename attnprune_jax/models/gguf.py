@@ -12,9 +12,9 @@ instead of ~30. llama.cpp's converter permutes no Gemma rows.
 Gemma 3 (architecture "gemma3"): what the file does not store is set as transformers'
 `Gemma3TextConfig` and llama.cpp set it: every sixth layer (5, 11, ...) has full attention, the
 others a sliding window (`attention.sliding_window`) with RoPE base 1e4; queries scaled by
-1/√head_dim (1/√(d / heads) for 27B, as llama.cpp);
-tanh-GELU; embeddings times √d. Its norm weights are stored as the factor 1 + w already. Soft-capped
-logits (Gemma 2's) or another sliding-window pattern are refused by name.
+1/√head_dim (1/√(d / heads) for 27B, as llama.cpp); tanh-GELU; embeddings times √d. Its norm
+weights are stored as the factor 1 + w already. Soft-capped logits (Gemma 2's) or another
+sliding-window pattern are refused by name.
 """
 
 import os
@@ -201,12 +201,16 @@ def _gemma3_settings(reader, path, arch: str, layers: int, heads: int, hidden: i
   pattern = reader.fields.get(_ATTENTION.SLIDING_WINDOW_PATTERN.format(arch=arch))
   if pattern is not None:  # a period (full attention every n-th layer) or a flag per layer
     value = pattern.contents()
-    stated = (tuple(i for i, flag in enumerate(value) if flag) if isinstance(value, list)
-              else tuple(i for i in range(layers) if (i + 1) % int(value)))
+    if isinstance(value, list):
+      stated = tuple(i for i, flag in enumerate(value) if flag)
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+      stated = tuple(i for i in range(layers) if (i + 1) % value)
+    else:
+      stated = None
     if stated != sliding:
       raise InputError(f"model file {path} has the sliding-window pattern {value}; only full "
                        f"attention on every {GEMMA3_FULL_EVERY}th layer is supported")
   # llama.cpp scales Gemma 3 27B's (62 layers) queries by 1/√(d / heads), the others' by 1/√hd.
-  return {"activation": "gelu_tanh", "scale_embeddings": True, "sliding_window": window,
+  return {"sliding_window": window,
           "sliding_layers": sliding, "local_rope_base": GEMMA3_LOCAL_ROPE_BASE,
           "query_scale": (hidden / heads) ** -0.5 if layers == 62 else None}

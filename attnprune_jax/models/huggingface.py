@@ -117,7 +117,7 @@ def write_folder(path: str | os.PathLike, config: LlamaConfig, weights: dict,
   arrays = _checked_weights(weights, config)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise OutputExistsError(f"path {path} already exists and is not an empty folder")
-  arrays = _norms_as_stored(arrays, config, offset=-1.0)
+  arrays = _shift_norms(arrays, config, offset=-1.0)
   family = config.family
   tensors = {tensor_name(name): arrays[name] for name in arrays if name not in LAYER_WEIGHTS}
   tensors |= {tensor_name(name, layer, family): arrays[name][layer]
@@ -179,7 +179,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 GEMMA3_ACTIVATION = "gelu_pytorch_tanh"
 
 
-def _norms_as_stored(arrays: dict, config: LlamaConfig, *, offset: float) -> dict:
+def _shift_norms(arrays: dict, config: LlamaConfig, *, offset: float) -> dict:
   """`arrays` with every norm weight plus `offset` where the family stores norms as w for a
   factor 1 + w (Gemma 3: −1 to write, +1 to read); unchanged for a Llama."""
   if config.family != "gemma3":
@@ -270,6 +270,9 @@ def _gemma3_layout(document: dict, where: str) -> tuple[float, None, dict]:
   thetas = {FULL: document.get("rope_theta", 1e6), SLIDING: document.get("rope_local_base_freq",
                                                                          1e4)}
   parameters = document.get("rope_parameters") or {}
+  if not isinstance(parameters, dict) or set(parameters) - {FULL, SLIDING}:
+    raise InputError(f"{where}: rope_parameters must map {FULL!r} and {SLIDING!r} to their RoPE, "
+                     f"got {parameters!r}")
   for kind in (FULL, SLIDING):
     entry = parameters.get(kind) or {}
     if not isinstance(entry, dict) or entry.get("rope_type", "default") != "default":
@@ -350,7 +353,9 @@ def _read_config(folder: Path) -> LlamaConfig:
                      if document.get("max_position_embeddings") is not None else None))
   if gemma:
     scalar = get("query_pre_attn_scalar", float, 256.0)
-    fields |= extra | {"family": "gemma3", "activation": "gelu_tanh", "scale_embeddings": True,
+    if not scalar > 0:
+      raise InputError(f"{where}: query_pre_attn_scalar must be > 0, got {scalar!r}")
+    fields |= extra | {"family": "gemma3",
                        "tie_embeddings": get("tie_word_embeddings", bool, True),
                        "query_scale": None if scalar == fields["head_dim"] else scalar**-0.5}
   try:
@@ -486,7 +491,7 @@ def read_folder(path: str | os.PathLike
         read(tensor_name(name, layer, family), shape[1:], weights[name][layer])
     else:
       read(tensor_name(name), shape, weights[name])
-  weights = _norms_as_stored(weights, config, offset=1.0)
+  weights = _shift_norms(weights, config, offset=1.0)
   tokenizer_path = folder / TOKENIZER_FILE
   tokenizer = None
   if tokenizer_path.is_file():

@@ -1,13 +1,12 @@
 """A Llama-architecture causal LM as a Flax NNX module, and Gemma 3 as a variant of it.
 
 RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings. Gemma 3 (`family` "gemma3")
-adds per-head RMSNorm of queries and keys before RoPE (`qk_norm`) and RMSNorm of the
-attention's and the MLP's outputs before the residual (`output_norms`), and sets what its
-config fields say: a sliding window with its own RoPE base on most layers (`sliding_layers`,
-`sliding_window`, `local_rope_base`), GeGLU with tanh-GELU, embeddings times √d, its own query
-scale. Norm
-weights are held as the factor they multiply by: Gemma's checkpoints store w for a factor
-(1 + w), which the Hugging Face reader and writer convert (GGUF files store 1 + w already).
+adds per-head RMSNorm of queries and keys before RoPE (`qk_norm`), RMSNorm of the attention's
+and the MLP's outputs before the residual (`output_norms`), GeGLU with tanh-GELU and
+embeddings times √d, and sets what its config fields say: a sliding window with its own RoPE
+base on most layers (`sliding_layers`, `sliding_window`, `local_rope_base`), its query scale.
+Norm weights are held as the factor they multiply by: Gemma's checkpoints store w for a factor
+1 + w, which the Hugging Face reader and writer convert (GGUF files store 1 + w already).
 
 Weights are stacked over layers, (layers, out, in) like the checkpoints, and the forward pass
 is one jitted `lax.scan` over them: 30 layers compile as one. q/k rows are in the Hugging Face
@@ -28,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from attnprune_jax import validation
-from attnprune_jax.attention import Llama3Scaling, Rope, layer_attention
+from attnprune_jax.attention import Llama3Scaling, Rope, layer_attention, rms_norm
 from attnprune_jax.errors import InputError
 
 LLAMA_LAYER_WEIGHTS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -73,8 +72,6 @@ class LlamaConfig:
   rope_scaling: Llama3Scaling | None = None
   max_positions: int | None = None
   family: str = "llama"
-  activation: str = "silu"
-  scale_embeddings: bool = False
   query_scale: float | None = None
   sliding_window: int | None = None
   sliding_layers: tuple[int, ...] = ()
@@ -101,27 +98,43 @@ class LlamaConfig:
       raise InputError(f"head_dim must be even for RoPE, got {self.head_dim}")
     if self.family not in FAMILIES:
       raise InputError(f"family must be one of {FAMILIES}, got {self.family!r}")
-    validation.check_bool("scale_embeddings", self.scale_embeddings)
-    if self.activation not in ACTIVATIONS:
-      raise InputError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
-                       f"{self.activation!r}")
     if self.query_scale is not None:
       validation.check_scalar("query_scale", self.query_scale, minimum=0.0, strict=True)
       object.__setattr__(self, "query_scale", float(self.query_scale))
-    layers = tuple(self.sliding_layers)
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers
-           for i in layers) or len(set(layers)) != len(layers):
+    layers = self.sliding_layers
+    if (not isinstance(layers, tuple | list) or len(set(layers)) != len(layers)
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers
+               for i in layers)):
       raise InputError(f"sliding_layers must be distinct layer indices in [0, "
-                       f"{self.num_layers}), got {self.sliding_layers!r}")
+                       f"{self.num_layers}), got {layers!r}")
     object.__setattr__(self, "sliding_layers", tuple(sorted(layers)))
-    if layers and self.sliding_window is None:
-      raise InputError("sliding_layers need a sliding_window")
+    if bool(layers) != (self.sliding_window is not None):
+      raise InputError(f"sliding_layers and sliding_window go together, got {layers!r} and "
+                       f"{self.sliding_window!r}")
+    if self.local_rope_base is not None and not layers:
+      raise InputError("local_rope_base needs sliding_layers (the layers it applies to)")
     if self.sliding_window is not None:
       object.__setattr__(self, "sliding_window",
                          validation.check_positive_int("sliding_window", self.sliding_window))
     if self.local_rope_base is not None:
       validation.check_scalar("local_rope_base", self.local_rope_base, minimum=0.0, strict=True)
       object.__setattr__(self, "local_rope_base", float(self.local_rope_base))
+    # What a checkpoint of the family can say (models.huggingface writes nothing else).
+    if self.family == "llama" and (layers or self.query_scale is not None):
+      raise InputError("sliding_layers and query_scale are Gemma 3's settings; a Llama "
+                       "(family 'llama') has neither")
+    if self.family == "gemma3" and self.rope_scaling is not None:
+      raise InputError("rope_scaling (Llama 3.1's) is not supported on a Gemma 3")
+
+  @property
+  def activation(self) -> str:
+    """The MLP's gate activation (`ACTIVATIONS`): SiLU (SwiGLU), tanh-GELU for Gemma 3."""
+    return "gelu_tanh" if self.family == "gemma3" else "silu"
+
+  @property
+  def scale_embeddings(self) -> bool:
+    """Whether the embeddings are multiplied by √d (Gemma 3)."""
+    return self.family == "gemma3"
 
   @property
   def qk_norm(self) -> bool:
@@ -153,9 +166,10 @@ class LlamaConfig:
     local = Rope(self.rope_base if self.local_rope_base is None else self.local_rope_base,
                  self.rope_scaling if self.local_rope_base is None else None)
     if isinstance(index, int):
+      self._check_index(index)
       return local if index in self.sliding_layers else self.rope
     half = self.head_dim // 2
-    dtype = jnp.result_type(float)  # float64 where enabled, as the static path computes it
+    dtype = jnp.result_type(float)  # float64 where enabled (rounded to the queries' type)
     table = jnp.stack([(local if i in self.sliding_layers else self.rope).inverse_frequencies(
         half, dtype) for i in range(self.num_layers)])
     return table[index]
@@ -167,6 +181,7 @@ class LlamaConfig:
     if not self.sliding_layers:
       return None
     if isinstance(index, int):
+      self._check_index(index)
       return self.sliding_window if index in self.sliding_layers else None
     table = np.full(self.num_layers, NO_WINDOW, np.int32)
     table[list(self.sliding_layers)] = self.sliding_window
@@ -176,6 +191,10 @@ class LlamaConfig:
   def rope(self) -> Rope:
     """The rotary embedding frequencies (static: hashable)."""
     return Rope(self.rope_base, self.rope_scaling)
+
+  def _check_index(self, index: int) -> None:
+    if not 0 <= index < self.num_layers:
+      raise InputError(f"layer index must lie in [0, {self.num_layers}), got {index}")
 
   def weight_shapes(self) -> dict[str, tuple[int, ...]]:
     """Shape of every weight, layer weights stacked on a leading layer axis."""
@@ -204,11 +223,6 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
   if low < 0 or high >= vocab_size:
     raise InputError(f"{name} must be token ids in [0, {vocab_size}), got min {low} and max "
                      f"{high}")
-
-
-def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float):
-  """x / rms(x) · weight (the weight multiplies; no +1)."""
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
 def attention_input(hidden: Float[Array, "b t d"], layer: dict, config: LlamaConfig):

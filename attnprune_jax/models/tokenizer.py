@@ -103,7 +103,8 @@ class Tokenizer:
     if len(tokens) != len(token_types):
       raise InputError(f"token_types must have one entry per token ({len(tokens)}), "
                        f"got {len(token_types)}")
-    # A token of spaces only is stored with real spaces; the model looks it up as "▁"s.
+    # A token of whitespace holding a space is stored with real spaces; the model looks it up
+    # as "▁"s (transformers' rule, kept to the letter: its ids are the reference).
     spelled = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {token: index for index, token in enumerate(spelled)}
     if unk_token not in vocab:
