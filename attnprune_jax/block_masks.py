@@ -190,10 +190,7 @@ def solve_block(layer: dict, hidden: Float[Array, "b t d"], *, method: str,
                  reweight_steps=solver.reweight_steps, config=config)
   scalars = [jnp.asarray(v, dtype) for v in (solver.attention_weight, solver.lam,
                                              solver.reweight_lam, solver.lr)]
-  if index is None and config.layers_differ:
-    raise InputError("this model's layers differ in their attention: give the block's index",
-                     argument="index")
-  layer_index = jnp.asarray(0 if index is None else index)
+  layer_index = None if index is None else jnp.asarray(index)  # traced: one compilation
   new, keep, losses = {}, {}, []
   for position, (half, linears) in enumerate((("attention", ATTENTION), ("mlp", MLP))):
     x, dense_output, wide = _half(half, hidden, layer, config, index)

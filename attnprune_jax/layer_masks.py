@@ -59,11 +59,9 @@ class LayerPruning(NamedTuple):
 
 def _prune_layer(method: str, q_proj, k_proj, x, *, sparsity: float,
                  n_m: tuple[int, int] | None, config, solver: MaskSolverConfig | None = None,
-                 mesh=None, attention: dict | None = None) -> LayerPruning:
-  """`solve_layer` with the attention layout of a model's `LlamaConfig`, or of one of its
-  layers (`attention`: `models.llama.layer_attention_args`; needed where layers differ)."""
-  if attention is None:
-    attention = {"head_dim": config.head_dim, "rope": config.rope}
+                 attention: dict, mesh=None) -> LayerPruning:
+  """`solve_layer` with the KV heads of a model's `LlamaConfig` and the attention of one of its
+  layers (`attention`: `models.llama.layer_attention_args`)."""
   return solve_layer(q_proj, k_proj, x, method=method, sparsity=sparsity, n_m=n_m,
                      config=solver, num_kv_heads=config.num_kv_heads, mesh=mesh, **attention)
 

@@ -116,14 +116,13 @@ def prune_linear(method: Method, w, stats, sparsity: float,
 
 
 def prune_qk(method: Method, q_proj, k_proj, x, *, sparsity: float,
-             n_m: tuple[int, int] | None, config: LlamaConfig, solver=None, stats=None,
-             devices=None, attention: dict | None = None) -> LayerPruning:
+             n_m: tuple[int, int] | None, config: LlamaConfig, attention: dict, solver=None,
+             stats=None, devices=None) -> LayerPruning:
   """Prunes one layer's q_proj (heads·hd, d) and k_proj (kv_heads·hd, d) from its calibration
   attention inputs x (windows, t, d): a "qk" method solves the two together (sharded over
   `devices`, if given); a "linear" one prunes each on its own from `stats` (the statistics of
-  x, computed if None). `attention`: the layer's `layer_attention_args` (None: the config's,
-  where layers do not differ). Returns a `LayerPruning`, whose loss is empty for a linear
-  method."""
+  x, computed if None). `attention`: the layer's `layer_attention_args`. Returns a
+  `LayerPruning`, whose loss is empty for a linear method."""
   if method.kind == "qk":
     mesh = None if devices is None else sharding.problem_mesh(
         config.num_kv_heads, solver.windows_per_step, devices)

@@ -129,8 +129,7 @@ def write_tiny_gemma_gguf(path, model: Llama, *, fields=None):
   for key, value in (fields or {}).items():
     (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
   for name, value in weights.items():
-    for layer in range(config.num_layers) if value.ndim and name in config.layer_weight_names \
-        else [None]:
+    for layer in range(config.num_layers) if name in config.layer_weight_names else [None]:
       hf_name = huggingface.tensor_name(name, layer, "gemma3")
       writer.add_tensor(to_gguf.get_name(hf_name, try_suffixes=(".weight",)),
                         np.ascontiguousarray(value if layer is None else value[layer]))

@@ -27,9 +27,9 @@ from attnprune_jax.models.huggingface import tensor_name
 from attnprune_jax.models.llama import LAYER_WEIGHTS, LlamaConfig, layer_weight_names
 from attnprune_jax.models.tokenizer import SENTENCEPIECE_MODEL, Tokenizer
 
-# GGUF architecture name -> (gguf's enum, our model family).
-ARCHITECTURES = {gguf.MODEL_ARCH_NAMES[arch]: (arch, family) for arch, family in (
-    (gguf.MODEL_ARCH.LLAMA, "llama"), (gguf.MODEL_ARCH.GEMMA3, "gemma3"))}
+# Our model families by their GGUF architecture names (the same words), with gguf's enum.
+ARCHITECTURES = {gguf.MODEL_ARCH_NAMES[arch]: arch
+                 for arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.GEMMA3)}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _GLOBAL_WEIGHTS = ("embed_tokens", "norm", "lm_head")
 _KEYS, _LLM, _ATTENTION, _ROPE = gguf.Keys, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
@@ -41,8 +41,7 @@ def gguf_tensor_names(num_layers: int, family: str = "llama") -> dict[tuple[str,
   """(our weight name, layer or None) -> GGUF tensor name, e.g. ("q_proj", 0) ->
   "blk.0.attn_q.weight", for every weight a model of `family` may have, by gguf's own name
   map."""
-  arch = next(arch for arch, fam in ARCHITECTURES.values() if fam == family)
-  to_gguf = gguf.get_tensor_name_map(arch, num_layers)
+  to_gguf = gguf.get_tensor_name_map(ARCHITECTURES[family], num_layers)
   keys = [(name, None) for name in _GLOBAL_WEIGHTS]
   keys += [(name, layer) for layer in range(num_layers) for name in layer_weight_names(family)]
   return {key: to_gguf.get_name(tensor_name(*key, family=family), try_suffixes=(".weight",))
@@ -92,7 +91,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarra
   if arch not in SUPPORTED_ARCHITECTURES:
     raise InputError(f"model file {path} has architecture {arch!r}; supported: "
                      f"{SUPPORTED_ARCHITECTURES}")
-  family = ARCHITECTURES[arch][1]
+  family = arch
 
   def field(key: str, default=None, kind=None):
     """The field's contents, converted to `kind` (int or float) if given."""

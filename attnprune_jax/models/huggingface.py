@@ -184,7 +184,7 @@ def _shift_norms(arrays: dict, config: LlamaConfig, *, offset: float) -> dict:
   factor 1 + w (Gemma 3: −1 to write, +1 to read); unchanged for a Llama."""
   if config.family != "gemma3":
     return arrays
-  return {name: value + np.float32(offset) if name == "norm" or name.endswith("norm") else value
+  return {name: value + np.float32(offset) if name.endswith("norm") else value
           for name, value in arrays.items()}
 
 
@@ -194,7 +194,6 @@ def _gemma3_document(config: LlamaConfig, llama: dict) -> dict:
       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
       "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
       "torch_dtype", "attention_bias")}
-  local = config.rope_base if config.local_rope_base is None else config.local_rope_base
   return document | {
       "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
       "hidden_activation": GEMMA3_ACTIVATION,
@@ -204,7 +203,7 @@ def _gemma3_document(config: LlamaConfig, llama: dict) -> dict:
       "layer_types": [SLIDING if i in config.sliding_layers else FULL
                       for i in range(config.num_layers)],
       "rope_parameters": {FULL: {"rope_type": "default", "rope_theta": config.rope_base},
-                          SLIDING: {"rope_type": "default", "rope_theta": local}},
+                          SLIDING: {"rope_type": "default", "rope_theta": config.local_rope.base}},
       "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
@@ -250,8 +249,8 @@ def _rope_scaling(document: dict, where: str) -> tuple[float | None, Llama3Scali
     raise InputError(f"{where}: {key}: {err}") from None
 
 
-def _gemma3_layout(document: dict, where: str) -> tuple[float, None, dict]:
-  """(the full layers' RoPE θ, no scaling, the config's sliding-window fields) of a Gemma 3
+def _gemma3_layout(document: dict, where: str) -> tuple[float, dict]:
+  """(the full layers' RoPE θ, the config's sliding-window fields) of a Gemma 3
   config.json: `layer_types` (or the older `sliding_window_pattern`, full attention every n-th
   layer), `rope_parameters` per layer type (or the older `rope_theta`, `rope_local_base_freq`),
   default RoPE only."""
@@ -283,7 +282,7 @@ def _gemma3_layout(document: dict, where: str) -> tuple[float, None, dict]:
   if document.get("rope_scaling"):
     raise InputError(f"{where}: rope_scaling {document['rope_scaling']!r} is not supported")
   sliding = tuple(i for i, kind in enumerate(kinds) if kind == SLIDING)
-  return thetas[FULL], None, {
+  return thetas[FULL], {
       "sliding_layers": sliding, "local_rope_base": thetas[SLIDING],
       "sliding_window": document.get("sliding_window") if sliding else None}
 
@@ -315,7 +314,7 @@ def _read_config(folder: Path) -> LlamaConfig:
       raise InputError(f"{where} sets {key} to {document[key]!r}; only {supported!r} is "
                        "supported")
   if gemma:
-    rope_theta, scaling, extra = _gemma3_layout(document, where)
+    (rope_theta, extra), scaling = _gemma3_layout(document, where), None
   else:
     (rope_theta, scaling), extra = _rope_scaling(document, where), {}
 

@@ -158,27 +158,30 @@ class LlamaConfig:
     functions need the layer's index."""
     return bool(self.sliding_layers)
 
+  @property
+  def local_rope(self) -> Rope:
+    """The RoPE of the sliding-window layers (the others': `rope`)."""
+    return self.rope if self.local_rope_base is None else Rope(self.local_rope_base)
+
   def layer_rope(self, index) -> "Rope | jax.Array":
     """Layer `index`'s RoPE: a static `Rope` for a Python int (or for every layer when they do
     not differ), its inverse frequencies (head_dim / 2,) for a traced index."""
     if not self.layers_differ:
       return self.rope
-    local = Rope(self.rope_base if self.local_rope_base is None else self.local_rope_base,
-                 self.rope_scaling if self.local_rope_base is None else None)
+    ropes = [self.local_rope if i in self.sliding_layers else self.rope
+             for i in range(self.num_layers)]
     if isinstance(index, int):
       self._check_index(index)
-      return local if index in self.sliding_layers else self.rope
-    half = self.head_dim // 2
+      return ropes[index]
     dtype = jnp.result_type(float)  # float64 where enabled (rounded to the queries' type)
-    table = jnp.stack([(local if i in self.sliding_layers else self.rope).inverse_frequencies(
-        half, dtype) for i in range(self.num_layers)])
-    return table[index]
+    return jnp.stack([rope.inverse_frequencies(self.head_dim // 2, dtype)
+                      for rope in ropes])[index]
 
   def layer_window(self, index) -> "int | jax.Array | None":
     """Layer `index`'s sliding window: None for a full-attention layer (or a model without
     windows), the window for a Python int, an int32 scalar for a traced index (`NO_WINDOW` for
     full attention)."""
-    if not self.sliding_layers:
+    if not self.layers_differ:
       return None
     if isinstance(index, int):
       self._check_index(index)
@@ -357,8 +360,7 @@ def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
 
   def body(hidden, scanned):
     index, layer = scanned
-    hidden, attn_input, probs = decoder_layer(hidden, layer, config,
-                                              index if config.layers_differ else None)
+    hidden, attn_input, probs = decoder_layer(hidden, layer, config, index)
     captured = {}
     if return_attention_inputs:
       captured["attention_inputs"] = attn_input

@@ -212,12 +212,11 @@ def derived_merges(tokens: Sequence[str]) -> list[tuple[str, str]]:
   ids. The rule of transformers' GGUF converter for Gemma, whose stored scores do not follow
   the merge order."""
   vocab = {token: index for index, token in enumerate(tokens)}
-  rank = {token: -index for index, token in enumerate(tokens)}
   merges = []
-  for token, score in rank.items():
+  for token, index in vocab.items():
     pairs = [(token[:i], token[i:]) for i in range(1, len(token))
              if token[:i] in vocab and token[i:] in vocab]
     pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-    merges += [(left, right, score) for left, right in pairs]
-  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-  return [(left, right) for left, right, _ in merges]
+    merges += [(index, left, right) for left, right in pairs]
+  merges.sort(key=lambda m: (m[0], -len(m[1]), -len(m[2])))  # stable: ties keep the id order
+  return [(left, right) for _, left, right in merges]
