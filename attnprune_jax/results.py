@@ -53,6 +53,25 @@ def model_fingerprint(model) -> str:
                      *(weights[name] for name in sorted(weights)))
 
 
+# Instruction-set extensions that change how XLA's CPU code sums in float32 (vector width, fused
+# multiply-add): long solves on machines that differ in them agree only to about 1 %.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+  """The processor's model name and its vector extensions among _ISA_FLAGS (from Linux's
+  `cpuinfo`; elsewhere platform.processor()): which machines compute the same float32 numbers."""
+  try:
+    info = cpuinfo.read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  flags = set(fields.get("flags", "").split())
+  model = fields.get("model name", platform.machine())
+  return " ".join([model, *(flag for flag in _ISA_FLAGS if flag in flags)])
+
+
 def _version(package: str) -> str | None:
   try:
     return metadata.version(package)
@@ -68,6 +87,7 @@ def provenance(*, seed: int | None, settings: dict, wall_time_s: float) -> dict:
       "versions": {name: _version(name) for name in _PACKAGES} | {
           "python": platform.python_version()},
       "platform": platform.platform(),
+      "cpu": cpu(),
       "jax_backend": jax.default_backend(),
       "devices": [str(device) for device in jax.devices()],
       "command": " ".join(sys.argv),

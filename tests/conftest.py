@@ -31,6 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 # Golden samples recomputed on the same kind of machine: float32 results agree to rounding,
 # float64 ones tighter.
 RTOL32, RTOL64 = 1e-4, 1e-7
+# A golden sample computed through a long chain of float32 steps (a whole block's mask solve, a
+# sweep's solve of its longest schedule, 30 layers pruned one after another) agrees only to
+# about 1 % on a processor with other vector extensions: measured 0.04 % to 1.4 % (seven
+# samples) between an AVX-512 machine and the one that stored them, identical at the commits
+# that stored them. Such samples are compared at RTOL32 where the stored result names this
+# machine's processor (provenance "cpu", `results.cpu()`), at RTOL_OTHER_CPU elsewhere (and
+# where the result predates that record).
+RTOL_OTHER_CPU = 2e-2
+
+
+def chained_rtol(provenance: dict) -> float:
+  """The tolerance of a golden sample computed through a long float32 chain (see above)."""
+  from attnprune_jax.results import cpu
+  return RTOL32 if provenance.get("cpu") == cpu() else RTOL_OTHER_CPU
 
 
 def stored(path: str) -> dict:

@@ -46,6 +46,15 @@ def test_provenance_names_code_and_versions():
     assert record["git_commit"] is None
   assert record["seed"] == 3 and record["settings"] == {"k": 1}
   assert set(record["versions"]) >= {"jax", "jaxlib", "optax", "numpy", "python"}
+  assert record["cpu"] == results.cpu()
+
+
+def test_cpu_names_the_model_and_the_vector_extensions(tmp_path):
+  info = tmp_path / "cpuinfo"
+  processor = ("processor\t: {}\nmodel name\t: Zen Test 9\n"
+               "flags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n\n")
+  info.write_text(processor.format(0) + processor.format(1))
+  assert results.cpu(info) == "Zen Test 9 avx2 fma avx512f"
 
 
 def test_model_fingerprint_covers_the_architecture_and_the_weights():
