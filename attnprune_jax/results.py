@@ -1,5 +1,6 @@
 """Result files: plain JSON with a schema version and provenance, written atomically."""
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -44,12 +45,24 @@ def fingerprint(*arrays) -> str:
   return digest.hexdigest()
 
 
+def config_text(config) -> str:
+  """A dataclass config as a stored result's key reads it: its repr, less the fields outside
+  the class's KEYED_FIELDS (if it names them) that hold their defaults. A field added later
+  with a default that computes what the code computed before leaves every stored key valid: a
+  new architecture option costs no recomputation of the old results."""
+  keyed = getattr(config, "KEYED_FIELDS", None)
+  shown = [field for field in dataclasses.fields(config) if field.repr and (
+      keyed is None or field.name in keyed or getattr(config, field.name) != field.default)]
+  return (f"{type(config).__qualname__}("
+          + ", ".join(f"{field.name}={getattr(config, field.name)!r}" for field in shown) + ")")
+
+
 def model_fingerprint(model) -> str:
-  """A SHA-256 of a model's architecture (its config, RoPE scaling included) and weights: what
-  a stored result was computed from. Hashing SmolLM2 takes about a second: compute it once per
-  job."""
+  """A SHA-256 of a model's architecture (`config_text` of its config, RoPE scaling included)
+  and weights: what a stored result was computed from. Hashing SmolLM2 takes about a second:
+  compute it once per job."""
   weights = model.weights()
-  return fingerprint(np.frombuffer(repr(model.config).encode(), np.uint8),
+  return fingerprint(np.frombuffer(config_text(model.config).encode(), np.uint8),
                      *(weights[name] for name in sorted(weights)))
 
 

@@ -111,6 +111,13 @@ def smollm2():
   return models.load("smollm2")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+  """Gemma 3 270M, loaded once for every test module (tests must not change it)."""
+  from attnprune_jax import models
+  return models.load("gemma3-270m")
+
+
 @pytest.fixture
 def x64():
   """float64 for this test only (jax.enable_x64 is restored afterwards)."""

@@ -16,7 +16,7 @@ TEXTS = (data.CALIBRATION_TEXT, data.EVALUATION_TEXT)
 
 
 @pytest.fixture(scope="module")
-def gemma():
+def gemma(gemma3):
   """Our Gemma 3 270M and transformers' (model, tokenizer) from the same GGUF file, built once
   (the tokenizer takes ~20 s, the model ~40 s on 2 cores)."""
   import torch
@@ -26,7 +26,7 @@ def gemma():
   reference = transformers.AutoModelForCausalLM.from_pretrained(
       path.parent, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-  return models.load("gemma3-270m"), reference, tokenizer
+  return gemma3, reference, tokenizer
 
 
 def reference_logits(model, tokens: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ theory figures' and the sweeps' samples are in test_golden_theory_and_sweeps.py.
 """
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 from conftest import RTOL32, chained_rtol, optimized_compilation, stored
 
-from attnprune_jax import evaluate, methods, numerics, pipeline, runs
+from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings, split_method
 
 
@@ -48,15 +49,20 @@ def row_ids(path: str) -> list[tuple[str, str]]:
            else f"{row['sparsity']:g}") for row in stored(path)["rows"] if row["method"] != "dense"]
 
 
+@functools.cache
+def fingerprint_of(model) -> str:
+  return results.model_fingerprint(model)
+
+
 @pytest.fixture(scope="module")
-def windows(smollm2):
-  """Token windows by data settings, built once per module."""
+def windows():
+  """Token windows by model and data settings, built once per module."""
   cache = {}
 
-  def of(data: dict) -> dict:
-    key = json.dumps(data, sort_keys=True)
+  def of(model, data: dict) -> dict:
+    key = (id(model), json.dumps(data, sort_keys=True))
     if key not in cache:
-      cache[key] = runs.token_windows(smollm2, DataConfig(**data))
+      cache[key] = runs.token_windows(model, DataConfig(**data))
     return cache[key]
   return of
 
@@ -73,7 +79,7 @@ def recompute_first_layer(model, row: dict, windows, *, through: int | None = No
                            None if s["solver"] is None else type(solver)(**s["solver"]),
                            targets=s["targets"], rest=s["rest"],
                            true_sequential=s["true_sequential"])
-  data = windows(s["data"])
+  data = windows(model, s["data"])
   if s.get("allocation", "uniform") != "uniform":
     # The allocation from the dense model over every layer, then layer 0 at its share.
     whole = dataclasses.replace(settings, layers=tuple(s["layers"]),
@@ -101,22 +107,30 @@ def check_layer(recomputed: dict, row: dict) -> None:
       assert recomputed[field] == pytest.approx(expected[field], rel=rtol), field
 
 
+# The model fixture of each results file of pruned rows.
+MODEL_OF = {"results/qk_pruning.json": "smollm2", "results/whole_model.json": "smollm2",
+            "results/gemma3_270m/qk_pruning.json": "gemma3"}
 PRUNING_SAMPLES = [("results/qk_pruning.json", "attn", "0.7"),  # Algorithm 1 and its cut
                    ("results/qk_pruning.json", "sparsegpt", "2:4"),
-                   ("results/whole_model.json", "wanda", "0.5")]
+                   ("results/whole_model.json", "wanda", "0.5"),
+                   ("results/gemma3_270m/qk_pruning.json", "attn-progressive", "0.7")]
 EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
-                          id=f"{Path(path).stem}-{method}-{sparsity}")
-             for path in ("results/qk_pruning.json", "results/whole_model.json")
-             for method, sparsity in row_ids(path)
+                          id=f"{Path(path).relative_to('results').with_suffix('')}-{method}-"
+                             f"{sparsity}")
+             for path in MODEL_OF for method, sparsity in row_ids(path)
              if (path, method, sparsity) not in PRUNING_SAMPLES]
 
 
 @pytest.mark.parametrize("path,method,sparsity", PRUNING_SAMPLES + EVERY_ROW)
-def test_first_layer_of_a_pruning_row(smollm2, windows, request, path, method, sparsity):
+def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
   if methods.get(split_method(method)[0]).kind != "linear":  # a solve of real size
     request.getfixturevalue("optimized_xla")
+  model = request.getfixturevalue(MODEL_OF[path])
   row = row_of(stored(path), method, sparsity)
-  check_layer(recompute_first_layer(smollm2, row, windows), row)
+  assert fingerprint_of(model) == row["key"]["model"], "the row was computed on another model"
+  data = windows(model, row["settings"]["data"])
+  assert results.fingerprint(*(data[k] for k in sorted(data))) == row["key"]["windows"]
+  check_layer(recompute_first_layer(model, row, windows), row)
 
 
 @pytest.mark.slow
@@ -129,7 +143,7 @@ def test_qk_share(smollm2, windows):
   s = row["settings"]
   settings = PruneSettings(s["method"], s["sparsity"], None, tuple(s["layers"]),
                            targets=s["targets"])
-  data = windows(s["data"])
+  data = windows(smollm2, s["data"])
   pruned = pipeline.prune_model(smollm2, settings, data["calibration"], data["heldout"])
   dense = smollm2.weights()
   weights = pruned.weights | {name: dense[name] for name in QK}

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import pytest
@@ -15,7 +16,7 @@ from attnprune_jax.attention import Llama3Scaling
 from attnprune_jax.models.llama import Llama
 from attnprune_jax.results import (cached_result, model_fingerprint, provenance, reuse_record,
                                    write_json_atomic)
-from conftest import TINY_LLAMA
+from conftest import TINY_GEMMA, TINY_LLAMA
 
 
 def test_write_replaces_and_failed_write_keeps_old_file(tmp_path):
@@ -55,6 +56,25 @@ def test_cpu_names_the_model_and_the_vector_extensions(tmp_path):
                "flags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n\n")
   info.write_text(processor.format(0) + processor.format(1))
   assert results.cpu(info) == "Zen Test 9 avx2 fma avx512f"
+
+
+def test_config_text_reads_later_fields_only_where_they_leave_their_defaults():
+  @dataclasses.dataclass(frozen=True)
+  class Config:  # `first` was there when results were first stored, `later` came after
+    KEYED_FIELDS: ClassVar[tuple[str, ...]] = ("first", "optional")
+    first: int
+    optional: int | None = None
+    later: str = "old behaviour"
+
+  name = Config.__qualname__  # as the dataclass's repr names it
+  assert results.config_text(Config(3)) == f"{name}(first=3, optional=None)"
+  assert results.config_text(Config(3, later="new")) == (
+      f"{name}(first=3, optional=None, later='new')")
+  assert results.config_text(TINY_LLAMA) == (  # the Llama's key as before Gemma's fields
+      "LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=3, "
+      "num_heads=4, num_kv_heads=2, head_dim=4, rope_base=10000.0, rms_eps=1e-05, "
+      "tie_embeddings=True, rope_scaling=None, max_positions=None)")
+  assert "family='gemma3'" in results.config_text(TINY_GEMMA)
 
 
 def test_model_fingerprint_covers_the_architecture_and_the_weights():

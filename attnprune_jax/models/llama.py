@@ -19,6 +19,7 @@ so weights can be replaced (for pruning) by passing arrays of the same shapes: n
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,12 @@ class LlamaConfig:
   token i attends to tokens i − sliding_window < j ≤ i only, with RoPE base `local_rope_base`;
   `query_scale` multiplies q·k (None: 1/√head_dim).
   """
+  # The fields of the first stored results' configs: a stored result's key reads the others only
+  # where they differ from their defaults (`results.config_text`).
+  KEYED_FIELDS: ClassVar[tuple[str, ...]] = (
+      "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+      "num_kv_heads", "head_dim", "rope_base", "rms_eps", "tie_embeddings", "rope_scaling",
+      "max_positions")
   vocab_size: int
   hidden_size: int
   intermediate_size: int
