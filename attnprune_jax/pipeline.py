@@ -37,7 +37,7 @@ from attnprune_jax.errors import DivergenceError, InputError
 from attnprune_jax.layer_masks import LayerPruning
 from attnprune_jax.methods import Method
 from attnprune_jax.models.llama import (LINEAR_INPUTS, Llama, LlamaConfig, attention_block,
-                                        attention_input, check_token_ids, decoder_layer,
+                                        attention_input, check_token_ids, decoder_layer, embed,
                                         layer_attention_args, layer_weights, linear_inputs,
                                         mlp_block)
 from attnprune_jax.objective import layer_attention_error
@@ -65,9 +65,7 @@ class PrunedModel(NamedTuple):
   layers: list[dict]
 
 
-@jax.jit
-def _embed(weights: dict, tokens):
-  return weights["embed_tokens"][tokens]
+_embed = jax.jit(embed, static_argnames="config")
 
 
 _run_layer = jax.jit(decoder_layer, static_argnames="config")
@@ -143,7 +141,7 @@ def layer_sparsities(dense: dict, config: LlamaConfig, settings: PruneSettings,
   if settings.allocation == "uniform":
     return {index: settings.sparsity_of(index) for index in settings.layers}
   targets = TARGETS[settings.targets]
-  hidden, ratios = _embed(dense, jnp.asarray(calibration)), []
+  hidden, ratios = _embed(dense, jnp.asarray(calibration), config), []
   for index in range(settings.layers[-1] + 1):
     layer = layer_weights(dense, index)
     if index in settings.layers:
@@ -265,11 +263,11 @@ def prune_model(model: Llama, settings: PruneSettings, calibration, heldout, *,
           weights[name][index] = value
       reporter.info(f"resuming after layer {len(records) - 1} from {folder.state}")
   calibration, heldout = jnp.asarray(calibration), jnp.asarray(heldout)
-  hidden = _embed(dense, calibration)
+  hidden = _embed(dense, calibration, config)
   # The dense model's calibration stream, for the methods that fit blocks to it.
   fits_teacher = getattr(settings.solver, "target", None) == "teacher"
   teacher_hidden = hidden if fits_teacher else None
-  heldout_hidden = _embed(dense, heldout)
+  heldout_hidden = _embed(dense, heldout, config)
   dense_hidden = heldout_hidden
   block = default_block(heldout.shape[1])
   last = settings.layers[-1] + 1  # nothing after the last pruned layer changes

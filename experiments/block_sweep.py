@@ -24,7 +24,8 @@ import numpy as np
 
 from attnprune_jax import data, methods, models
 from attnprune_jax.baselines import input_stats
-from attnprune_jax.models.llama import LINEAR_INPUTS, decoder_layer, layer_weights, linear_inputs
+from attnprune_jax.models.llama import (LINEAR_INPUTS, decoder_layer, embed, layer_weights,
+                                        linear_inputs)
 from attnprune_jax.patterns import parse_pattern
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import provenance, result_document, write_json_atomic
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
   finished = {key(row) for row in done}
   rows, start = list(done), time.perf_counter()
   dense = model.weights()
-  hidden = {"calibration": dense["embed_tokens"][calibration],
-            "tuning": dense["embed_tokens"][tuning]}
+  hidden = {"calibration": embed(dense, calibration, config),
+            "tuning": embed(dense, tuning, config)}
   todo = [("wanda", "", None), ("sparsegpt", "", None)]
   todo += [(m, name, solver) for m in args.methods for name, solver in variants(m).items()]
   for index in range(max(layers) + 1):

@@ -257,6 +257,29 @@ def test_every_kind_of_method_prunes_a_gemma_at_exact_counts(method, targets, so
   assert all(np.isfinite(errors)) and min(errors) > 0
 
 
+@pytest.mark.parametrize("targets", ["qk", "all"])
+def test_the_pipeline_prunes_on_the_inputs_of_the_numpy_forward(targets):
+  """Wanda on the last layer only, against Wanda on the numpy forward's inputs of that layer:
+  the pipeline's residual stream must be the model's (√d-scaled embeddings included; seen: a
+  pipeline that skipped the scale pruned every layer past the first on wrong inputs)."""
+  model = Llama.random(TINY_GEMMA, jax.random.key(5), scale=0.5)
+  calibration = np.random.default_rng(5).integers(0, 64, (3, 12))
+  last = TINY_GEMMA.num_layers - 1
+  settings = PruneSettings("wanda", 0.5, None, (last,), targets=targets)
+  pruned = pipeline.prune_model(model, settings, calibration, calibration[:1]).weights
+  weights = {k: np.asarray(v, np.float64) for k, v in model.weights().items()}
+  inputs = []
+  for window in calibration:
+    per_window = []
+    reference_numpy.llama_forward(weights, window, TINY_GEMMA, linear_inputs=per_window)
+    inputs.append(per_window[last])
+  for name in TARGETS[targets]:
+    x = np.concatenate([window[name] for window in inputs])
+    score = np.abs(weights[name][last]) * np.linalg.norm(x, axis=0)
+    keep = reference_numpy.binarize_rows(score, score.shape[1] // 2)
+    np.testing.assert_array_equal(np.asarray(pruned[name][last]) != 0, keep, err_msg=name)
+
+
 def test_convergence_refuses_a_qk_norm_model_by_name(tmp_path, capsys):
   from attnprune_jax import cli
   models.save(Llama.random(TINY_GEMMA, jax.random.key(4)), tmp_path / "g")

@@ -108,12 +108,10 @@ def check_layer(recomputed: dict, row: dict) -> None:
 
 
 # The model fixture of each results file of pruned rows.
-MODEL_OF = {"results/qk_pruning.json": "smollm2", "results/whole_model.json": "smollm2",
-            "results/gemma3_270m/qk_pruning.json": "gemma3"}
+MODEL_OF = {"results/qk_pruning.json": "smollm2", "results/whole_model.json": "smollm2"}
 PRUNING_SAMPLES = [("results/qk_pruning.json", "attn", "0.7"),  # Algorithm 1 and its cut
                    ("results/qk_pruning.json", "sparsegpt", "2:4"),
-                   ("results/whole_model.json", "wanda", "0.5"),
-                   ("results/gemma3_270m/qk_pruning.json", "attn-progressive", "0.7")]
+                   ("results/whole_model.json", "wanda", "0.5")]
 EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
                           id=f"{Path(path).relative_to('results').with_suffix('')}-{method}-"
                              f"{sparsity}")

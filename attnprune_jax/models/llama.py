@@ -352,6 +352,15 @@ def layer_weights(weights: dict, index: int) -> dict:
   return {name: weights[name][index] for name in LAYER_WEIGHTS if name in weights}
 
 
+def embed(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig
+          ) -> Float[Array, "b t d"]:
+  """The residual stream entering layer 0: the tokens' embeddings (Gemma 3: times √d)."""
+  hidden = weights["embed_tokens"][tokens]
+  if config.scale_embeddings:  # √d rounded to the weights' type first, as Gemma does
+    hidden = hidden * jnp.asarray(config.hidden_size**0.5, hidden.dtype)
+  return hidden
+
+
 @functools.partial(jax.jit, static_argnames=("config", "return_attention_inputs",
                                              "return_attention"))
 def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
@@ -361,9 +370,7 @@ def forward(weights: dict, tokens: Int[Array, "b t"], config: LlamaConfig, *,
   Captures: "attention_inputs" (layers, b, t, d), the post-RMSNorm input of each attention;
   "attention" (layers, b, heads, t, t), each layer's attention matrices.
   """
-  hidden = weights["embed_tokens"][tokens]
-  if config.scale_embeddings:  # √d rounded to the weights' type first, as Gemma does
-    hidden = hidden * jnp.asarray(config.hidden_size**0.5, hidden.dtype)
+  hidden = embed(weights, tokens, config)
 
   def body(hidden, scanned):
     index, layer = scanned
