@@ -4,8 +4,9 @@ A stored number is trusted because these tests recompute a sample of it, not bec
 that made it is unchanged: a refactor that changes no number passes; a change of the numbers
 fails here until the results are regenerated (and the kind's version in `numerics` raised, which
 the stored files must then carry). The default tier recomputes one sample per file (layer 0 of a
-row, one synthetic run, one head of one layer, the baselines of one sweep layer); the `slow`
-tier recomputes layer 0 of every row, a solved sweep row, and the q/k-share diagnostic. The
+row, through layer 1 for Gemma's rows, one synthetic run, one head of one layer, the baselines
+of one sweep layer); the `slow` tier recomputes layer 0 (Gemma: 1) of every row, a solved sweep
+row, and the q/k-share diagnostic. The
 theory figures' and the sweeps' samples are in test_golden_theory_and_sweeps.py.
 """
 
