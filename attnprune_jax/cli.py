@@ -46,7 +46,7 @@ class Command(NamedTuple):
 OUTPUT_OPTIONS = {"json": False, "results": False, "out": True, "work": True, "figures": True}
 # Those a run resumes from, locked while it runs (`locks`): one run per output.
 OWNED_OPTIONS = ("out", "results", "work")
-MODEL_HELP = ("smollm2 (the embedded default), gemma3-270m (Gemma 3; eval only for now), a local "
+MODEL_HELP = ("smollm2 (the embedded default), gemma3-270m (Gemma 3), a local "
               "Hugging Face Llama or Gemma 3 checkpoint folder (e.g. Llama 3.2-1B: config.json, "
               "*.safetensors, tokenizer.json) or a Llama or Gemma 3 GGUF file")
 
