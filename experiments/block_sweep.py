@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnprune_jax import data, methods, models
+from attnprune_jax import data, methods, models, numerics
 from attnprune_jax.baselines import input_stats
 from attnprune_jax.models.llama import (LINEAR_INPUTS, decoder_layer, embed, layer_weights,
                                         linear_inputs)
@@ -69,6 +69,41 @@ def baseline_weights(method: str, config, layer: dict, hidden, sparsity: str) ->
   return new
 
 
+def sweep_windows(model) -> dict:
+  """The calibration windows the methods see and the tuning slice that measures them (Emma
+  windows after the calibration and the held-out ones), as token arrays (b, t)."""
+  windows = DataConfig()
+  tokens = data.calibration_windows(
+      model.tokenizer, count=windows.calib_seqs + windows.heldout_seqs + TUNING_WINDOWS,
+      ctx=windows.calib_len)
+  return {"calibration": tokens[:windows.calib_seqs],
+          "tuning": tokens[windows.calib_seqs + windows.heldout_seqs:]}
+
+
+def dense_inputs(model, index: int) -> dict:
+  """The dense model's residual stream entering block `index` on the sweep's windows."""
+  dense, config = model.weights(), model.config
+  hidden = {name: embed(dense, tokens, config) for name, tokens in sweep_windows(model).items()}
+  for earlier in range(index):
+    layer = layer_weights(dense, earlier)
+    hidden = {name: _run_layer(h, layer, config)[0] for name, h in hidden.items()}
+  return hidden
+
+
+def row_error(config, layer: dict, hidden: dict, method: str, sparsity: str,
+              solver=None) -> float:
+  """The tuning slice's block error of `method` (a linear baseline with solver None, else a
+  block method with `solver`) pruning the block from its calibration inputs."""
+  if solver is None:
+    new = baseline_weights(method, config, layer, hidden["calibration"], sparsity)
+  else:
+    value, n_m = parse_pattern(sparsity)
+    new = methods.get(method).prune(layer, hidden["calibration"], targets=TARGETS["all"],
+                                    sparsity=value, n_m=n_m, config=config, solver=solver,
+                                    teacher=None).weights
+  return block_error(config, layer, new, hidden["tuning"])
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="smollm2")
@@ -79,51 +114,41 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   reporter = Reporter(quiet=args.quiet)
   model = models.load(args.model)
-  config, windows = model.config, DataConfig()
-  tokens = data.calibration_windows(
-      model.tokenizer, count=windows.calib_seqs + windows.heldout_seqs + TUNING_WINDOWS,
-      ctx=windows.calib_len)
-  calibration = tokens[:windows.calib_seqs]
-  tuning = tokens[windows.calib_seqs + windows.heldout_seqs:]
+  config = model.config
   layers = quick_layers(config.num_layers)
-  done = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+  done = []
+  if args.out.is_file():
+    stored = json.loads(args.out.read_text())
+    if stored.get("numerics") != numerics.PRUNING:
+      raise SystemExit(f"{args.out} holds rows of another numerics version "
+                       f"({stored.get('numerics')}, now {numerics.PRUNING}): move it away")
+    done = stored["rows"]
   key = lambda row: (row["layer"], row["sparsity"], row["method"], row["variant"])
   finished = {key(row) for row in done}
   rows, start = list(done), time.perf_counter()
   dense = model.weights()
-  hidden = {"calibration": embed(dense, calibration, config),
-            "tuning": embed(dense, tuning, config)}
+  hidden = {name: embed(dense, tokens, config) for name, tokens in sweep_windows(model).items()}
   todo = [("wanda", "", None), ("sparsegpt", "", None)]
   todo += [(m, name, solver) for m in args.methods for name, solver in variants(m).items()]
   for index in range(max(layers) + 1):
     layer = layer_weights(dense, index)
     if index in layers:
       for method, variant, solver in todo:
-        row_key = (index, args.sparsity, method, variant)
-        if row_key in finished:
+        if (index, args.sparsity, method, variant) in finished:
           continue
         tic = time.perf_counter()
-        if solver is None:
-          new = baseline_weights(method, config, layer, hidden["calibration"], args.sparsity)
-        else:
-          value, n_m = parse_pattern(args.sparsity)
-          new = methods.get(method).prune(layer, hidden["calibration"], targets=TARGETS["all"],
-                                          sparsity=value, n_m=n_m, config=config,
-                                          solver=solver, teacher=None).weights
         row = {"layer": index, "sparsity": args.sparsity, "method": method, "variant": variant,
                "settings": None if solver is None else dataclasses.asdict(solver),
-               "block_error": block_error(config, layer, new, hidden["tuning"]),
+               "block_error": row_error(config, layer, hidden, method, args.sparsity, solver),
                "time_s": time.perf_counter() - tic}
         rows.append(row)
         reporter.info(f"layer {index} {method} {variant or ''}: {row['block_error']:.4f} "
                       f"({row['time_s']:.0f} s)")
-        write_json_atomic(args.out, result_document("whole-model-sweep", {"rows": rows},
-                                                    provenance(seed=None, settings=vars(args) | {
-                                                        "out": str(args.out), "layers": layers},
-                                                        wall_time_s=time.perf_counter() - start)))
-    for stream in hidden:
-      hidden[stream] = _run_layer(hidden[stream], layer, config)[0]
-
+        write_json_atomic(args.out, result_document(
+            "whole-model-sweep", {"rows": rows, "numerics": numerics.PRUNING},
+            provenance(seed=None, settings=vars(args) | {"out": str(args.out), "layers": layers},
+                       wall_time_s=time.perf_counter() - start)))
+    hidden = {name: _run_layer(h, layer, config)[0] for name, h in hidden.items()}
 
 if __name__ == "__main__":
   main()

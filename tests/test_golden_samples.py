@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import RTOL32, chained_rtol, optimized_compilation, stored
+from conftest import ROOT, RTOL32, chained_rtol, optimized_compilation, stored
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
 from attnprune_jax.settings import QK, DataConfig, PruneSettings, split_method
@@ -136,6 +136,25 @@ def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
   assert results.fingerprint(*(data[k] for k in sorted(data))) == row["key"]["windows"]
   through = 1 if path in THROUGH_LAYER_1 else None
   check_layer(recompute_first_layer(model, row, windows, through=through), row)
+
+
+# Results of single `attnprune prune` runs (the document is the row, with its provenance): the
+# block methods with the local target, against the grid's teacher rows (paper_repro.md).
+PRUNE_RESULTS = sorted(str(path.relative_to(ROOT))
+                       for path in (ROOT / "results" / "whole_model_local_target").glob("*.json"))
+
+
+def test_prune_results_are_sampled():
+  assert len(PRUNE_RESULTS) >= 1, "results/whole_model_local_target/ holds no results"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
+@pytest.mark.parametrize("path", PRUNE_RESULTS)
+def test_first_layer_of_a_prune_result(smollm2, windows, path):
+  row = stored(path)
+  assert row["kind"] == "prune"
+  check_layer(recompute_first_layer(smollm2, row, windows), row)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Golden samples of the theory figures and the q/k sweeps (see test_golden_samples.py).
+"""Golden samples of the theory figures and the q/k and block sweeps (see test_golden_samples.py).
 
 The default tier recomputes one synthetic run behind figures/synthetic, head 0 of the first layer
 behind figures/real/theory and the baselines' errors on the sweeps' first layer; the `slow` tier
@@ -14,8 +14,10 @@ import pytest
 from conftest import RTOL32, RTOL64, chained_rtol, optimized_compilation, stored
 
 from attnprune_jax import numerics
-from attnprune_jax.solver_config import MaskSolverConfig
-from experiments import convergence, qk_sweep, real_convergence, synthetic_convergence
+from attnprune_jax.models.llama import layer_weights
+from attnprune_jax.solver_config import BlockSolverConfig, MaskSolverConfig
+from experiments import (block_sweep, convergence, qk_sweep, real_convergence,
+                         synthetic_convergence)
 from experiments.configs import RealConfig, SyntheticConfig
 
 
@@ -89,3 +91,37 @@ def test_sweep_solved_row(smollm2, sweep_problems, path):
   error = qk_sweep.solved_error(smollm2, sweep_problems[5], row["method"], row["sparsity"],
                                 MaskSolverConfig(**row["solver"]))
   assert error == pytest.approx(row["heldout_error"], rel=chained_rtol(document["provenance"]))
+
+
+BLOCK_SWEEP = "results/whole_model_sweep.json"
+
+
+@pytest.fixture(scope="module")
+def block_sweep_layer(smollm2):
+  """The block sweep's first layer (5) and its dense inputs, computed as the sweep computed them."""
+  with optimized_compilation():
+    return layer_weights(smollm2.weights(), 5), block_sweep.dense_inputs(smollm2, 5)
+
+
+def block_sweep_row(method: str, variant: str) -> dict:
+  document = stored(BLOCK_SWEEP)
+  assert document["numerics"] == numerics.PRUNING
+  return next(r for r in document["rows"]
+              if (r["layer"], r["method"], r["variant"]) == (5, method, variant))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_sweep_baselines(smollm2, block_sweep_layer, method):
+  row = block_sweep_row(method, "")
+  error = block_sweep.row_error(smollm2.config, *block_sweep_layer, method, row["sparsity"])
+  assert error == pytest.approx(row["block_error"], rel=RTOL32)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
+def test_block_sweep_solved_row(smollm2, block_sweep_layer):
+  row = block_sweep_row("attn-block-reweight", "default")
+  error = block_sweep.row_error(smollm2.config, *block_sweep_layer, row["method"],
+                                row["sparsity"], BlockSolverConfig(**row["settings"]))
+  assert error == pytest.approx(row["block_error"],
+                                rel=chained_rtol(stored(BLOCK_SWEEP)["provenance"]))
