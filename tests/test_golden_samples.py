@@ -110,14 +110,17 @@ def check_layer(recomputed: dict, row: dict) -> None:
 
 # The model fixture of each results file of pruned rows.
 MODEL_OF = {"results/qk_pruning.json": "smollm2", "results/whole_model.json": "smollm2",
-            "results/gemma3_270m/qk_pruning.json": "gemma3"}
+            "results/gemma3_270m/qk_pruning.json": "gemma3",
+            "results/gemma3_270m/whole_model.json": "gemma3"}
 # Files whose samples are recomputed through layer 1 (layer 0 pruned first): on Gemma 3 layer 0's
 # input is the RMSNorm of the embeddings, blind to their √d scale, which layer 1's is not.
-THROUGH_LAYER_1 = ("results/gemma3_270m/qk_pruning.json",)
+THROUGH_LAYER_1 = ("results/gemma3_270m/qk_pruning.json",
+                   "results/gemma3_270m/whole_model.json")
 PRUNING_SAMPLES = [("results/qk_pruning.json", "attn", "0.7"),  # Algorithm 1 and its cut
                    ("results/qk_pruning.json", "sparsegpt", "2:4"),
                    ("results/whole_model.json", "wanda", "0.5"),
-                   ("results/gemma3_270m/qk_pruning.json", "wanda", "0.7")]
+                   ("results/gemma3_270m/qk_pruning.json", "wanda", "0.7"),
+                   ("results/gemma3_270m/whole_model.json", "wanda", "2:4")]
 EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
                           id=f"{Path(path).relative_to('results').with_suffix('')}-{method}-"
                              f"{sparsity}")
@@ -176,3 +179,16 @@ def test_qk_share(smollm2, windows):
   assert share["numerics"] == numerics.PRUNING
   assert ppl == pytest.approx(entry["perplexity_dense_qk"], rel=chained_rtol(share["provenance"]))
   assert entry["perplexity"] == row["perplexity"]
+
+
+def test_every_committed_result_is_sampled():
+  """A results file that no golden sample names would be trusted unchecked: each stored JSON
+  document under results/ and figures/ is one of the files sampled here or in
+  test_golden_theory_and_sweeps.py."""
+  import test_golden_theory_and_sweeps as theory
+  sampled = (set(MODEL_OF) | set(PRUNE_RESULTS) | {"results/whole_model_qk_share.json"}
+             | {"figures/synthetic/summary.json", "figures/real/theory/summary.json"}
+             | set(theory.SWEEPS) | {theory.BLOCK_SWEEP})
+  committed = {str(path.relative_to(ROOT)) for folder in ("results", "figures")
+               for path in (ROOT / folder).rglob("*.json")}
+  assert committed <= sampled, sorted(committed - sampled)
