@@ -6,7 +6,7 @@ fails here until the results are regenerated (and the kind's version in `numeric
 the stored files must then carry). The default tier recomputes one sample per file (layer 0 of a
 row, through layer 1 for Gemma's rows, one synthetic run, one head of one layer, the baselines
 of one sweep layer); the `slow` tier recomputes layer 0 (Gemma: 1) of every row, a solved sweep
-row, and the q/k-share diagnostic. The
+row, and the family-share diagnostics (q/k on SmolLM2, the attention on Gemma). The
 theory figures' and the sweeps' samples are in test_golden_theory_and_sweeps.py.
 """
 
@@ -22,7 +22,8 @@ import pytest
 from conftest import ROOT, RTOL32, chained_rtol, optimized_compilation, stored
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
-from attnprune_jax.settings import QK, DataConfig, PruneSettings, split_method
+from attnprune_jax.settings import DataConfig, PruneSettings, split_method
+from experiments import qk_share
 
 
 def test_optimized_compilation_recompiles_what_an_unoptimized_test_compiled():
@@ -160,33 +161,43 @@ def test_first_layer_of_a_prune_result(smollm2, windows, path):
   check_layer(recompute_first_layer(smollm2, row, windows), row)
 
 
+# Family-share diagnostics (experiments/qk_share.py): file -> (its rows' results file, the
+# sampled row, the family put back).
+SHARES = {"results/whole_model_qk_share.json": ("results/whole_model.json", "wanda", "0.5", "qk"),
+          "results/gemma3_270m/whole_model_share.json": (
+              "results/gemma3_270m/whole_model.json", "sparsegpt", "2:4", "attention")}
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("optimized_xla")
-def test_qk_share(smollm2, windows):
-  """The whole-model Wanda row at 0.5 pruned again and evaluated with its dense q/k put back."""
-  share = stored("results/whole_model_qk_share.json")
-  entry = next(r for r in share["rows"] if (r["method"], r["sparsity"]) == ("wanda", "0.5"))
-  row = row_of(stored("results/whole_model.json"), "wanda", "0.5")
+@pytest.mark.parametrize("path", SHARES)
+def test_family_share(windows, request, path):
+  """A whole-model row pruned again and evaluated with one family's dense weights put back."""
+  source, method, sparsity, family = SHARES[path]
+  model = request.getfixturevalue(MODEL_OF[source])
+  share = stored(path)
+  entry = next(r for r in share["rows"] if (r["method"], r["sparsity"]) == (method, sparsity))
+  row = row_of(stored(source), method, sparsity)
   s = row["settings"]
-  settings = PruneSettings(s["method"], s["sparsity"], None, tuple(s["layers"]),
-                           targets=s["targets"])
-  data = windows(smollm2, s["data"])
-  pruned = pipeline.prune_model(smollm2, settings, data["calibration"], data["heldout"])
-  dense = smollm2.weights()
-  weights = pruned.weights | {name: dense[name] for name in QK}
-  ppl = evaluate.perplexity(smollm2, data["evaluation"], batch_size=s["data"]["batch"],
+  settings = PruneSettings(s["method"], s["sparsity"], None if s["n_m"] is None
+                           else tuple(s["n_m"]), tuple(s["layers"]), targets=s["targets"])
+  data = windows(model, s["data"])
+  pruned = pipeline.prune_model(model, settings, data["calibration"], data["heldout"])
+  dense = model.weights()
+  weights = pruned.weights | {name: dense[name] for name in qk_share.FAMILIES[family]}
+  ppl = evaluate.perplexity(model, data["evaluation"], batch_size=s["data"]["batch"],
                             weights=weights)["perplexity"]
   assert share["numerics"] == numerics.PRUNING
-  assert ppl == pytest.approx(entry["perplexity_dense_qk"], rel=chained_rtol(share["provenance"]))
+  assert ppl == pytest.approx(entry[f"perplexity_dense_{family}"],
+                              rel=chained_rtol(share["provenance"]))
   assert entry["perplexity"] == row["perplexity"]
-
 
 def test_every_committed_result_is_sampled():
   """A results file that no golden sample names would be trusted unchecked: each stored JSON
   document under results/ and figures/ is one of the files sampled here or in
   test_golden_theory_and_sweeps.py."""
   import test_golden_theory_and_sweeps as theory
-  sampled = (set(MODEL_OF) | set(PRUNE_RESULTS) | {"results/whole_model_qk_share.json"}
+  sampled = (set(MODEL_OF) | set(PRUNE_RESULTS) | set(SHARES)
              | {"figures/synthetic/summary.json", "figures/real/theory/summary.json"}
              | set(theory.SWEEPS) | {theory.BLOCK_SWEEP})
   committed = {str(path.relative_to(ROOT)) for folder in ("results", "figures")

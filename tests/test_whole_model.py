@@ -174,22 +174,25 @@ def test_reproduce_targets_all_runs_the_comparisons_resumably(tiny_folder, tmp_p
   assert cli.main(argv) == 0  # resumed: every row stored
   tables = path.with_suffix(".md").read_text()
   assert "removed: decoder linears" in tables and "50.00 %" in tables
-  # The q/k share: the wanda row re-evaluated with dense q/k.
+  # The q/k and MLP shares: the wanda row re-evaluated with dense q/k, then dense MLP.
   share = tmp_path / "share.json"
   qk_share.main(["--model", str(tiny_folder), "--results", str(path), "--work",
                  "out/models/model-quick/work/whole_model", "--out", str(share), "--methods",
-                 "wanda", "--quiet"])
+                 "wanda", "--restore", "qk", "mlp", "--quiet"])
   [entry] = json.loads(share.read_text())["rows"]
   model = models.load(tiny_folder)
   wanda_row = stored["rows"][1]
-  weights = RunFolder(tmp_path / "out/models/model-quick/work/whole_model/all-wanda-0.5"
-                      ).finished_weights(model, model_fingerprint(model))
-  weights |= {name: model.weights()[name] for name in ("q_proj", "k_proj")}
+  pruned = RunFolder(tmp_path / "out/models/model-quick/work/whole_model/all-wanda-0.5"
+                     ).finished_weights(model, model_fingerprint(model))
   evaluation = runs.token_windows(model, SMALL_WINDOWS)["evaluation"]
-  assert entry["perplexity_dense_qk"] == pytest.approx(evaluate.perplexity(
-      model, evaluation, weights=weights)["perplexity"], rel=1e-6)
-  assert entry["perplexity"] == wanda_row["perplexity"] != entry["perplexity_dense_qk"]
-  assert entry["qk_cost"] == pytest.approx(wanda_row["perplexity"] - entry["perplexity_dense_qk"])
+  for family, names in (("qk", ("q_proj", "k_proj")),
+                        ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+    weights = pruned | {name: model.weights()[name] for name in names}
+    assert entry[f"perplexity_dense_{family}"] == pytest.approx(evaluate.perplexity(
+        model, evaluation, weights=weights)["perplexity"], rel=1e-6)
+    assert entry["perplexity"] == wanda_row["perplexity"] != entry[f"perplexity_dense_{family}"]
+    assert entry[f"{family}_cost"] == pytest.approx(
+        wanda_row["perplexity"] - entry[f"perplexity_dense_{family}"])
   capsys.readouterr()
   assert cli.main(["reproduce", "--model", str(tiny_folder), "--targets", "all", "--methods",
                    "attn-progressive", "--quiet"]) == 2
