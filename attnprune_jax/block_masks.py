@@ -39,12 +39,11 @@ from attnprune_jax.masks import binarize
 from attnprune_jax.models.llama import (LlamaConfig, attention_input, attention_output,
                                         mlp_input, mlp_output)
 from attnprune_jax.patterns import check_n_m
+from attnprune_jax.settings import ATTENTION, MLP
 from attnprune_jax.solver import minimize, prune_progressively
 from attnprune_jax.solver_config import BlockSolverConfig
 
 VARIANTS = ("attn-block", "attn-block-reweight")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class BlockPruning(NamedTuple):

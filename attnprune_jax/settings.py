@@ -13,9 +13,10 @@ from attnprune_jax.patterns import check_n_m, kept_count, parse_pattern, pattern
 from attnprune_jax.solver_config import MaskSolverConfig
 
 QK = ("q_proj", "k_proj")
+ATTENTION = QK + ("v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 # The linears each `targets` prunes in every chosen layer; embeddings and LM head stay dense.
-TARGETS = {"qk": QK, "attention": QK + ("v_proj", "o_proj"),
-           "all": QK + ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+TARGETS = {"qk": QK, "attention": ATTENTION, "all": ATTENTION + MLP}
 # SparseGPT's --true-sequential order of a block's linears.
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
                      ("down_proj",))

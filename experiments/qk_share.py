@@ -25,11 +25,10 @@ from attnprune_jax import evaluate, models, numerics, runs
 from attnprune_jax.patterns import parse_pattern, pattern_name
 from attnprune_jax.reporting import Reporter
 from attnprune_jax.results import model_fingerprint, provenance, result_document, write_json_atomic
-from attnprune_jax.settings import QK, TARGETS, DataConfig
+from attnprune_jax.settings import ATTENTION, MLP, QK, DataConfig
 
 # The families a row can have put back, by name.
-FAMILIES = {"qk": QK, "attention": TARGETS["attention"],
-            "mlp": tuple(name for name in TARGETS["all"] if name not in TARGETS["attention"])}
+FAMILIES = {"qk": QK, "attention": ATTENTION, "mlp": MLP}
 
 
 def main(argv: list[str] | None = None) -> None:

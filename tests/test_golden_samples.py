@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import test_golden_theory_and_sweeps as theory
 from conftest import ROOT, RTOL32, chained_rtol, optimized_compilation, stored
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
@@ -69,18 +70,23 @@ def windows():
   return of
 
 
+def settings_of(row: dict, layers: tuple[int, ...]) -> PruneSettings:
+  """The row's stored settings on `layers` (a per-layer sparsity: the first layer's)."""
+  s = row["settings"]
+  sparsity = s["sparsity"][0] if isinstance(s["sparsity"], list) else s["sparsity"]
+  solver = methods.get(s["method"]).solver
+  return PruneSettings(s["method"], sparsity, None if s["n_m"] is None else tuple(s["n_m"]),
+                       layers, None if s["solver"] is None else type(solver)(**s["solver"]),
+                       targets=s["targets"], rest=s["rest"],
+                       true_sequential=s["true_sequential"])
+
+
 def recompute_first_layer(model, row: dict, windows, *, through: int | None = None) -> dict:
   """The record of the row's first pruned layer (with `through`, of that layer, every layer up
   to it pruned), pruned again with the row's settings."""
   s = row["settings"]
   first = s["layers"][0]
-  sparsity = s["sparsity"][0] if isinstance(s["sparsity"], list) else s["sparsity"]
-  solver = methods.get(s["method"]).solver
-  settings = PruneSettings(s["method"], sparsity, None if s["n_m"] is None else tuple(s["n_m"]),
-                           (first,) if through is None else tuple(range(first, through + 1)),
-                           None if s["solver"] is None else type(solver)(**s["solver"]),
-                           targets=s["targets"], rest=s["rest"],
-                           true_sequential=s["true_sequential"])
+  settings = settings_of(row, (first,) if through is None else tuple(range(first, through + 1)))
   data = windows(model, s["data"])
   if s.get("allocation", "uniform") != "uniform":
     # The allocation from the dense model over every layer, then layer 0 at its share.
@@ -182,10 +188,9 @@ def test_family_share(windows, request, path):
   entry = next(r for r in share["rows"] if (r["method"], r["sparsity"]) == (method, sparsity))
   row = row_of(stored(source), method, sparsity)
   s = row["settings"]
-  settings = PruneSettings(s["method"], s["sparsity"], None if s["n_m"] is None
-                           else tuple(s["n_m"]), tuple(s["layers"]), targets=s["targets"])
   data = windows(model, s["data"])
-  pruned = pipeline.prune_model(model, settings, data["calibration"], data["heldout"])
+  pruned = pipeline.prune_model(model, settings_of(row, tuple(s["layers"])), data["calibration"],
+                                data["heldout"])
   dense = model.weights()
   weights = pruned.weights | {name: dense[name] for name in qk_share.FAMILIES[family]}
   ppl = evaluate.perplexity(model, data["evaluation"], batch_size=s["data"]["batch"],
@@ -195,11 +200,11 @@ def test_family_share(windows, request, path):
                               rel=chained_rtol(share["provenance"]))
   assert entry["perplexity"] == row["perplexity"]
 
+
 def test_every_committed_result_is_sampled():
   """A results file that no golden sample names would be trusted unchecked: each stored JSON
   document under results/ and figures/ is one of the files sampled here or in
   test_golden_theory_and_sweeps.py."""
-  import test_golden_theory_and_sweeps as theory
   sampled = (set(MODEL_OF) | set(PRUNE_RESULTS) | set(SHARES)
              | {"figures/synthetic/summary.json", "figures/real/theory/summary.json"}
              | set(theory.SWEEPS) | {theory.BLOCK_SWEEP})
