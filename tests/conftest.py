@@ -37,8 +37,16 @@ RTOL32, RTOL64 = 1e-4, 1e-7
 # samples) between an AVX-512 machine and the one that stored them, identical at the commits
 # that stored them. Such samples are compared at RTOL32 where the stored result names this
 # machine's processor (provenance "cpu", `results.cpu()`), at RTOL_OTHER_CPU elsewhere (and
-# where the result predates that record).
+# where the result predates that record). A single layer's solve or value update (SparseGPT)
+# differs by ~0.03 % there, the next layer's by up to 6.3 % (test_golden_samples checks such rows
+# on their first layer only).
 RTOL_OTHER_CPU = 2e-2
+# A layer's q/k mask solve (progressive cuts, re-weighting) recomputed on a processor of other
+# vector extensions keeps other weights at near-ties: its errors move by up to 5.1 % on one layer
+# (measured: Gemma 3's q/k rows, made on AVX-512, recomputed on AVX2; 1e-4 on one machine). There
+# such a sample is a check of gross changes only (a wrong embedding scale moved one by 2x), at
+# RTOL_SOLVE_OTHER_CPU, with a warning, until the rows are regenerated on the test's kind of CPU.
+RTOL_SOLVE_OTHER_CPU = 1e-1
 
 
 def chained_rtol(provenance: dict) -> float:

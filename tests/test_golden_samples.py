@@ -3,16 +3,18 @@
 A stored number is trusted because these tests recompute a sample of it, not because the source
 that made it is unchanged: a refactor that changes no number passes; a change of the numbers
 fails here until the results are regenerated (and the kind's version in `numerics` raised, which
-the stored files must then carry). The default tier recomputes one sample per file (layer 0 of a
-row, through layer 1 for Gemma's rows, one synthetic run, one head of one layer, the baselines
-of one sweep layer); the `slow` tier recomputes layer 0 (Gemma: 1) of every row, a solved sweep
-row, and the family-share diagnostics (q/k on SmolLM2, the attention on Gemma). The
+the stored files must then carry). The default tier recomputes a few pruning rows (layer 0 of a
+row, through layer 1 for Gemma's whole-model Wanda row), one synthetic run, one head of one
+layer, the baselines of one sweep layer; the `slow` tier recomputes layer 0 (Gemma: through 1,
+unless `check_layer` says otherwise) of every row, a solved sweep row, and the family-share
+diagnostics (q/k on SmolLM2, the attention and the MLP on Gemma). The
 theory figures' and the sweeps' samples are in test_golden_theory_and_sweeps.py.
 """
 
 import dataclasses
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 import pytest
 
 import test_golden_theory_and_sweeps as theory
-from conftest import ROOT, RTOL32, chained_rtol, optimized_compilation, stored
+from conftest import (ROOT, RTOL32, RTOL_SOLVE_OTHER_CPU, chained_rtol, optimized_compilation,
+                      stored)
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
 from attnprune_jax.settings import DataConfig, PruneSettings, split_method
@@ -100,14 +103,28 @@ def recompute_first_layer(model, row: dict, windows, *, through: int | None = No
   return pipeline.prune_model(model, settings, data["calibration"], data["heldout"]).layers[-1]
 
 
+def rounding_sensitive(method: str) -> bool:
+  """Whether float32 rounding reaches the method's masks: a solve, or an update of values
+  (SparseGPT's OBS) that the next weights' scores and the next layers' inputs see."""
+  first = methods.get(split_method(method)[0])
+  return first.kind != "linear" or first.changes_values
+
+
 def check_layer(recomputed: dict, row: dict) -> None:
-  """The recomputed layer record against the row's; a whole block's solve is a long float32
-  chain (`chained_rtol`)."""
+  """The recomputed layer record against the row's: kept counts exactly, the errors at RTOL32,
+  or at `chained_rtol` for a rounding-sensitive method (a whole block's solve is a long float32
+  chain; on a processor of other vector extensions any solve or value update rounds otherwise),
+  a q/k solve made on such a processor at RTOL_SOLVE_OTHER_CPU, with a warning."""
   expected = row["layers"][recomputed["layer"]]
   assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
-  chained = methods.get(split_method(row["method"])[0]).kind == "block"
-  rtol = chained_rtol(row["provenance"]) if chained else RTOL32
+  rtol = chained_rtol(row["provenance"]) if rounding_sensitive(row["method"]) else RTOL32
+  made_on = row["provenance"].get("cpu")
+  if methods.get(split_method(row["method"])[0]).kind == "qk" and made_on != results.cpu():
+    rtol = RTOL_SOLVE_OTHER_CPU
+    warnings.warn(f"{row['method']} at {row['pattern']} {row['sparsity']:g}: made on "
+                  f"{made_on!r}, not this {results.cpu()!r}; its solve's errors checked to "
+                  f"{rtol:.0%} only")
   for field in ("attention_error", "attention_error_end_to_end", "loss_first", "loss_last"):
     if expected[field] is None:
       assert recomputed[field] is None, field
@@ -126,7 +143,6 @@ THROUGH_LAYER_1 = ("results/gemma3_270m/qk_pruning.json",
 PRUNING_SAMPLES = [("results/qk_pruning.json", "attn", "0.7"),  # Algorithm 1 and its cut
                    ("results/qk_pruning.json", "sparsegpt", "2:4"),
                    ("results/whole_model.json", "wanda", "0.5"),
-                   ("results/gemma3_270m/qk_pruning.json", "wanda", "0.7"),
                    ("results/gemma3_270m/whole_model.json", "wanda", "2:4")]
 EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
                           id=f"{Path(path).relative_to('results').with_suffix('')}-{method}-"
@@ -137,17 +153,20 @@ EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
 
 @pytest.mark.parametrize("path,method,sparsity", PRUNING_SAMPLES + EVERY_ROW)
 def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
-  first = methods.get(split_method(method)[0])
-  # A solve of real size, or an update of values (SparseGPT's OBS) that unoptimized code rounds
-  # otherwise than the run that made the row.
-  if first.kind != "linear" or first.changes_values:
+  sensitive = rounding_sensitive(method)
+  if sensitive:  # a solve of real size, or a value update, that unoptimized code rounds otherwise
     request.getfixturevalue("optimized_xla")
   model = request.getfixturevalue(MODEL_OF[path])
   row = row_of(stored(path), method, sparsity)
   assert fingerprint_of(model) == row["key"]["model"], "the row was computed on another model"
   data = windows(model, row["settings"]["data"])
   assert results.fingerprint(*(data[k] for k in sorted(data))) == row["key"]["windows"]
-  through = 1 if path in THROUGH_LAYER_1 else None
+  # A rounding-sensitive row made on a processor of other vector extensions is checked on its
+  # first layer only: there the rounding moves the errors by ~0.03 %, in the next layer (whose
+  # input the other masks changed) by up to 6.3 % with the same kept counts (measured: Gemma's q/k
+  # SparseGPT and attention-aware rows, made on AVX-512, recomputed on AVX2).
+  foreign = row["provenance"].get("cpu") != results.cpu()
+  through = 1 if path in THROUGH_LAYER_1 and not (sensitive and foreign) else None
   check_layer(recompute_first_layer(model, row, windows, through=through), row)
 
 

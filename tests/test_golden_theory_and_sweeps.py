@@ -1,8 +1,10 @@
 """Golden samples of the theory figures and the q/k and block sweeps (see test_golden_samples.py).
 
 The default tier recomputes one synthetic run behind figures/synthetic, head 0 of the first layer
-behind figures/real/theory and the baselines' errors on the sweeps' first layer; the `slow` tier
-a solved row of each sweep. In a file of their own so that the two test workers share the golden
+behind figures/real/theory and Wanda's block error on the block sweep's first layer; the `slow`
+tier the baselines' errors on the q/k sweeps' first layer, SparseGPT's block error and a solved
+row of each sweep (the same pruners' code is sampled in the default tier by
+test_golden_samples.py's rows). In a file of their own so that the two test workers share the golden
 samples' time.
 """
 
@@ -72,6 +74,7 @@ def sweep_baselines(smollm2, sweep_problems):
       lambda sparsity: qk_sweep.baseline_errors(smollm2, sweep_problems[5], sparsity))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS)
 def test_sweep_baselines(sweep_baselines, path):
   document = stored(path)
@@ -110,7 +113,7 @@ def block_sweep_row(method: str, variant: str) -> dict:
               if (r["layer"], r["method"], r["variant"]) == (5, method, variant))
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", pytest.param("sparsegpt", marks=pytest.mark.slow)])
 def test_block_sweep_baselines(smollm2, block_sweep_layer, method):
   row = block_sweep_row(method, "")
   error = block_sweep.row_error(smollm2.config, *block_sweep_layer, method, row["sparsity"])
