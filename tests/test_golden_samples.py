@@ -110,6 +110,12 @@ def rounding_sensitive(method: str) -> bool:
   return first.kind != "linear" or first.changes_values
 
 
+def made_elsewhere(row: dict) -> bool:
+  """Whether the row names a processor other than this one (rows older than that record, which
+  reproduce here to RTOL32, do not)."""
+  return row["provenance"].get("cpu") not in (None, results.cpu())
+
+
 def check_layer(recomputed: dict, row: dict) -> None:
   """The recomputed layer record against the row's: kept counts exactly, the errors at RTOL32,
   or at `chained_rtol` for a rounding-sensitive method (a whole block's solve is a long float32
@@ -119,12 +125,11 @@ def check_layer(recomputed: dict, row: dict) -> None:
   assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
   rtol = chained_rtol(row["provenance"]) if rounding_sensitive(row["method"]) else RTOL32
-  made_on = row["provenance"].get("cpu")
-  if methods.get(split_method(row["method"])[0]).kind == "qk" and made_on != results.cpu():
+  if methods.get(split_method(row["method"])[0]).kind == "qk" and made_elsewhere(row):
     rtol = RTOL_SOLVE_OTHER_CPU
     warnings.warn(f"{row['method']} at {row['pattern']} {row['sparsity']:g}: made on "
-                  f"{made_on!r}, not this {results.cpu()!r}; its solve's errors checked to "
-                  f"{rtol:.0%} only")
+                  f"{row['provenance']['cpu']!r}, not this {results.cpu()!r}; its solve's "
+                  f"errors checked to {rtol:.0%} only")
   for field in ("attention_error", "attention_error_end_to_end", "loss_first", "loss_last"):
     if expected[field] is None:
       assert recomputed[field] is None, field
@@ -165,8 +170,7 @@ def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
   # first layer only: there the rounding moves the errors by ~0.03 %, in the next layer (whose
   # input the other masks changed) by up to 6.3 % with the same kept counts (measured: Gemma's q/k
   # SparseGPT and attention-aware rows, made on AVX-512, recomputed on AVX2).
-  foreign = row["provenance"].get("cpu") != results.cpu()
-  through = 1 if path in THROUGH_LAYER_1 and not (sensitive and foreign) else None
+  through = 1 if path in THROUGH_LAYER_1 and not (sensitive and made_elsewhere(row)) else None
   check_layer(recompute_first_layer(model, row, windows, through=through), row)
 
 
