@@ -44,7 +44,8 @@ RTOL_OTHER_CPU = 2e-2
 # A layer's q/k mask solve (progressive cuts, re-weighting) recomputed on a processor of other
 # vector extensions keeps other weights at near-ties: its errors move by up to 5.1 % on one layer
 # (measured: Gemma 3's q/k rows, made on AVX-512, recomputed on AVX2; 1e-4 on one machine). There
-# such a sample is a check of gross changes only (a wrong embedding scale moved one by 2x), at
+# such a sample is a check of gross changes only (on its first layer, blind to Gemma's √d
+# embedding scale, which the rows through layer 1 check), at
 # RTOL_SOLVE_OTHER_CPU, with a warning, until the rows are regenerated on the test's kind of CPU.
 RTOL_SOLVE_OTHER_CPU = 1e-1
 

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import pytest
 
 import test_golden_theory_and_sweeps as theory
-from conftest import (ROOT, RTOL32, RTOL_SOLVE_OTHER_CPU, chained_rtol, optimized_compilation,
-                      stored)
+from conftest import (ROOT, RTOL32, RTOL_OTHER_CPU, RTOL_SOLVE_OTHER_CPU, chained_rtol,
+                      optimized_compilation, stored)
 
 from attnprune_jax import evaluate, methods, numerics, pipeline, results, runs
 from attnprune_jax.settings import DataConfig, PruneSettings, split_method
@@ -125,8 +125,11 @@ def check_layer(recomputed: dict, row: dict) -> None:
   expected = row["layers"][recomputed["layer"]]
   assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
-  rtol = chained_rtol(row["provenance"]) if rounding_sensitive(row["method"]) else RTOL32
-  if methods.get(split_method(row["method"])[0]).kind == "qk" and made_elsewhere(row):
+  kind = methods.get(split_method(row["method"])[0]).kind
+  rtol = (chained_rtol(row["provenance"]) if kind == "block"
+          else RTOL_OTHER_CPU if rounding_sensitive(row["method"]) and made_elsewhere(row)
+          else RTOL32)
+  if kind == "qk" and made_elsewhere(row):
     rtol = RTOL_SOLVE_OTHER_CPU
     warnings.warn(f"{row['method']} at {row['pattern']} {row['sparsity']:g}: made on "
                   f"{row['provenance']['cpu']!r}, not this {results.cpu()!r}; its solve's "
@@ -167,10 +170,12 @@ def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
   data = windows(model, row["settings"]["data"])
   assert results.fingerprint(*(data[k] for k in sorted(data))) == row["key"]["windows"]
   # A rounding-sensitive row made on a processor of other vector extensions is checked on its
-  # first layer only: there the rounding moves the errors by ~0.03 %, in the next layer (whose
-  # input the other masks changed) by up to 6.3 % with the same kept counts (measured: Gemma's q/k
-  # SparseGPT and attention-aware rows, made on AVX-512, recomputed on AVX2).
-  through = 1 if path in THROUGH_LAYER_1 and not (sensitive and made_elsewhere(row)) else None
+  # first layer only: there the rounding moves the errors by ~0.03 % (SparseGPT) to 5.1 % (q/k
+  # solves), in the next layer (whose input the other masks changed) by up to 6.3 % with the
+  # same kept counts (measured: Gemma's q/k rows, made on AVX-512, recomputed on AVX2).
+  uniform = row["settings"].get("allocation", "uniform") == "uniform"  # OWL: layer 0 only
+  through = (1 if path in THROUGH_LAYER_1 and uniform and not (sensitive and made_elsewhere(row))
+             else None)
   check_layer(recompute_first_layer(model, row, windows, through=through), row)
 
 
