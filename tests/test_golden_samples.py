@@ -104,10 +104,15 @@ def recompute_first_layer(model, row: dict, windows, *, through: int | None = No
   return pipeline.prune_model(model, settings, data["calibration"], data["heldout"]).layers[-1]
 
 
+def first_method(method: str) -> methods.Method:
+  """The registered method that prunes first ('attn-progressive' of 'attn-progressive+wanda')."""
+  return methods.get(split_method(method)[0])
+
+
 def rounding_sensitive(method: str) -> bool:
   """Whether float32 rounding reaches the method's masks: a solve, or an update of values
   (SparseGPT's OBS) that the next weights' scores and the next layers' inputs see."""
-  first = methods.get(split_method(method)[0])
+  first = first_method(method)
   return first.kind != "linear" or first.changes_values
 
 
@@ -117,20 +122,26 @@ def made_elsewhere(row: dict) -> bool:
   return row["provenance"].get("cpu") not in (None, results.cpu())
 
 
+def tolerance(row: dict) -> float:
+  """The relative tolerance of a row's recomputed errors: RTOL32, `chained_rtol` for a whole
+  block's solve (a long float32 chain), and for a rounding-sensitive row made on a processor of
+  other vector extensions RTOL_OTHER_CPU, a q/k solve's RTOL_SOLVE_OTHER_CPU."""
+  kind = first_method(row["method"]).kind
+  if kind == "block":
+    return chained_rtol(row["provenance"])
+  if not (rounding_sensitive(row["method"]) and made_elsewhere(row)):
+    return RTOL32
+  return RTOL_SOLVE_OTHER_CPU if kind == "qk" else RTOL_OTHER_CPU
+
+
 def check_layer(recomputed: dict, row: dict) -> None:
-  """The recomputed layer record against the row's: kept counts exactly, the errors at RTOL32,
-  or at `chained_rtol` for a rounding-sensitive method (a whole block's solve is a long float32
-  chain; on a processor of other vector extensions any solve or value update rounds otherwise),
-  a q/k solve made on such a processor at RTOL_SOLVE_OTHER_CPU, with a warning."""
+  """The recomputed layer record against the row's: kept counts exactly, the errors at
+  `tolerance(row)` (with a warning where that is RTOL_SOLVE_OTHER_CPU)."""
   expected = row["layers"][recomputed["layer"]]
   assert row["numerics"] == numerics.PRUNING
   assert recomputed["kept"] == expected["kept"]
-  kind = methods.get(split_method(row["method"])[0]).kind
-  rtol = (chained_rtol(row["provenance"]) if kind == "block"
-          else RTOL_OTHER_CPU if rounding_sensitive(row["method"]) and made_elsewhere(row)
-          else RTOL32)
-  if kind == "qk" and made_elsewhere(row):
-    rtol = RTOL_SOLVE_OTHER_CPU
+  rtol = tolerance(row)
+  if rtol == RTOL_SOLVE_OTHER_CPU:
     warnings.warn(f"{row['method']} at {row['pattern']} {row['sparsity']:g}: made on "
                   f"{row['provenance']['cpu']!r}, not this {results.cpu()!r}; its solve's "
                   f"errors checked to {rtol:.0%} only")

@@ -4,8 +4,8 @@ The default tier recomputes one synthetic run behind figures/synthetic, head 0 o
 behind figures/real/theory and Wanda's block error on the block sweep's first layer; the `slow`
 tier the baselines' errors on the q/k sweeps' first layer, SparseGPT's block error and a solved
 row of each sweep (the same pruners' code is sampled in the default tier by
-test_golden_samples.py's rows). In a file of their own so that the two test workers share the golden
-samples' time.
+test_golden_samples.py's rows). In a file of their own so that the two test workers share the
+golden samples' time.
 """
 
 import functools
