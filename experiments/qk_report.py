@@ -259,7 +259,7 @@ def plot_whole_model(rows: list[dict], path: Path, targets: str = "all") -> Path
   left.set_yscale("log")
   left.set_ylabel("perplexity (Pride and Prejudice)")
   left.set_xlabel("sparsity of the targets (unstructured, per row) or 2:4")
-  left.set_title(", ".join(TARGETS[targets]) + " of every block pruned; the same sparsity in "
+  left.set_title(", ".join(TARGETS[targets]) + " of every block pruned;\nthe same sparsity in "
                  "every block, or OWL's (dotted)", fontsize=9)
   left.legend(fontsize=8)
 
