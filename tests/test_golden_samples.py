@@ -92,7 +92,7 @@ def recompute_first_layer(model, row: dict, windows, *, through: int | None = No
   first = s["layers"][0]
   settings = settings_of(row, (first,) if through is None else tuple(range(first, through + 1)))
   data = windows(model, s["data"])
-  if s.get("allocation", "uniform") != "uniform":
+  if allocated(row):
     # The allocation from the dense model over every layer, then layer 0 at its share.
     whole = dataclasses.replace(settings, layers=tuple(s["layers"]),
                                 allocation=s["allocation"]).for_model(model.config)
@@ -122,6 +122,17 @@ def made_elsewhere(row: dict) -> bool:
   return row["provenance"].get("cpu") not in (None, results.cpu())
 
 
+def rounds_otherwise_here(row: dict) -> bool:
+  """Whether this processor's float32 rounding reaches the row's masks otherwise than the one it
+  was made on did: a rounding-sensitive method made on a processor of other vector extensions."""
+  return rounding_sensitive(row["method"]) and made_elsewhere(row)
+
+
+def allocated(row: dict) -> bool:
+  """Whether the row's layer sparsities are an allocation's (OWL), not one uniform sparsity."""
+  return row["settings"].get("allocation", "uniform") != "uniform"
+
+
 def tolerance(row: dict) -> float:
   """The relative tolerance of a row's recomputed errors: RTOL32, `chained_rtol` for a whole
   block's solve (a long float32 chain), and for a rounding-sensitive row made on a processor of
@@ -129,7 +140,7 @@ def tolerance(row: dict) -> float:
   kind = first_method(row["method"]).kind
   if kind == "block":
     return chained_rtol(row["provenance"])
-  if not (rounding_sensitive(row["method"]) and made_elsewhere(row)):
+  if not rounds_otherwise_here(row):
     return RTOL32
   return RTOL_SOLVE_OTHER_CPU if kind == "qk" else RTOL_OTHER_CPU
 
@@ -172,8 +183,7 @@ EVERY_ROW = [pytest.param(path, method, sparsity, marks=pytest.mark.slow,
 
 @pytest.mark.parametrize("path,method,sparsity", PRUNING_SAMPLES + EVERY_ROW)
 def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
-  sensitive = rounding_sensitive(method)
-  if sensitive:  # a solve of real size, or a value update, that unoptimized code rounds otherwise
+  if rounding_sensitive(method):  # a solve of real size, or a value update, that unoptimized code rounds otherwise
     request.getfixturevalue("optimized_xla")
   model = request.getfixturevalue(MODEL_OF[path])
   row = row_of(stored(path), method, sparsity)
@@ -184,8 +194,8 @@ def test_first_layer_of_a_pruning_row(windows, request, path, method, sparsity):
   # first layer only: there the rounding moves the errors by ~0.03 % (SparseGPT) to 5.1 % (q/k
   # solves), in the next layer (whose input the other masks changed) by up to 6.3 % with the
   # same kept counts (measured: Gemma's q/k rows, made on AVX-512, recomputed on AVX2).
-  uniform = row["settings"].get("allocation", "uniform") == "uniform"  # OWL: layer 0 only
-  through = (1 if path in THROUGH_LAYER_1 and uniform and not (sensitive and made_elsewhere(row))
+  # An OWL row is recomputed on its first layer only (its allocation is the whole model's).
+  through = (1 if path in THROUGH_LAYER_1 and not (allocated(row) or rounds_otherwise_here(row))
              else None)
   check_layer(recompute_first_layer(model, row, windows, through=through), row)
 
