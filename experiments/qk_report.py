@@ -11,7 +11,7 @@ import numpy as np
 from attnprune_jax import methods, runs
 from attnprune_jax.models import Llama
 from attnprune_jax.results import model_fingerprint
-from attnprune_jax.settings import QK_METHODS, TARGETS, WHOLE_MODEL_METHODS, DataConfig
+from attnprune_jax.settings import QK_METHODS, TARGETS, WHOLE_MODEL_METHODS, DataConfig, Grid
 # The issue's bar: (ours, the baselines it must beat) on the perplexity increase over dense.
 CHECKS = {
     "qk": {"Δppl `attn-progressive` / min(magnitude, Wanda)": ("attn-progressive",
@@ -160,7 +160,8 @@ def _in_order(names: set[str], order: tuple[str, ...]) -> list[str]:
 def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
   """The rows as Markdown: perplexity (and its increase over dense), held-out attention error,
   prune time, the fractions removed (targets beyond q/k), and the issue's bar (ratios of
-  perplexity increases, layers won)."""
+  perplexity increases, layers won). A missing row is "not run", or "n/a" where it cannot run
+  (an allocation at N:M)."""
   scope = "qk" if targets == "qk" else "rest"
   order = QK_METHODS if scope == "qk" else WHOLE_MODEL_METHODS
   dense = next((row["perplexity"] for row in rows if row["method"] == "dense"), float("nan"))
@@ -174,8 +175,8 @@ def markdown_tables(rows: list[dict], targets: str = "qk") -> str:
              "|---|" + "---|" * len(columns)]
     for method in names:
       lines.append(f"| `{method}` | " + " | ".join(
-          value(cells[(method, c)]) if (method, c) in cells else "not run" for c in columns)
-          + " |")
+          value(cells[(method, c)]) if (method, c) in cells
+          else "not run" if Grid.applies(method, c) else "n/a" for c in columns) + " |")
     return "\n".join(lines)
 
   def increase(method, column):

@@ -244,6 +244,7 @@ def test_whole_model_tables_and_figure(tmp_path):
   assert "| `attn-block` | 0.250 | not run |" in tables
   assert "| `wanda` | not stored | not stored |" in tables
   assert "| `attn-block` | 80.0 % | not run |" in tables
+  assert "| `owl:wanda` | 13.00 (+3.00) | n/a |" in tables  # an allocation mixes N:M patterns
   assert "than `wanda` | 1/2 | – |" in tables
   path = qk_report.plot_whole_model(rows, tmp_path / "whole_model.png")
   assert path.stat().st_size > 10_000
