@@ -86,7 +86,8 @@ def test_a_new_method_is_one_file_and_one_registration(registry, tiny_folder, tm
   monkeypatch.setattr(settings, "reproduce_grid", lambda *a: dataclasses.replace(
       real(*a), data=SMALL_WINDOWS))
   argv = ["reproduce", "--model", str(tiny_folder), "--quick", "--methods", "energy",
-          "--results", "rows.json", "--work", "work", "--figures", "figures", "--quiet"]
+          "--sparsities", "0.7", "--results", "rows.json", "--work", "work", "--figures", "figures",
+          "--quiet"]
   assert cli.main(argv) == 0
   (tmp_path / "rows.md").unlink()
   assert cli.main(argv + ["--report-only"]) == 0
